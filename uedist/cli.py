@@ -1,0 +1,130 @@
+"""The ``uedist`` command.
+
+    uedist shards build   --config configs/shards/cifar10.yaml [key=value ...]
+    uedist shards verify  SHARD_SET [--decode]
+    uedist shards inspect SHARD_SET [--grid out.png] [--per-class 8]
+    uedist shards to-ffcv SHARD_SET [--out data.beton]
+    uedist facescrub download --meta A.txt B.txt --out data/facescrub_crops
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from uedist.config import ConfigError, load_config, save_config
+from uedist.dist import setup_logging
+
+log = logging.getLogger("uedist.cli")
+
+
+def _build(args: argparse.Namespace) -> int:
+    from uedist.data.build import BuildConfig, build_shard_sets, default_out
+
+    cfg = load_config(BuildConfig, args.config, args.overrides)
+    out = default_out(cfg)
+    manifests = build_shard_sets(cfg, progress=not args.no_progress)
+    save_config(cfg, out / "build_config.yaml")
+    for split, m in manifests.items():
+        print(f"{out / split}: {m.num_samples} samples, {m.num_classes} classes, {m.image_size[0]}x{m.image_size[1]} "
+              f"{m.encoding}, {len(m.shards)} shards" + (f", {len(m.skipped)} skipped" if m.skipped else ""))
+    print(f"resolved config: {out / 'build_config.yaml'}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from uedist.data.shards import verify_shard_set
+
+    rc = 0
+    for folder in args.shard_sets:
+        rep = verify_shard_set(folder, decode=args.decode)
+        if rep.ok:
+            print(f"OK   {folder}: {rep.num_samples} samples, every shard's count and sha256 match"
+                  + (", every image decodes" if args.decode else ""))
+        else:
+            rc = 1
+            print(f"FAIL {folder}: {len(rep.problems)} problem(s)")
+            for p in rep.problems:
+                print(f"  - {p}")
+    return rc
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from uedist.data.inspect import sample_grid, summarize
+    from uedist.data.manifest import load_manifest
+
+    m = load_manifest(args.shard_set)
+    print(summarize(m, args.shard_set))
+    path = sample_grid(args.shard_set, per_class=args.per_class, max_classes=args.max_classes, out=args.grid)
+    print(f"sample grid {path}")
+    return 0
+
+
+def _to_ffcv(args: argparse.Namespace) -> int:
+    from uedist.data.ffcv_io import convert_to_beton
+
+    path = convert_to_beton(args.shard_set, args.out, num_workers=args.workers)
+    print(f"wrote {path}")
+    return 0
+
+
+def _facescrub_download(args: argparse.Namespace) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+    from facescrub_download import main as fs_main  # type: ignore[import-not-found]
+
+    return fs_main(args.rest)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="uedist", description="unlearnable examples at scale: data tools")
+    sub = p.add_subparsers(dest="group", required=True)
+    shards = sub.add_parser("shards", help="build, verify and inspect shard sets").add_subparsers(dest="cmd", required=True)
+
+    b = shards.add_parser("build", help="turn a source dataset into shard sets (one per split)")
+    b.add_argument("--config", help="YAML config (see configs/shards/)")
+    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("overrides", nargs="*", help="key=value overrides, e.g. cifar.root=/data/cifar-10-batches-py")
+    b.set_defaults(fn=_build)
+
+    v = shards.add_parser("verify", help="check every shard's count and sha256 against the manifest")
+    v.add_argument("shard_sets", nargs="+")
+    v.add_argument("--decode", action="store_true", help="also decode every image")
+    v.set_defaults(fn=_verify)
+
+    i = shards.add_parser("inspect", help="print a summary and write a PNG grid of samples per class")
+    i.add_argument("shard_set")
+    i.add_argument("--grid", help="PNG path (default: <shard_set>/samples.png)")
+    i.add_argument("--per-class", type=int, default=8)
+    i.add_argument("--max-classes", type=int, default=20)
+    i.set_defaults(fn=_inspect)
+
+    f = shards.add_parser("to-ffcv", help="convert a shard set to an FFCV .beton (needs the ffcv extra)")
+    f.add_argument("shard_set")
+    f.add_argument("--out", help="default: <shard_set>/data.beton")
+    f.add_argument("--workers", type=int, default=2)
+    f.set_defaults(fn=_to_ffcv)
+
+    fs = sub.add_parser("facescrub", help="Facescrub tools").add_subparsers(dest="cmd", required=True)
+    d = fs.add_parser("download", help="download + crop Facescrub from its metadata files", add_help=False)
+    d.add_argument("rest", nargs=argparse.REMAINDER)
+    d.set_defaults(fn=_facescrub_download)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = make_parser().parse_args(argv)
+    setup_logging()
+    try:
+        return args.fn(args)
+    except (ConfigError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # SourceError, ManifestError, ShardError, CorruptImageError: all name the culprit
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

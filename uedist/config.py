@@ -1,0 +1,254 @@
+"""Strict structured configs: dataclass schemas, ``--config FILE`` then ``key=value`` overrides.
+
+    cfg = load_config(BuildConfig, "configs/shards/cifar10.yaml", ["shard_size=500", "synthetic.num_classes=20"])
+
+- An unknown key (in the file or an override) is an error naming its dotted path, with the closest known key.
+- A wrong type is an error naming the key, the expected type and the value (``eps: "8"`` is not an int;
+  ``true`` is not an int; an int is accepted where a float is expected).
+- Nested dataclasses are nested YAML mappings; overrides address them with dots (``source.size=64``).
+- ``Literal[...]`` fields accept only their choices; ``Optional[X]`` accepts ``null``.
+- A schema may define ``validate(self)`` (called after loading, recursively) for range checks.
+- ``save_config`` writes the resolved config as YAML; ``config_hash`` is a stable hash of it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
+
+import yaml
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A config that does not match its schema; the message names the offending key."""
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against type ``tp`` and return it (converted only where lossless: int->float, list->tuple)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for sub in args:
+            if sub is type(None):
+                continue
+            try:
+                return _coerce(value, sub, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is typing.Literal:
+        if value in args and type(value) in {type(a) for a in args}:
+            return value
+        raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+    if origin in (list, List, Sequence, tuple, Tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list ({_type_name(tp)}), got {value!r}")
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} items ({_type_name(tp)}), got {value!r}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item_tp = args[0] if args else Any
+        out = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin in (dict, Dict, Mapping):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return _build(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected a bool (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an int, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: Type[C], data: Mapping[str, Any], prefix: str = "") -> C:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for k in data:
+        if k not in fields:
+            close = difflib.get_close_matches(str(k), fields, n=1)
+            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"unknown config key {prefix}{k!r}{hint}; known keys of {cls.__name__}: {', '.join(fields)}"
+            )
+    kwargs: Dict[str, Any] = {}
+    for name, f in fields.items():
+        tp = hints[name]
+        if name in data:
+            value = data[name]
+            if _is_dataclass_type(tp) and isinstance(value, dict):
+                # Nested sections merge into the section's defaults (experiment YAMLs hold only differences).
+                base = _default_of(f)
+                merged = _merge(dataclasses.asdict(base), value) if base is not None else value
+                kwargs[name] = _build(tp, merged, prefix=f"{prefix}{name}.")
+            else:
+                kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+            raise ConfigError(f"missing required config key {prefix}{name!r} ({_type_name(tp)})")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
+
+
+def _default_of(f: "dataclasses.Field[Any]") -> Any:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return None
+
+
+def _merge(base: Dict[str, Any], update: Mapping[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> Tuple[List[str], Any]:
+    """``"a.b=3"`` -> (["a", "b"], 3). Values are parsed as YAML scalars/lists (``x=[1,2]``, ``x=null``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: cannot parse value: {e}") from e
+    return key.split("."), value
+
+
+def _read_yaml(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def config_from_dict(cls: Type[C], data: Mapping[str, Any]) -> C:
+    """Build and validate a config from a plain mapping (strict, as ``load_config``)."""
+    cfg = _build(cls, _merge(dataclasses.asdict(cls()), data) if _all_defaults(cls) else data)
+    _validate(cfg, "")
+    return cfg
+
+
+def _all_defaults(cls: type) -> bool:
+    return all(
+        f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING  # type: ignore[misc]
+        for f in dataclasses.fields(cls)
+    )
+
+
+def load_config(
+    cls: Type[C], path: Optional[Union[str, os.PathLike]] = None, overrides: Sequence[str] = ()
+) -> C:
+    """Defaults of ``cls``, then the YAML file (if given), then ``key=value`` overrides, checked strictly."""
+    data: Dict[str, Any] = _read_yaml(path) if path else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            nxt = node.get(k)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                node[k] = nxt
+            node = nxt
+        node[keys[-1]] = value
+    return config_from_dict(cls, data)
+
+
+def _validate(cfg: Any, prefix: str) -> None:
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            _validate(v, f"{prefix}{f.name}.")
+    check = getattr(cfg, "validate", None)
+    if callable(check):
+        try:
+            check()
+        except ConfigError as e:
+            raise ConfigError(f"{prefix}{e}" if prefix and not str(e).startswith(prefix) else str(e)) from e
+
+
+def config_to_dict(cfg: Any) -> Dict[str, Any]:
+    """The resolved config as plain YAML/JSON-able data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def save_config(cfg: Any, path: Union[str, os.PathLike]) -> Path:
+    """Write the resolved config as YAML atomically; returns the path."""
+    from uedist.io import atomic_write_text
+
+    return atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def config_hash(cfg: Any, length: int = 12) -> str:
+    """A stable short hash of the resolved config (key order independent)."""
+    blob = json.dumps(config_to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def require(cond: bool, message: str) -> None:
+    """For ``validate`` methods: raise ConfigError(message) unless ``cond``."""
+    if not cond:
+        raise ConfigError(message)

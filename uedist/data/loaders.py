@@ -1,0 +1,215 @@
+"""Loaders over shard sets: the resampled training stream and the ordered map-pass reader.
+
+**Training stream** (``make_train_loader``): WebDataset-style — each (rank, worker) stream picks shards at random
+with replacement, reads each sequentially, and passes samples through a shuffle buffer; it yields exactly
+``num_steps`` batches per rank, so ranks never disagree on the step count whatever the shard sizes. Which
+sample comes next depends only on the seed and the shard counts, never on the bytes, so the stream can be
+fast-forwarded to any step without decoding (exact resume: ``start_step``), then re-reads only the shards that
+hold the samples still in its buffer.
+
+**Map-pass reader** (``make_map_loader``): shard i goes to rank i mod world (then worker j mod workers within the
+rank); batches never cross a shard and come in key order, each tagged with its shard index and whether it is the
+shard's last batch — what a shard map pass needs to write output shard i.
+
+Batches are dicts: ``image`` uint8 (B, 3, H, W), ``label`` int64 (B,), ``key`` list of B strings (+ ``shard``,
+``last`` for the map reader). Normalization happens on the device (``uedist.ops.images.normalize``).
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from uedist.data.images import decode_image
+from uedist.data.manifest import Manifest, load_manifest
+from uedist.data.shards import Sample, read_shard
+
+PathLike = Union[str, os.PathLike]
+Pos = Tuple[int, int, int]  # (shard visit number, shard index, offset within the shard)
+
+
+def _collate(samples: Sequence[Sample], m: Manifest, where: str) -> Dict[str, object]:
+    imgs = [decode_image(s.data, s.ext, m.image_size, name=f"{where}:{s.key}") for s in samples]
+    return {
+        "image": torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(),  # (B, 3, H, W) uint8
+        "label": torch.tensor([s.label for s in samples], dtype=torch.int64),
+        "key": [s.key for s in samples],
+    }
+
+
+class _PositionStream:
+    """The order of a resampled, buffer-shuffled stream, as positions only (no data).
+
+    Events: ("enter", pos) when a sample is read into the buffer, ("emit", pos) when it leaves it. Draws from
+    ``rng`` happen in the same order whether or not the data is read, so replaying the events reproduces the
+    stream exactly.
+    """
+
+    def __init__(self, counts: Sequence[int], rng: np.random.Generator, buffer_size: int) -> None:
+        self.counts = np.asarray(counts)
+        self.nonempty = np.flatnonzero(self.counts > 0)
+        if len(self.nonempty) == 0:
+            raise ValueError("shard set has no samples")
+        self.rng, self.buffer_size = rng, max(1, buffer_size)
+        self.buffer: List[Pos] = []
+        self.visit = -1
+        self.shard, self.offset = -1, 0
+
+    def _next_entry(self) -> Pos:
+        if self.visit < 0 or self.offset >= self.counts[self.shard]:
+            self.visit += 1
+            self.shard, self.offset = int(self.nonempty[self.rng.integers(len(self.nonempty))]), 0
+        pos = (self.visit, self.shard, self.offset)
+        self.offset += 1
+        return pos
+
+    def events(self) -> Iterator[Tuple[str, Pos]]:
+        while True:
+            pos = self._next_entry()
+            yield "enter", pos
+            if len(self.buffer) < self.buffer_size:
+                self.buffer.append(pos)
+                continue
+            j = int(self.rng.integers(len(self.buffer)))
+            out, self.buffer[j] = self.buffer[j], pos
+            yield "emit", out
+
+
+class TrainStream(IterableDataset):
+    """Per-rank resampled stream of ``num_steps`` batches (see the module docstring). Use ``make_train_loader``."""
+
+    def __init__(
+        self, folder: PathLike, *, batch_size: int, num_steps: int, seed: int = 0, rank: int = 0,
+        world_size: int = 1, shuffle_buffer: int = 1000, start_step: int = 0, num_workers: int = 0,
+        verify: bool = True,
+    ) -> None:
+        self.folder = Path(folder)
+        self.manifest = load_manifest(self.folder)
+        if self.manifest.num_samples == 0:
+            raise ValueError(f"{self.folder}: shard set is empty")
+        self.batch_size, self.num_steps, self.seed = batch_size, num_steps, seed
+        self.rank, self.world_size = rank, world_size
+        self.shuffle_buffer, self.start_step, self.verify = shuffle_buffer, start_step, verify
+        self.num_workers = max(1, num_workers)  # the loader's worker count: part of the stream's identity
+
+    def _role(self) -> Tuple[int, int]:
+        """(original worker this process plays, batches of that worker already consumed before start_step)."""
+        info = get_worker_info()
+        w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        if nw != self.num_workers:
+            raise RuntimeError(f"TrainStream built for {self.num_workers} workers runs in {nw}")
+        s = self.start_step
+        o = (s + w) % nw
+        return o, (s + w - o) // nw
+
+    def __iter__(self) -> Iterator[Dict[str, object]]:
+        o, skip_batches = self._role()
+        nw = self.num_workers
+        total = len(range(o, self.num_steps, nw))  # steps this (original) worker serves
+        rng = np.random.default_rng([self.seed, self.rank, o, 0x5EED])
+        stream = _PositionStream([s.count for s in self.manifest.shards], rng, self.shuffle_buffer)
+        events = stream.events()
+        skip = skip_batches * self.batch_size
+        while skip > 0:  # fast-forward: positions only
+            kind, _ = next(events)
+            skip -= kind == "emit"
+        cache = self._reload(stream.buffer, stream)
+        reader: Optional[Iterator[Sample]] = None
+        reader_visit = -1
+        if stream.visit >= 0 and stream.offset < stream.counts[stream.shard]:
+            reader = self._open(stream.shard, skip=stream.offset)
+            reader_visit = stream.visit
+        batch: List[Sample] = []
+        for done in range(skip_batches, total):
+            while len(batch) < self.batch_size:
+                kind, pos = next(events)
+                if kind == "enter":
+                    if reader_visit != pos[0]:
+                        reader, reader_visit = self._open(pos[1]), pos[0]
+                    cache[pos] = next(reader)  # type: ignore[arg-type]
+                else:
+                    batch.append(cache.pop(pos))
+            yield _collate(batch, self.manifest, str(self.folder))
+            batch = []
+
+    def _open(self, shard: int, skip: int = 0) -> Iterator[Sample]:
+        it = read_shard(self.folder, self.manifest.shards[shard], verify=self.verify)
+        for _ in range(skip):
+            next(it)
+        return it
+
+    def _reload(self, positions: Sequence[Pos], stream: _PositionStream) -> Dict[Pos, Sample]:
+        """After a fast-forward: read back the samples still in the buffer (grouped by shard visit)."""
+        by_visit: "OrderedDict[int, List[Pos]]" = OrderedDict()
+        for p in sorted(positions):
+            by_visit.setdefault(p[0], []).append(p)
+        cache: Dict[Pos, Sample] = {}
+        for visit, ps in by_visit.items():
+            want = {p[2]: p for p in ps}
+            for off, s in enumerate(self._open(ps[0][1])):
+                if off in want:
+                    cache[want.pop(off)] = s
+                if not want:
+                    break
+        return cache
+
+
+class MapReader(IterableDataset):
+    """Ordered reader for a shard map pass (see the module docstring). Use ``make_map_loader``."""
+
+    def __init__(
+        self, folder: PathLike, *, batch_size: int, rank: int = 0, world_size: int = 1,
+        shards: Optional[Sequence[int]] = None, verify: bool = True,
+    ) -> None:
+        self.folder = Path(folder)
+        self.manifest = load_manifest(self.folder)
+        self.batch_size, self.verify = batch_size, verify
+        mine = [i for i in range(len(self.manifest.shards)) if i % world_size == rank]
+        self.shards = [i for i in mine if shards is None or i in set(shards)]
+
+    def __iter__(self) -> Iterator[Dict[str, object]]:
+        info = get_worker_info()
+        w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        for j, shard in enumerate(self.shards):
+            if j % nw != w:
+                continue
+            samples = list(read_shard(self.folder, self.manifest.shards[shard], verify=self.verify))
+            keys = [s.key for s in samples]
+            if keys != sorted(keys):
+                raise ValueError(f"{self.folder / self.manifest.shards[shard].name}: keys are not in order")
+            if not samples:
+                yield {"image": None, "label": None, "key": [], "shard": shard, "last": True}
+            for b in range(0, len(samples), self.batch_size):
+                chunk = samples[b : b + self.batch_size]
+                batch = _collate(chunk, self.manifest, str(self.folder))
+                batch.update(shard=shard, last=b + self.batch_size >= len(samples))
+                yield batch
+
+
+def make_train_loader(
+    folder: PathLike, *, batch_size: int, num_steps: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+    num_workers: int = 2, shuffle_buffer: int = 1000, start_step: int = 0, pin_memory: bool = False,
+    verify: bool = True,
+) -> DataLoader:
+    """A DataLoader yielding ``num_steps - start_step`` training batches for this rank (exactly resumable)."""
+    ds = TrainStream(
+        folder, batch_size=batch_size, num_steps=num_steps, seed=seed, rank=rank, world_size=world_size,
+        shuffle_buffer=shuffle_buffer, start_step=start_step, num_workers=num_workers, verify=verify,
+    )
+    return DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=False, prefetch_factor=4 if num_workers else None)
+
+
+def make_map_loader(
+    folder: PathLike, *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+    shards: Optional[Sequence[int]] = None, pin_memory: bool = False, verify: bool = True,
+) -> DataLoader:
+    """A DataLoader over this rank's shards (i mod world == rank), batches in key order, tagged with the shard."""
+    ds = MapReader(folder, batch_size=batch_size, rank=rank, world_size=world_size, shards=shards, verify=verify)
+    return DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)

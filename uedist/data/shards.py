@@ -1,0 +1,285 @@
+"""WebDataset tar shards: deterministic writing, verified reading, and resumable shard-set writing.
+
+A sample in a shard is the tar members ``<key>.<ext>`` (image: jpg / png / npy), ``<key>.cls`` (decimal label)
+and optionally ``<key>.src`` (where it came from), consecutive, as WebDataset expects. Tar headers carry no
+time, owner or permissions that vary, so the same samples give byte-identical shards.
+
+Reading never unpickles and never extracts to disk: members are parsed from memory, names must be plain keys,
+and (by default) the shard's sha256 is checked against the manifest before any sample is handed out.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+
+from uedist.data.images import ENCODINGS
+from uedist.data.manifest import MANIFEST, Manifest, ManifestError, ShardInfo, load_manifest
+from uedist.io import atomic_write, atomic_write_json, sha256_file
+
+PathLike = Union[str, os.PathLike]
+KEY_WIDTH = 8
+PROGRESS = "_progress"
+
+
+class ShardError(ValueError):
+    """A missing, truncated, altered or malformed shard; the message names the shard file."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def format_key(index: int) -> str:
+    """Stable zero-padded global sample index; unchanged through every stage."""
+    return f"{index:0{KEY_WIDTH}d}"
+
+
+@dataclass
+class Sample:
+    """One sample as stored: encoded image bytes and its extension, label, extra fields (e.g. ``src``)."""
+
+    key: str
+    label: int
+    ext: str
+    data: bytes
+    extras: Dict[str, bytes] = field(default_factory=dict)
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size = size
+    ti.mtime = 0
+    ti.mode = 0o644
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    return ti
+
+
+def write_tar(fileobj: Any, samples: Iterable[Sample]) -> Tuple[int, Optional[str], Optional[str]]:
+    """Write samples to an open binary file as a tar; returns (count, first_key, last_key)."""
+    count, first, last = 0, None, None
+    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for s in samples:
+            if s.ext not in ENCODINGS:
+                raise ValueError(f"sample {s.key}: unknown image extension {s.ext!r}")
+            members = [(f"{s.key}.cls", str(int(s.label)).encode())]
+            members.append((f"{s.key}.{s.ext}", s.data))
+            members += [(f"{s.key}.{k}", v) for k, v in sorted(s.extras.items())]
+            for name, data in members:
+                tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+            count += 1
+            first = first or s.key
+            last = s.key
+    return count, first, last
+
+
+def parse_tar(data: bytes, name: str) -> Iterator[Sample]:
+    """Parse shard bytes into samples (in file order). Errors name the shard."""
+    try:
+        tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
+    except tarfile.TarError as e:
+        raise ShardError(f"{name}: not a readable tar file ({e})") from e
+    current: Optional[Dict[str, Any]] = None
+    try:
+        for ti in tar:
+            if not ti.isfile():
+                raise ShardError(f"{name}: member {ti.name!r} is not a regular file")
+            base = ti.name
+            if "/" in base or "\\" in base or base.startswith(".") or "." not in base:
+                raise ShardError(f"{name}: member name {base!r} is not '<key>.<field>'")
+            key, fld = base.split(".", 1)
+            f = tar.extractfile(ti)
+            payload = f.read() if f is not None else b""
+            if len(payload) != ti.size:
+                raise ShardError(f"{name}: member {base!r} is truncated")
+            if current is None or current["key"] != key:
+                if current is not None:
+                    yield _finish(current, name)
+                current = {"key": key, "fields": {}}
+            current["fields"][fld] = payload
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ShardError(f"{name}: truncated or corrupt tar ({type(e).__name__}: {e})") from e
+    if current is not None:
+        yield _finish(current, name)
+
+
+def _finish(cur: Dict[str, Any], name: str) -> Sample:
+    fields: Dict[str, bytes] = cur["fields"]
+    key = cur["key"]
+    if "cls" not in fields:
+        raise ShardError(f"{name}: sample {key} has no .cls field")
+    try:
+        label = int(fields.pop("cls").decode())
+    except ValueError as e:
+        raise ShardError(f"{name}: sample {key} has a malformed label") from e
+    exts = [e for e in ENCODINGS if e in fields]
+    if len(exts) != 1:
+        raise ShardError(f"{name}: sample {key} needs exactly one image field ({'/'.join(ENCODINGS)}), has {sorted(fields)}")
+    data = fields.pop(exts[0])
+    return Sample(key, label, exts[0], data, fields)
+
+
+def read_shard(folder: PathLike, info: ShardInfo, *, verify: bool = True) -> Iterator[Sample]:
+    """Samples of one shard of a set. With ``verify`` the whole file is checked (size, sha256, count) before
+    the first sample is returned, so a truncated or altered shard never feeds a single sample to training."""
+    path = Path(folder) / info.name
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ShardError(f"{path}: shard listed in the manifest is missing") from None
+    if verify:
+        if len(data) != info.bytes:
+            raise ShardError(f"{path}: {len(data)} bytes, manifest says {info.bytes} (truncated or altered)")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != info.sha256:
+            raise ShardError(f"{path}: sha256 {digest[:12]}… does not match the manifest ({info.sha256[:12]}…): altered")
+    n = 0
+    for s in parse_tar(data, str(path)):
+        n += 1
+        yield s
+    if verify and n != info.count:
+        raise ShardError(f"{path}: {n} samples, manifest says {info.count}")
+
+
+def iter_samples(folder: PathLike, *, verify: bool = True, manifest: Optional[Manifest] = None) -> Iterator[Sample]:
+    """Every sample of a shard set, in shard then key order."""
+    m = manifest or load_manifest(folder)
+    for info in m.shards:
+        yield from read_shard(folder, info, verify=verify)
+
+
+@dataclass
+class VerifyReport:
+    folder: str
+    num_samples: int
+    problems: List[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_shard_set(folder: PathLike, *, decode: bool = False) -> VerifyReport:
+    """Check every shard's presence, size, sha256 and sample count (and, with ``decode``, every image)."""
+    from uedist.data.images import CorruptImageError, decode_image
+
+    m = load_manifest(folder)
+    problems: List[str] = []
+    total = 0
+    keys_seen: set = set()
+    for info in m.shards:
+        try:
+            for s in read_shard(folder, info, verify=True):
+                total += 1
+                if s.key in keys_seen:
+                    problems.append(f"{info.name}: duplicate key {s.key}")
+                keys_seen.add(s.key)
+                if not 0 <= s.label < m.num_classes:
+                    problems.append(f"{info.name}: sample {s.key} label {s.label} outside 0..{m.num_classes - 1}")
+                if decode:
+                    decode_image(s.data, s.ext, m.image_size, name=f"{info.name}:{s.key}")
+        except (ShardError, CorruptImageError) as e:
+            problems.append(str(e))
+    if not problems and total != m.num_samples:
+        problems.append(f"read {total} samples, manifest says {m.num_samples}")
+    return VerifyReport(str(folder), total, problems)
+
+
+class ShardSetWriter:
+    """Writes a shard set shard by shard, atomically and resumably.
+
+    Each shard goes to a temporary name and is renamed when complete; then a record of it (count, sha256,
+    fingerprint) goes to ``_progress/``. A rerun with the same ``fingerprint`` (a hash of what is being built)
+    skips shards whose record and file still match; anything else is rebuilt. ``finalize`` writes the manifest
+    last and removes ``_progress``. Used by ingest and by every shard map pass.
+    """
+
+    def __init__(self, folder: PathLike, fingerprint: str, *, overwrite: bool = False) -> None:
+        self.folder = Path(folder)
+        self.fingerprint = fingerprint
+        self.progress = self.folder / PROGRESS
+        fp_file = self.progress / "fingerprint"
+        if (self.folder / MANIFEST).exists():
+            if not overwrite:
+                raise FileExistsError(
+                    f"{self.folder} already holds a finished shard set (manifest.json); "
+                    "pass overwrite=true to rebuild it, or choose another output folder"
+                )
+        if overwrite and self.folder.exists():
+            self._clear()
+        if self.progress.is_dir() and fp_file.is_file() and fp_file.read_text() != fingerprint:
+            raise FileExistsError(
+                f"{self.folder} holds an unfinished build of different inputs/settings; "
+                "pass overwrite=true to discard it, or choose another output folder"
+            )
+        self.progress.mkdir(parents=True, exist_ok=True)
+        if not fp_file.is_file():
+            atomic_write(fp_file, lambda f: f.write(fingerprint.encode()))
+
+    @classmethod
+    def attach(cls, folder: PathLike, fingerprint: str) -> "ShardSetWriter":
+        """A writer for a worker process: the folder was prepared by ``ShardSetWriter(...)`` in the parent."""
+        self = cls.__new__(cls)
+        self.folder, self.fingerprint, self.progress = Path(folder), fingerprint, Path(folder) / PROGRESS
+        return self
+
+    def _clear(self) -> None:
+        for p in self.folder.iterdir():
+            if p.name == MANIFEST or p.name == PROGRESS or (p.name.startswith("shard-") and p.suffix == ".tar"):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    def _record_path(self, index: int) -> Path:
+        return self.progress / f"{shard_name(index)}.json"
+
+    def done(self, index: int) -> Optional[Dict[str, Any]]:
+        """The record of shard ``index`` if it is complete and its file still matches; else None."""
+        rec_path = self._record_path(index)
+        path = self.folder / shard_name(index)
+        if not (rec_path.is_file() and path.is_file()):
+            return None
+        try:
+            rec = json.loads(rec_path.read_text())
+        except json.JSONDecodeError:
+            return None
+        if rec.get("fingerprint") != self.fingerprint or rec["shard"]["bytes"] != path.stat().st_size:
+            return None
+        if sha256_file(path) != rec["shard"]["sha256"]:
+            return None
+        return rec
+
+    def write_shard(self, index: int, samples: Iterable[Sample], **extra: Any) -> Dict[str, Any]:
+        """Write shard ``index`` from ``samples``; ``extra`` (JSON-able) is kept in its record."""
+        path = self.folder / shard_name(index)
+        stats: Dict[str, Any] = {}
+
+        def write(f: Any) -> None:
+            stats["count"], stats["first"], stats["last"] = write_tar(f, samples)
+
+        atomic_write(path, write)
+        info = ShardInfo(shard_name(index), stats["count"], sha256_file(path), path.stat().st_size, stats["first"], stats["last"])
+        rec = {"fingerprint": self.fingerprint, "shard": asdict(info), **extra}
+        atomic_write_json(self._record_path(index), rec)
+        return rec
+
+    def finalize(self, manifest: Manifest) -> Path:
+        """Write ``manifest.json`` (last), then drop the progress records. Returns the manifest path."""
+        path = manifest.save(self.folder)
+        shutil.rmtree(self.progress, ignore_errors=True)
+        return path
+
+
+def shard_info_from_record(rec: Dict[str, Any]) -> ShardInfo:
+    return ShardInfo(**rec["shard"])
+
+
+__all__ = [
+    "Sample", "ShardError", "ShardSetWriter", "ManifestError", "iter_samples", "read_shard", "parse_tar",
+    "write_tar", "verify_shard_set", "VerifyReport", "shard_name", "format_key", "shard_info_from_record",
+]

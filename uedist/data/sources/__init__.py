@@ -1,0 +1,5 @@
+"""Data sources, registered in ``uedist.registry.SOURCES``: imagenet, facescrub, cifar, folder, synthetic."""
+from uedist.data.sources import cifar, facescrub, folder, imagenet, synthetic  # noqa: F401  (registration)
+from uedist.data.sources.base import Item, Source, SourceError
+
+__all__ = ["Item", "Source", "SourceError"]
