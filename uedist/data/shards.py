@@ -257,6 +257,7 @@ class ShardSetWriter:
     def write_shard(self, index: int, samples: Iterable[Sample], **extra: Any) -> Dict[str, Any]:
         """Write shard ``index`` from ``samples``; ``extra`` (JSON-able) is kept in its record."""
         path = self.folder / shard_name(index)
+        self._remove_temps(f".{shard_name(index)}.*.tmp")  # left by a killed writer of this shard
         stats: Dict[str, Any] = {}
 
         def write(f: Any) -> None:
@@ -272,7 +273,12 @@ class ShardSetWriter:
         """Write ``manifest.json`` (last), then drop the progress records. Returns the manifest path."""
         path = manifest.save(self.folder)
         shutil.rmtree(self.progress, ignore_errors=True)
+        self._remove_temps(".shard-*.tmp")
         return path
+
+    def _remove_temps(self, pattern: str) -> None:
+        for p in self.folder.glob(pattern):
+            p.unlink(missing_ok=True)
 
 
 def shard_info_from_record(rec: Dict[str, Any]) -> ShardInfo:

@@ -49,8 +49,17 @@ def load_cifar_batch(path: Union[str, Path]) -> Dict[str, Any]:
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
 
 
-@lru_cache(maxsize=8)
 def _batch_images(path: str) -> Tuple[np.ndarray, List[int]]:
+    """(images uint8 (N, 32, 32, 3), labels) of a batch file, cached per process while the file is unchanged."""
+    try:
+        st = Path(path).stat()
+    except FileNotFoundError:
+        raise SourceError(f"CIFAR batch file not found: {path}") from None
+    return _load_batch(path, st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=8)
+def _load_batch(path: str, mtime_ns: int, size: int) -> Tuple[np.ndarray, List[int]]:
     d = load_cifar_batch(path)
     data = np.asarray(d.get("data"))
     labels = d.get("labels", d.get("fine_labels"))

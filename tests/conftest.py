@@ -1,0 +1,65 @@
+"""Shared fixtures: small shard sets built once per session, and the real sample data beside the checkout."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+
+from uedist.config import load_config
+from uedist.data.build import BuildConfig, build_shard_sets
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """``../shared/data`` beside the checkout (or $UEDIST_SHARED_DATA)."""
+    env = os.environ.get("UEDIST_SHARED_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    d = shared_data_dir()
+    if not d.is_dir():
+        pytest.skip(f"real sample data not found at {d}")
+    return d
+
+
+def build(out: Path, *overrides: str, source: str = "synthetic") -> Path:
+    cfg = load_config(BuildConfig, None, [f"source={source}", f"out={out}", "workers=0", *overrides])
+    build_shard_sets(cfg, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_sets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic 16 px, 4 classes: train 240 samples in 6 shards of 40, test 80 in 2 shards."""
+    out = tmp_path_factory.mktemp("synth")
+    return build(out, "synthetic.num_classes=4", "synthetic.size=16", "synthetic.num_train=240",
+                 "synthetic.num_test=80", "shard_size=40")
+
+
+def run_cli(*args: str, cwd: Path = REPO) -> "subprocess.CompletedProcess[str]":  # noqa: F821
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "uedist.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def write_image(path: Path, mode: str = "RGB", size=(20, 24), fmt: str = "") -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(abs(hash(path.name)) % 2**32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    img = Image.fromarray(arr).convert(mode) if mode != "RGB" else Image.fromarray(arr)
+    img.save(path, format=fmt or None)
+    return path
+
+
+def list_files(folder: Path) -> List[str]:
+    return sorted(p.name for p in folder.iterdir())

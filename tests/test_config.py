@@ -1,0 +1,87 @@
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional, Tuple
+
+import pytest
+import yaml
+
+from uedist.config import ConfigError, config_hash, load_config, require, save_config
+from uedist.data.build import BuildConfig
+
+
+@dataclass
+class Inner:
+    eps: int = 8
+    step: float = 0.8
+
+    def validate(self) -> None:
+        require(self.eps > 0, f"eps must be > 0, got {self.eps}")
+
+
+@dataclass
+class Cfg:
+    name: str = "x"
+    flag: bool = False
+    mode: Literal["a", "b"] = "a"
+    size: Tuple[int, int] = (32, 32)
+    tags: List[str] = field(default_factory=list)
+    maybe: Optional[int] = None
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_defaults_file_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("name: y\ninner:\n  eps: 4\n")
+    cfg = load_config(Cfg, f, ["inner.step=2", "size=[8, 16]", "tags=[a,b]", "maybe=3", "flag=true", "mode=b"])
+    assert cfg.name == "y" and cfg.inner.eps == 4 and cfg.inner.step == 2.0 and isinstance(cfg.inner.step, float)
+    assert cfg.size == (8, 16) and cfg.tags == ["a", "b"] and cfg.maybe == 3 and cfg.flag and cfg.mode == "b"
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("nmae=z", "unknown config key 'nmae' (did you mean 'name'?)"),
+    ("inner.epz=3", "unknown config key inner.'epz'"),
+    ("inner.eps=8.5", "inner.eps: expected an int"),
+    ("inner.eps='8'", "inner.eps: expected an int"),
+    ("flag=1", "flag: expected a bool"),
+    ("mode=c", "mode: expected one of ['a', 'b']"),
+    ("size=[1,2,3]", "size: expected 2 items"),
+    ("inner.eps=0", "eps must be > 0"),
+    ("inner.step=abc", "inner.step: expected a number"),
+    ("noequals", "not of the form key=value"),
+])
+def test_errors_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(Cfg, None, [override])
+    assert needle in str(e.value)
+
+
+def test_typo_in_file_is_an_error(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("inner:\n  eps: 8\n  setp: 1\n")
+    with pytest.raises(ConfigError, match="inner.'setp'"):
+        load_config(Cfg, f)
+    f.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(Cfg, f)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Cfg, tmp_path / "missing.yaml")
+
+
+def test_save_roundtrip_and_hash(tmp_path):
+    cfg = load_config(Cfg, None, ["inner.eps=4", "size=[8,8]"])
+    path = save_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(Cfg, path)
+    assert again == cfg and config_hash(again) == config_hash(cfg)
+    assert config_hash(load_config(Cfg, None, ["inner.eps=5"])) != config_hash(cfg)
+    assert yaml.safe_load(path.read_text())["inner"]["eps"] == 4
+
+
+def test_shipped_shard_configs_load():
+    from tests.conftest import REPO
+
+    files = sorted((REPO / "configs" / "shards").glob("*.yaml"))
+    assert len(files) >= 5
+    for f in files:
+        cfg = load_config(BuildConfig, f)
+        assert cfg.source in f.read_text()
+    with pytest.raises(ConfigError, match="unknown source 'imagenett'"):
+        load_config(BuildConfig, None, ["source=imagenett"])
