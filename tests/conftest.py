@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import List
@@ -42,9 +43,7 @@ def synth_sets(tmp_path_factory: pytest.TempPathFactory) -> Path:
                  "synthetic.num_test=80", "shard_size=40")
 
 
-def run_cli(*args: str, cwd: Path = REPO) -> "subprocess.CompletedProcess[str]":  # noqa: F821
-    import subprocess
-
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "uedist.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300)
 

@@ -305,7 +305,7 @@ def test_download_crops_failures_and_resume(server, tmp_path):
     base, images = server
     cases = _main_rows(base, images, uuid.uuid4().hex)
     out = tmp_path / "deep" / "out"
-    stale = out / "Beta" / ".4.png.abc.uedist-tmp"
+    stale = out / "Beta" / ".4.png.abc.tmp"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"left by a killed run")
 

@@ -17,11 +17,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_launch(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def accelerate_launch(*args: str, timeout: int = 300, cwd=REPO) -> subprocess.CompletedProcess:
+    """`accelerate launch` with the 2-process CPU config on a free port; returns the finished process."""
     cmd = ["accelerate", "launch", "--config_file", str(REPO / "configs/accelerate/cpu2.yaml"),
            "--main_process_port", str(free_port()), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.mark.multiprocess

@@ -1,6 +1,4 @@
 """Shard sets built from the real sample data beside the checkout verify and load (skipped when it is absent)."""
-import pytest
-
 from tests.conftest import build
 from uedist.data.loaders import make_map_loader, make_train_loader
 from uedist.data.manifest import load_manifest

@@ -6,7 +6,7 @@ import pytest
 
 from tests.conftest import build, write_image
 from uedist.config import ConfigError, load_config
-from uedist.data.build import BuildConfig, build_shard_sets
+from uedist.data.build import BuildConfig
 from uedist.data.images import CorruptImageError
 from uedist.data.manifest import load_manifest
 from uedist.data.shards import iter_samples

@@ -4,34 +4,45 @@ A reader never sees half a file: either the old content (or nothing) or the new,
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, IO, Union
+from typing import IO, Any, Callable, Iterator, Union
 
 PathLike = Union[str, os.PathLike]
+TMP_SUFFIX = ".tmp"  # temp files are ".<final name>.<random>.tmp" beside the final file
+_FILE_MODE = 0o644  # mkstemp's 0600 would hide shared datasets from colleagues
+
+
+@contextlib.contextmanager
+def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temp file beside ``path`` (text: UTF-8, ``\\n``); on success fsync it and ``os.replace`` it onto
+    ``path``, so ``path`` is either absent, the old file, or the complete new file. On error the temp file goes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    try:
+        binary = "b" in mode
+        with os.fdopen(fd, mode, encoding=None if binary else "utf-8", newline=None if binary else "\n") as fh:
+            os.chmod(tmp, _FILE_MODE)
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(fileobj)`` on a temp file beside ``path``, then rename it to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    with atomic_open(path, "wb") as f:
+        write(f)
+    return Path(path)
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:

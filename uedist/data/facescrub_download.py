@@ -41,7 +41,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from uedist.data.facescrub_meta import TMP_SUFFIX, FaceRow, atomic_write, safe_identity_dirname, write_tsv_atomic
+from uedist.data.facescrub_meta import FaceRow, safe_identity_dirname, write_tsv_atomic
+from uedist.io import TMP_SUFFIX, atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -307,7 +308,7 @@ def _save_crop(crop: Image.Image, target: Path, cfg: _Config) -> None:
         if not is_inside(target.parent, cfg.out_root):  # re-check: the folder may have changed meanwhile
             raise _RowFailure("unsafe path", f"{target.parent} resolves outside {cfg.out_root}")
         options = {"quality": cfg.jpeg_quality} if cfg.pil_format == "JPEG" else {}
-        with atomic_write(target, "wb") as fh:
+        with atomic_open(target, "wb") as fh:
             crop.save(fh, format=cfg.pil_format, **options)
     except OSError as exc:
         raise _RowFailure("save error", f"{type(exc).__name__}: {exc}") from None
@@ -366,7 +367,7 @@ def _count_present(rows: List[FaceRow], out_root: Path, ext: str) -> Dict[str, i
 def _write_reports(summary: DownloadSummary) -> None:
     records = [(f.name, f.face_id, f.url, f.reason, f.detail, f.source) for f in summary.failures]
     write_tsv_atomic(summary.failed_tsv, ("name", "face_id", "url", "reason", "detail", "source"), records)
-    with atomic_write(summary.summary_json, "w") as fh:
+    with atomic_open(summary.summary_json, "w") as fh:
         json.dump(summary.to_dict(), fh, indent=2)
         fh.write("\n")
 

@@ -14,14 +14,14 @@ The crops written from these rows are laid out as ``<out>/<safe_identity_dirname
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterable, Iterator, List, Sequence, Tuple, Union
+from typing import Iterable, List, Sequence, Tuple, Union
+
+from uedist.io import atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -200,37 +200,6 @@ def read_facescrub_meta(
     return rows, bad
 
 
-def _current_umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
-
-
-# Files are created by mkstemp with mode 0600; give them the mode a plain open() would (0666 minus umask).
-_FILE_MODE = 0o666 & ~_current_umask()
-TMP_SUFFIX = ".uedist-tmp"  # temp files are ".<final name>.<random>.uedist-tmp" beside the final file
-
-
-@contextlib.contextmanager
-def atomic_write(path: PathLike, mode: str = "w") -> Iterator[IO]:
-    """Open a temp file beside ``path`` (text: UTF-8, ``\\n``); on success fsync it and ``os.replace`` it onto
-    ``path``, so ``path`` is either absent, the old file, or the complete new file. On error the temp file goes."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    try:
-        binary = "b" in mode
-        with os.fdopen(fd, mode, encoding=None if binary else "utf-8", newline=None if binary else "\n") as fh:
-            os.chmod(tmp, _FILE_MODE)
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _tsv_field(value: object) -> str:
     return re.sub(r"[\t\r\n]", " ", str(value))
 
@@ -239,7 +208,7 @@ def write_tsv_atomic(path: PathLike, header: Sequence[str], records: Iterable[Se
     """Write a UTF-8 TSV (tabs/newlines inside fields become spaces) atomically; returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path, "w") as fh:
+    with atomic_open(path, "w") as fh:
         fh.write("\t".join(header) + "\n")
         for record in records:
             fh.write("\t".join(_tsv_field(v) for v in record) + "\n")

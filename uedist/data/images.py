@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
 
 import numpy as np
-from PIL import Image, ImageCms  # noqa: F401  (ImageCms: CMYK with profiles converts through Pillow)
+from PIL import Image
 
 Image.MAX_IMAGE_PIXELS = 200_000_000  # refuse decompression bombs, but allow large photos
 
