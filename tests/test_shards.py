@@ -137,3 +137,34 @@ def test_killed_build_resumes_to_identical_shards(tmp_path):
     assert _digests(out / "train") == _digests(ref / "train")
     assert verify_shard_set(out / "train").ok
     assert not list((out / "train").glob(".*.tmp"))
+
+
+def test_fast_parser_matches_tarfile_and_falls_back_for_pax(synth_sets):
+    import io
+    import tarfile
+
+    from uedist.data.shards import _fast_members, _tarfile_members, parse_tar
+
+    m = load_manifest(synth_sets / "train")
+    data = (synth_sets / "train" / m.shards[0].name).read_bytes()
+    assert list(_fast_members(data, "x")) == list(_tarfile_members(data, "x"))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, payload in [("k1.cls", b"2"), ("k1.npy", b"\x93NUMPY"), ("k2.cls", b"0"), ("k2.npy", b"x")]:
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.pax_headers = len(payload), {"comment": "pax"}
+            tar.addfile(ti, io.BytesIO(payload))
+    got = [(s.key, s.label, s.data) for s in parse_tar(buf.getvalue(), "pax.tar")]
+    assert got == [("k1", 2, b"\x93NUMPY"), ("k2", 0, b"x")]
+
+
+def test_corrupt_header_named_even_without_verify(synth_sets):
+    from uedist.data.shards import parse_tar
+
+    m = load_manifest(synth_sets / "train")
+    data = bytearray((synth_sets / "train" / m.shards[0].name).read_bytes())
+    data[1] ^= 0x20  # first member's name, covered by the header checksum
+    with pytest.raises(ShardError, match="bad.tar: corrupt tar header at byte 0"):
+        list(parse_tar(bytes(data), "bad.tar"))
+    with pytest.raises(ShardError, match="bad.tar: truncated tar"):
+        list(parse_tar(bytes(data[:1024]), "bad.tar"))
