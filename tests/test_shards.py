@@ -162,9 +162,10 @@ def test_corrupt_header_named_even_without_verify(synth_sets):
     from uedist.data.shards import parse_tar
 
     m = load_manifest(synth_sets / "train")
-    data = bytearray((synth_sets / "train" / m.shards[0].name).read_bytes())
+    clean = (synth_sets / "train" / m.shards[0].name).read_bytes()
+    data = bytearray(clean)
     data[1] ^= 0x20  # first member's name, covered by the header checksum
     with pytest.raises(ShardError, match="bad.tar: corrupt tar header at byte 0"):
         list(parse_tar(bytes(data), "bad.tar"))
     with pytest.raises(ShardError, match="bad.tar: truncated tar"):
-        list(parse_tar(bytes(data[:1024]), "bad.tar"))
+        list(parse_tar(clean[:1024], "bad.tar"))
