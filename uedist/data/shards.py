@@ -111,8 +111,8 @@ def _fast_members(data: bytes, name: str) -> Iterator[Tuple[str, bytes]]:
             raise ShardError(f"{name}: member {member.decode(errors='replace')!r} is truncated")
         yield member.decode("utf-8"), data[start : start + size]
         pos = start + (size + 511) // 512 * 512
-    if pos < n or n == 0:
-        raise ShardError(f"{name}: truncated tar (no end-of-archive marker)")
+    # Falling out of the loop means no end-of-archive block: cut off (possibly exactly between members).
+    raise ShardError(f"{name}: truncated tar (no end-of-archive marker)")
 
 
 def _tarfile_members(data: bytes, name: str) -> Iterator[Tuple[str, bytes]]:
