@@ -1,0 +1,124 @@
+"""Checkpoints that carry everything needed to resume and to rebuild, written atomically, loaded safely.
+
+Layout: ``<run>/checkpoints/step-00001200/{state.pt, rng-rank0.pt, rng-rank1.pt, ...}`` and ``latest`` (a text
+file naming the newest complete checkpoint folder). Every rank writes its own RNG file into a temporary folder;
+after a barrier the main process writes ``state.pt`` (model, optimizer, scheduler, step, extra state, the
+resolved config), renames the folder into place and then rewrites ``latest`` — so ``latest`` only ever names a
+complete checkpoint, and a job killed at any moment resumes from the last one. Files load with
+``weights_only=True``: a checkpoint cannot run code.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Union
+
+import numpy as np
+import torch
+
+from uedist.io import atomic_open, atomic_write_text
+
+PathLike = Union[str, os.PathLike]
+LATEST = "latest"
+
+
+def rng_state(gens: Optional[Dict[str, torch.Generator]] = None) -> Dict[str, Any]:
+    """This process's RNG states (torch CPU/CUDA, numpy legacy, python, and named generators) as tensors/ints."""
+    np_state = np.random.get_state()
+    state: Dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": _py_state_to_tensor(random.getstate()),
+        "generators": {k: g.get_state() for k, g in (gens or {}).items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any], gens: Optional[Dict[str, torch.Generator]] = None) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    random.setstate(_py_state_from_tensor(state["python"]))
+    for k, g in (gens or {}).items():
+        if k in state["generators"]:
+            g.set_state(state["generators"][k])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _py_state_to_tensor(st: Any) -> Dict[str, Any]:
+    version, internal, gauss = st
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+
+
+def _py_state_from_tensor(d: Dict[str, Any]) -> Any:
+    return (d["version"], tuple(int(v) for v in d["internal"].tolist()), d["gauss"])
+
+
+def _save(obj: Any, path: Path) -> None:
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def save_checkpoint(
+    ckpt_dir: PathLike, step: int, state: Dict[str, Any], *, rank: int, barrier: Callable[[], None],
+    gens: Optional[Dict[str, torch.Generator]] = None, keep: int = 2,
+) -> Path:
+    """Collective: every rank calls it with the same ``step``. ``state`` (rank 0's is written) holds plain
+    tensors/containers: model and optimizer state dicts, scheduler state, counters, config. Keeps the ``keep``
+    newest checkpoints."""
+    root = Path(ckpt_dir)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True, exist_ok=True)
+    barrier()
+    _save(rng_state(gens), tmp / f"rng-rank{rank}.pt")
+    barrier()
+    if rank == 0:
+        _save({**state, "step": step}, tmp / "state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(root / LATEST, final.name + "\n")
+        _prune(root, keep)
+    barrier()
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    done = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for p in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def latest_checkpoint(ckpt_dir: PathLike) -> Optional[Path]:
+    """The newest complete checkpoint folder, or None."""
+    root = Path(ckpt_dir)
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / "state.pt").is_file():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which has no state.pt (checkpoint folder damaged)")
+    return path
+
+
+def load_state(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+    """Load ``state.pt`` of a checkpoint folder (weights_only: plain tensors and containers only)."""
+    return torch.load(Path(path) / "state.pt", map_location=map_location, weights_only=True)
+
+
+def restore_rng(path: PathLike, rank: int, gens: Optional[Dict[str, torch.Generator]] = None) -> bool:
+    """Restore this rank's RNG from a checkpoint folder; False (RNG left as is) if it was saved by fewer ranks."""
+    f = Path(path) / f"rng-rank{rank}.pt"
+    if not f.is_file():
+        return False
+    set_rng_state(torch.load(f, map_location="cpu", weights_only=True), gens)
+    return True

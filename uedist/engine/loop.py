@@ -1,0 +1,146 @@
+"""The step-based training loop's shared parts (DESIGN.md "The training loop"): optimizer and schedule from
+config, resume-by-default, periodic atomic checkpoints, a non-finite-loss guard, CSV curves, a progress bar.
+
+Victim, surrogate (REM/SEM), D-VAE and DDPM training all use these; each supplies its own step function.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Literal, Optional
+
+import torch
+
+from uedist.checkpoint import latest_checkpoint, load_state, restore_rng, save_checkpoint
+from uedist.config import require
+from uedist.dist import get_logger
+from uedist.io import atomic_open
+
+log = get_logger(__name__)
+
+
+@dataclass
+class OptimConfig:
+    """SGD with a step or cosine schedule (the reference settings of every paper here)."""
+
+    lr: float = 0.1  # for the global batch
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    milestones: List[float] = field(default_factory=lambda: [0.5, 0.75])  # step schedule: fractions of the run
+    gamma: float = 0.1
+    warmup_steps: int = 0
+
+    def validate(self) -> None:
+        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        require(all(0 < m < 1 for m in self.milestones), f"milestones are fractions in (0, 1), got {self.milestones}")
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step LR multiplier: linear warmup, then cosine to 0, ×gamma at each milestone, or constant."""
+    marks = sorted(round(m * total_steps) for m in cfg.milestones)
+
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "cosine":
+            t = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+        if cfg.schedule == "step":
+            return cfg.gamma ** sum(step >= m for m in marks)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf; the run stops and keeps its last good checkpoint."""
+
+
+def check_finite(loss: torch.Tensor, step: int, accelerator: Any, ckpt_dir: Path) -> None:
+    """Raise NonFiniteLoss on every rank if the loss is not finite on any rank (so no rank hangs)."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    if bad.item() > 0:
+        last = latest_checkpoint(ckpt_dir)
+        raise NonFiniteLoss(
+            f"loss is {loss.item()} at step {step}; stopping. Last good checkpoint: "
+            f"{last if last else 'none yet'} (lower the learning rate, or check the data)"
+        )
+
+
+class Checkpointer:
+    """Resume-by-default and periodic checkpoints for one run (``<run_dir>/checkpoints``)."""
+
+    def __init__(self, run_dir: Path, accelerator: Any, *, every: int, keep: int = 2,
+                 gens: Optional[Dict[str, torch.Generator]] = None) -> None:
+        self.dir = Path(run_dir) / "checkpoints"
+        self.acc, self.every, self.keep, self.gens = accelerator, every, keep, gens or {}
+
+    def resume(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+               scheduler: Any = None, *, config: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
+        """Load the newest checkpoint into the (unwrapped) model, optimizer and scheduler; return its state or
+        None. A checkpoint written with a different training config is refused, never silently mixed."""
+        path = latest_checkpoint(self.dir)
+        if path is None:
+            return None
+        state = load_state(path, map_location="cpu")
+        if config is not None and state.get("config") is not None and _train_keys(state["config"]) != _train_keys(config):
+            raise ValueError(
+                f"{path} was written with a different config; use a new run name, or resume=false to start over"
+            )
+        model.load_state_dict(state["model"])
+        if optimizer is not None and "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and "scheduler" in state:
+            scheduler.load_state_dict(state["scheduler"])
+        if not restore_rng(path, self.acc.process_index, self.gens):
+            log.warning("%s has no RNG state for rank %d (different world size?): RNG not restored",
+                        path, self.acc.process_index)
+        log.info("resumed from %s (step %d)", path, state["step"])
+        return state
+
+    def due(self, step: int, total: int) -> bool:
+        return step == total or (self.every > 0 and step % self.every == 0)
+
+    def save(self, step: int, state: Dict[str, Any]) -> Path:
+        return save_checkpoint(self.dir, step, state, rank=self.acc.process_index, barrier=self.acc.wait_for_everyone,
+                               gens=self.gens, keep=self.keep)
+
+
+_RUNTIME_KEYS = {"ckpt_every", "log_every", "eval_every", "resume", "workers", "eval_batch_size", "progress"}
+
+
+def _train_keys(cfg: Any) -> Any:
+    """The config without keys that may change between a run and its resumption."""
+    if isinstance(cfg, dict):
+        return {k: _train_keys(v) for k, v in cfg.items() if k not in _RUNTIME_KEYS}
+    return cfg
+
+
+def write_curve(path: Path, rows: List[Dict[str, Any]]) -> None:
+    """Write training-curve rows as CSV atomically (the union of keys as columns)."""
+    if not rows:
+        return
+    cols: List[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    with atomic_open(path, "w") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def progress_bar(total: int, initial: int, desc: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, disable=not enabled)

@@ -1,0 +1,288 @@
+"""Victim training: standard or PGD adversarial training of a registered classifier on any shard set, with the
+train-time defenses users compare against, evaluated on a clean test shard set.
+
+    accelerate launch launch/victim.py --config configs/victim/cifar10_quick.yaml
+
+Per step (global batch split evenly across ranks): uint8 batch -> device -> [0, 1] -> ISS defense (grayscale /
+JPEG / bit depth) -> augmentation (crop+flip or random-resized-crop+flip) -> cutout -> PGD (adversarial
+training; on the unwrapped model, parameters frozen) -> mixup / cutmix -> forward/backward through DDP.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from uedist.config import config_to_dict, require
+from uedist.data.loaders import make_train_loader
+from uedist.data.manifest import Manifest, load_manifest
+from uedist.dist import get_logger
+from uedist.engine.evaluate import evaluate
+from uedist.engine.loop import (
+    Checkpointer, OptimConfig, check_finite, make_optimizer, make_scheduler, progress_bar, write_curve,
+)
+from uedist.io import atomic_write_json
+from uedist.models.wrappers import Normalized
+from uedist.ops import augment, iss
+from uedist.ops.images import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, to_unit
+from uedist.ops.pgd import pgd
+from uedist.registry import MODELS
+
+log = get_logger(__name__)
+
+
+@dataclass
+class VictimData:
+    train: str = "shards/synthetic/train"
+    test: str = "shards/synthetic/test"
+    batch_size: int = 128  # global; each of N ranks takes batch_size / N
+    workers: int = 2
+    shuffle_buffer: int = 2000
+    eval_batch_size: int = 256
+    augment: Literal["auto", "crop_flip", "rrc_flip", "flip", "none"] = "auto"  # auto: crop_flip <= 64 px, else rrc_flip
+    crop_pad: int = 4
+    train_size: int = 0  # rrc output size; 0 = 7/8 of the stored size (224 for 256)
+    norm: Literal["auto", "cifar", "imagenet", "none"] = "auto"  # auto: cifar stats for cifar*, else imagenet
+
+
+@dataclass
+class ModelSpec:
+    name: str = "resnet18"
+    width: float = 1.0
+    stem: Literal["auto", "cifar", "imagenet"] = "auto"  # auto: cifar stem for images <= 64 px
+
+
+@dataclass
+class AdvConfig:
+    """PGD adversarial training (Madry et al.); radius and step in /255 (L∞ and L2 alike)."""
+
+    enabled: bool = False
+    norm: Literal["linf", "l2"] = "linf"
+    eps: float = 4.0
+    steps: int = 10
+    step_size: float = 0.8
+    bn_mode: Literal["train", "eval"] = "train"  # BatchNorm mode while crafting the attack
+
+    def validate(self) -> None:
+        require(self.eps >= 0 and self.steps >= 0 and self.step_size >= 0, "adv: eps, steps, step_size must be >= 0")
+
+
+@dataclass
+class DefenseConfig:
+    """Train-time defenses (0 / false = off)."""
+
+    cutout: int = 0  # square side in px (16 for CIFAR)
+    mixup: float = 0.0  # Beta(α, α)
+    cutmix: float = 0.0  # Beta(α, α)
+    grayscale: bool = False  # ISS
+    jpeg_quality: int = 0  # ISS: e.g. 10
+    bit_depth: int = 0  # ISS: e.g. 2
+
+    def validate(self) -> None:
+        require(not (self.mixup and self.cutmix), "defense: choose mixup or cutmix, not both")
+        require(0 <= self.jpeg_quality <= 100 and 0 <= self.bit_depth <= 8, "defense: jpeg_quality 0..100, bit_depth 0..8")
+
+
+@dataclass
+class VictimConfig:
+    name: str = "victim"  # the run lives in <run_root>/<name>
+    run_root: str = "runs"
+    seed: int = 0
+    steps: int = 0  # training steps; or set epochs
+    epochs: float = 0.0  # converted to steps with the train set size and the global batch
+    data: VictimData = field(default_factory=VictimData)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    adv: AdvConfig = field(default_factory=AdvConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
+    bf16: bool = False  # autocast to bfloat16
+    channels_last: bool = False
+    ckpt_every: int = 500
+    eval_every: int = 0  # 0: evaluate at the end only
+    log_every: int = 50
+    resume: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        require((self.steps > 0) != (self.epochs > 0), "set exactly one of steps or epochs")
+        require(self.data.batch_size > 0, "data.batch_size must be > 0")
+
+    def total_steps(self, num_train: int) -> int:
+        return self.steps or max(1, math.ceil(self.epochs * num_train / self.data.batch_size))
+
+
+def _norm_stats(cfg: VictimConfig, m: Manifest):
+    kind = cfg.data.norm
+    if kind == "auto":
+        kind = "cifar" if m.dataset.startswith("cifar") else "imagenet"
+    return {"cifar": (CIFAR10_MEAN, CIFAR10_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+            "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}[kind]
+
+
+def build_victim(cfg: VictimConfig, train: Manifest) -> Normalized:
+    """The registered model for this data, wrapped to take [0, 1] images."""
+    stem = cfg.model.stem if cfg.model.stem != "auto" else ("cifar" if max(train.image_size) <= 64 else "imagenet")
+    net = MODELS.build(cfg.model.name, num_classes=train.num_classes, stem=stem, width=cfg.model.width)
+    mean, std = _norm_stats(cfg, train)
+    return Normalized(net, mean, std)
+
+
+def _transforms(cfg: VictimConfig, m: Manifest, gen: torch.Generator):
+    """(train-time transform, eval transform) on [0, 1] device batches."""
+    size = max(m.image_size)
+    mode = cfg.data.augment if cfg.data.augment != "auto" else ("crop_flip" if size <= 64 else "rrc_flip")
+    out_size = cfg.data.train_size or (size if mode != "rrc_flip" else round(size * 7 / 8))
+    d = cfg.defense
+
+    def iss_defense(x: torch.Tensor) -> torch.Tensor:
+        if d.grayscale:
+            x = iss.grayscale(x)
+        if d.jpeg_quality:
+            x = iss.jpeg(x, d.jpeg_quality)
+        if d.bit_depth:
+            x = iss.bit_depth(x, d.bit_depth)
+        return x
+
+    def train_tf(x: torch.Tensor) -> torch.Tensor:
+        x = iss_defense(x)
+        if mode == "crop_flip":
+            x = augment.random_crop_flip(x, pad=cfg.data.crop_pad, gen=gen)
+        elif mode == "rrc_flip":
+            x = augment.random_resized_crop_flip(x, out_size, gen=gen)
+        elif mode == "flip":
+            x = augment.random_crop_flip(x, pad=0, gen=gen)
+        if d.cutout:
+            x = augment.cutout(x, length=d.cutout, gen=gen)
+        return x
+
+    def eval_tf(x: torch.Tensor) -> torch.Tensor:
+        x = iss_defense(x)  # the defense is part of the victim's pipeline at test time too
+        return augment.center_crop(x, out_size) if out_size != size else x
+
+    return train_tf, eval_tf
+
+
+def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
+    """Train and evaluate one victim; writes checkpoints, curves and metrics.json under ``run_dir``."""
+    train_m, test_m = load_manifest(cfg.data.train), load_manifest(cfg.data.test)
+    train_m.check_compatible(test_m, what=f"train set {cfg.data.train} vs test set {cfg.data.test}: ")
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    if cfg.data.batch_size % world:
+        raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by {world} processes")
+    total = cfg.total_steps(train_m.num_samples)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    model = build_victim(cfg, train_m).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model.parameters(), cfg.optim)
+    sched = make_scheduler(opt, cfg.optim, total)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # per-rank augmentation stream
+    ckpt = Checkpointer(run_dir, accelerator, every=cfg.ckpt_every, gens={"augment": gen})
+    resolved = config_to_dict(cfg)
+    state = ckpt.resume(model, opt, sched, config=resolved) if cfg.resume else None
+    start = state["step"] if state else 0
+    curve: List[Dict[str, Any]] = list(state.get("curve", [])) if state else []
+    elapsed_before = float(state.get("train_time", 0.0)) if state else 0.0
+    ddp_model, opt = accelerator.prepare(model, opt)
+    train_tf, eval_tf = _transforms(cfg, train_m, gen)
+    step_fn = _make_step(cfg, ddp_model, model, opt, accelerator, num_classes=train_m.num_classes, gen=gen)
+    loader = make_train_loader(cfg.data.train, batch_size=cfg.data.batch_size // world, num_steps=total,
+                               seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.data.workers,
+                               shuffle_buffer=cfg.data.shuffle_buffer, start_step=start,
+                               pin_memory=device.type == "cuda")
+    bar = progress_bar(total, start, cfg.name, cfg.progress and accelerator.is_main_process)
+    t_train, seen, window = time.time(), 0, []
+    step = start
+    for batch in loader:
+        x = train_tf(to_unit(batch["image"].to(device, non_blocking=True)))
+        y = batch["label"].to(device, non_blocking=True)
+        loss, acc = step_fn(x, y)
+        step += 1
+        sched.step()
+        check_finite(loss, step, accelerator, ckpt.dir)
+        window.append((loss.item(), acc))
+        seen += y.shape[0] * world
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total:
+            curve.append({"step": step, "lr": sched.get_last_lr()[0], "train_loss": sum(w[0] for w in window) / len(window),
+                          "train_acc": 100.0 * sum(w[1] for w in window) / len(window)})
+            bar.set_postfix(loss=f"{curve[-1]['train_loss']:.3f}", acc=f"{curve[-1]['train_acc']:.1f}")
+            window = []
+        if cfg.eval_every and step % cfg.eval_every == 0 and step != total:
+            ev = _eval(cfg, model, accelerator, eval_tf)
+            curve.append({"step": step, "test_top1": ev["top1"]})
+        if ckpt.due(step, total):
+            train_time = elapsed_before + time.time() - t_train
+            ckpt.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                             "curve": curve, "train_time": train_time, "config": resolved})
+    bar.close()
+    train_time = elapsed_before + time.time() - t_train
+    ips = seen / max(time.time() - t_train, 1e-9) if seen else float("nan")
+    ev = _eval(cfg, model, accelerator, eval_tf)
+    if ev["samples"] != ev["expected_samples"]:
+        raise RuntimeError(f"evaluated {ev['samples']} test samples, the test set has {ev['expected_samples']}")
+    metrics = {
+        "name": cfg.name, "steps": total, "epochs": total * cfg.data.batch_size / train_m.num_samples,
+        "test_top1": ev["top1"], "test_top5": ev["top5"], "per_class_top1": ev["per_class"],
+        "test_samples": ev["samples"], "train": cfg.data.train, "test": cfg.data.test,
+        "model": cfg.model.name, "adversarial": cfg.adv.enabled, "world_size": world,
+        "images_per_s": ips, "train_time_s": train_time, "curve": curve,
+        "final_train_loss": curve[-1]["train_loss"] if curve else None,
+    }
+    if accelerator.is_main_process:
+        atomic_write_json(run_dir / "metrics.json", metrics)
+        write_curve(run_dir / "curve.csv", curve)
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _eval(cfg: VictimConfig, model: torch.nn.Module, accelerator: Any, eval_tf: Callable) -> Dict[str, Any]:
+    return evaluate(model, Path(cfg.data.test), accelerator=accelerator, batch_size=cfg.data.eval_batch_size,
+                    num_workers=cfg.data.workers, transform=eval_tf, bf16=cfg.bf16, channels_last=cfg.channels_last)
+
+
+def _make_step(cfg: VictimConfig, ddp_model: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer,
+               accelerator: Any, *, num_classes: int, gen: torch.Generator) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+    """One training update on a [0, 1] batch; returns (loss tensor, accuracy fraction)."""
+    a, d = cfg.adv, cfg.defense
+    amp = dict(device_type=accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+
+    def attack_forward(z: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(**amp):
+            return model(z).float()
+
+    def step(x: torch.Tensor, y: torch.Tensor):
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if a.enabled and a.steps > 0:
+            was = model.training
+            model.train(a.bn_mode == "train")
+            for p in model.parameters():
+                p.requires_grad_(False)
+            x = x + pgd(attack_forward, x, y, eps=a.eps / 255, alpha=a.step_size / 255, steps=a.steps, norm=a.norm, gen=gen)
+            for p in model.parameters():
+                p.requires_grad_(True)
+            model.train(was)
+        target: Optional[torch.Tensor] = None
+        if d.mixup or d.cutmix:
+            onehot = F.one_hot(y, num_classes).float()
+            x, target = (augment.mixup if d.mixup else augment.cutmix)(x, onehot, alpha=d.mixup or d.cutmix, gen=gen)
+        with torch.autocast(**amp):
+            logits = ddp_model(x).float()
+        loss = _soft_ce(logits, target) if target is not None else F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        opt.step()
+        acc = (logits.argmax(1) == y).float().mean().item()
+        return loss.detach(), acc
+
+    return step

@@ -1,0 +1,149 @@
+"""Wide residual networks (Zagoruyko & Komodakis, BMVC 2016) with pre-activation blocks.
+
+Layer for layer the WideResNet of the TRADES / MART adversarial-training code (``models/wideresnet.py``), the
+usual WRN-34-10 victim in the unlearnable-examples literature, minus that file's ``sub_block1``: a fourth group
+that is built but never called in ``forward``, so its 2,102,112 parameters (at WRN-34-10) never get a gradient.
+WRN-34-10 with 10 classes has 46,160,474 parameters here, the figure usually quoted (46.16 M); the TRADES
+module itself reports 48,262,586 because it counts the dead group.
+
+    model = MODELS.build("wrn34_10", num_classes=10)
+    logits = model(x)  # x: (B, in_channels, H, W) normalized float, H, W >= 32 -> (B, num_classes)
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from uedist.registry import MODELS
+
+STEMS = ("cifar", "imagenet")
+
+
+def _ch(c: int, width: float) -> int:
+    """Channel count ``c`` scaled by ``width``, at least 1."""
+    return max(1, int(round(c * width)))
+
+
+class PreActBlock(nn.Module):
+    """BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus shortcut, TRADES's ``BasicBlock``.
+
+    When the widths differ, the pre-activated input feeds both the residual branch and the 1x1 projection
+    shortcut (as in the reference); when they match, the raw input is the shortcut.
+    """
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int, drop_rate: float = 0.0) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, stride=1, padding=1, bias=False)
+        self.drop_rate = drop_rate
+        self.shortcut = None
+        if in_planes != out_planes or stride != 1:
+            self.shortcut = nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # relu(inplace) acts on BN outputs, never on x itself, so input gradients stay intact.
+        a = F.relu(self.bn1(x), inplace=True)
+        out = F.relu(self.bn2(self.conv1(a)), inplace=True)
+        if self.drop_rate > 0:
+            out = F.dropout(out, p=self.drop_rate, training=self.training)
+        out = self.conv2(out)
+        return out + (x if self.shortcut is None else self.shortcut(a))
+
+
+class WideResNet(nn.Module):
+    """WRN-``depth``-``widen_factor``: a stem conv, three groups of (depth-4)/6 blocks, BN-ReLU, global pool, fc.
+
+    Widths are 16, 16k, 32k, 64k (k = widen_factor), each times ``width``. The groups stride 1, 2, 2.
+
+    Stems: ``"cifar"`` is the reference 3x3 stride-1 conv (32 px -> 32, 16, 8 in the groups). ``"imagenet"`` is
+    a 3x3 stride-2 conv then a 3x3 stride-2 max-pool, so 224 px enters the groups at 56 px as in ResNet's
+    ImageNet stem (56, 28, 14). The conv stays 3x3 and bare (no BN-ReLU) because WRN has no ImageNet stem of
+    its own to copy, and every pre-activation block normalises its input first; the parameter count is thus
+    the same for both stems.
+    """
+
+    def __init__(
+        self,
+        depth: int = 34,
+        widen_factor: int = 10,
+        num_classes: int = 10,
+        *,
+        in_channels: int = 3,
+        stem: str = "cifar",
+        width: float = 1.0,
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if (depth - 4) % 6 != 0 or depth < 10:
+            raise ValueError(f"WRN depth must be 6n+4 with n >= 1, got {depth}")
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem {stem!r}; expected one of {STEMS}")
+        n = (depth - 4) // 6
+        chans = [_ch(c, width) for c in (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor)]
+        if stem == "cifar":
+            self.stem = nn.Conv2d(in_channels, chans[0], 3, stride=1, padding=1, bias=False)
+        else:
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, chans[0], 3, stride=2, padding=1, bias=False),
+                nn.MaxPool2d(3, stride=2, padding=1),
+            )
+        groups: List[nn.Module] = []
+        for i, stride in enumerate((1, 2, 2)):
+            blocks = [PreActBlock(chans[i] if j == 0 else chans[i + 1], chans[i + 1], stride if j == 0 else 1,
+                                  drop_rate) for j in range(n)]
+            groups.append(nn.Sequential(*blocks))
+        self.block1, self.block2, self.block3 = groups
+        self.bn = nn.BatchNorm2d(chans[3])
+        self.fc = nn.Linear(chans[3], num_classes)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):  # N(0, 2 / (k*k*out)), the reference init
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, H, W) normalized float -> (B, num_classes) logits."""
+        out = self.block3(self.block2(self.block1(self.stem(x))))
+        out = F.relu(self.bn(out), inplace=True)
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)  # (B, 64k·width)
+        return self.fc(out)
+
+
+def wrn(
+    depth: int = 34,
+    widen_factor: int = 10,
+    num_classes: int = 10,
+    *,
+    in_channels: int = 3,
+    stem: str = "cifar",
+    width: float = 1.0,
+    drop_rate: float = 0.0,
+) -> WideResNet:
+    """Any WRN-depth-k; the registered names below fix depth and k."""
+    return WideResNet(depth, widen_factor, num_classes, in_channels=in_channels, stem=stem, width=width,
+                      drop_rate=drop_rate)
+
+
+@MODELS.register("wrn34_10")
+def wrn34_10(
+    num_classes: int = 10, *, in_channels: int = 3, stem: str = "cifar", width: float = 1.0, drop_rate: float = 0.0
+) -> WideResNet:
+    """WRN-34-10, the adversarial-training victim (46,160,474 parameters at 10 classes)."""
+    return wrn(34, 10, num_classes, in_channels=in_channels, stem=stem, width=width, drop_rate=drop_rate)
+
+
+@MODELS.register("wrn28_10")
+def wrn28_10(
+    num_classes: int = 10, *, in_channels: int = 3, stem: str = "cifar", width: float = 1.0, drop_rate: float = 0.0
+) -> WideResNet:
+    """WRN-28-10 of the WRN paper (36,479,194 parameters at 10 classes)."""
+    return wrn(28, 10, num_classes, in_channels=in_channels, stem=stem, width=width, drop_rate=drop_rate)
