@@ -11,7 +11,7 @@ import sys
 import time
 from typing import List, Optional
 
-from uedist.config import load_config, save_config
+from uedist.config import ConfigError, load_config, save_config
 from uedist.data.build import BuildConfig, build_shard_sets, default_out
 from uedist.data.inspect import sample_grid, summarize
 from uedist.data.manifest import load_manifest
@@ -27,7 +27,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--config", help="shard build YAML (default: the synthetic dataset)")
     p.add_argument("overrides", nargs="*", help="key=value")
     args = p.parse_args(argv)
-    cfg = load_config(BuildConfig, args.config, ([] if args.config else DEFAULTS) + args.overrides)
+    try:
+        cfg = load_config(BuildConfig, args.config, ([] if args.config else DEFAULTS) + args.overrides)
+    except ConfigError as e:
+        p.error(str(e))
     accelerator = make_accelerator()
     out = default_out(cfg)
     setup_logging(out)

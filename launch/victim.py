@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from uedist.config import load_config, save_config
+from uedist.config import ConfigError, load_config, save_config
 from uedist.dist import get_logger, make_accelerator, setup_logging
 from uedist.engine.loop import NonFiniteLoss
 from uedist.engine.victim import VictimConfig, train_victim
@@ -26,7 +26,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--config", help="YAML (configs/victim/)")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. model.width=0.5 data.train=shards/x/train")
     args = p.parse_args(argv)
-    cfg = load_config(VictimConfig, args.config, args.overrides)
+    try:
+        cfg = load_config(VictimConfig, args.config, args.overrides)
+    except ConfigError as e:
+        p.error(str(e))
     accelerator = make_accelerator()
     run_dir = Path(cfg.run_root) / cfg.name
     setup_logging(run_dir)

@@ -46,6 +46,7 @@ def test_defaults_file_and_overrides(tmp_path):
     ("size=[1,2,3]", "size: expected 2 items"),
     ("inner.eps=0", "eps must be > 0"),
     ("inner.step=abc", "inner.step: expected a number"),
+    ("inner.step=1e-3x", "inner.step: expected a number"),
     ("noequals", "not of the form key=value"),
 ])
 def test_errors_name_the_key(override, needle):
@@ -64,6 +65,11 @@ def test_typo_in_file_is_an_error(tmp_path):
         load_config(Cfg, f)
     with pytest.raises(ConfigError, match="not found"):
         load_config(Cfg, tmp_path / "missing.yaml")
+
+
+def test_scientific_notation_floats():
+    assert load_config(Cfg, None, ["inner.step=1e-3"]).inner.step == 1e-3  # YAML 1.1 reads it as a string
+    assert load_config(Cfg, None, ["inner.step=-2.5E+2"]).inner.step == -250.0
 
 
 def test_save_roundtrip_and_hash(tmp_path):

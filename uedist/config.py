@@ -17,6 +17,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -25,6 +26,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Ty
 import yaml
 
 C = TypeVar("C")
+
+
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -95,6 +99,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads "1e-3" as a string
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

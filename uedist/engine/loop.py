@@ -66,7 +66,8 @@ class NonFiniteLoss(RuntimeError):
 
 
 def check_finite(loss: torch.Tensor, step: int, accelerator: Any, ckpt_dir: Path) -> None:
-    """Raise NonFiniteLoss on every rank if the loss is not finite on any rank (so no rank hangs)."""
+    """Before the update: raise NonFiniteLoss on every rank if the loss is not finite on any rank (so no rank
+    hangs in the next collective and no update is applied)."""
     bad = (~torch.isfinite(loss.detach())).float().reshape(1)
     if accelerator.num_processes > 1:
         bad = accelerator.reduce(bad, reduction="sum")
@@ -76,6 +77,15 @@ def check_finite(loss: torch.Tensor, step: int, accelerator: Any, ckpt_dir: Path
             f"loss is {loss.item()} at step {step}; stopping. Last good checkpoint: "
             f"{last if last else 'none yet'} (lower the learning rate, or check the data)"
         )
+
+
+def check_finite_params(model: torch.nn.Module, step: int, ckpt_dir: Path) -> None:
+    """Before a checkpoint: never save weights that already overflowed."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            last = latest_checkpoint(ckpt_dir)
+            raise NonFiniteLoss(f"parameter {name} is not finite at step {step}; not saving it. Last good "
+                                f"checkpoint: {last if last else 'none yet'}")
 
 
 class Checkpointer:

@@ -24,7 +24,8 @@ from uedist.data.manifest import Manifest, load_manifest
 from uedist.dist import get_logger
 from uedist.engine.evaluate import evaluate
 from uedist.engine.loop import (
-    Checkpointer, OptimConfig, check_finite, make_optimizer, make_scheduler, progress_bar, write_curve,
+    Checkpointer, OptimConfig, check_finite, check_finite_params, make_optimizer, make_scheduler, progress_bar,
+    write_curve,
 )
 from uedist.io import atomic_write_json
 from uedist.models.wrappers import Normalized
@@ -194,7 +195,8 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
     elapsed_before = float(state.get("train_time", 0.0)) if state else 0.0
     ddp_model, opt = accelerator.prepare(model, opt)
     train_tf, eval_tf = _transforms(cfg, train_m, gen)
-    step_fn = _make_step(cfg, ddp_model, model, opt, accelerator, num_classes=train_m.num_classes, gen=gen)
+    step_fn = _make_step(cfg, ddp_model, model, opt, accelerator, num_classes=train_m.num_classes, gen=gen,
+                         ckpt_dir=ckpt.dir)
     loader = make_train_loader(cfg.data.train, batch_size=cfg.data.batch_size // world, num_steps=total,
                                seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.data.workers,
                                shuffle_buffer=cfg.data.shuffle_buffer, start_step=start,
@@ -205,10 +207,9 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
     for batch in loader:
         x = train_tf(to_unit(batch["image"].to(device, non_blocking=True)))
         y = batch["label"].to(device, non_blocking=True)
-        loss, acc = step_fn(x, y)
+        loss, acc = step_fn(x, y, step + 1)
         step += 1
         sched.step()
-        check_finite(loss, step, accelerator, ckpt.dir)
         window.append((loss.item(), acc))
         seen += y.shape[0] * world
         bar.update(1)
@@ -218,15 +219,20 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
             bar.set_postfix(loss=f"{curve[-1]['train_loss']:.3f}", acc=f"{curve[-1]['train_acc']:.1f}")
             window = []
         if cfg.eval_every and step % cfg.eval_every == 0 and step != total:
+            sync_buffers(model, accelerator)
             ev = _eval(cfg, model, accelerator, eval_tf)
             curve.append({"step": step, "test_top1": ev["top1"]})
         if ckpt.due(step, total):
+            sync_buffers(model, accelerator)
+            check_finite_params(model, step, ckpt.dir)
             train_time = elapsed_before + time.time() - t_train
             ckpt.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                              "curve": curve, "train_time": train_time, "config": resolved})
     bar.close()
     train_time = elapsed_before + time.time() - t_train
     ips = seen / max(time.time() - t_train, 1e-9) if seen else float("nan")
+    sync_buffers(model, accelerator)
+    in_sync = ranks_in_sync(model, accelerator)
     ev = _eval(cfg, model, accelerator, eval_tf)
     if ev["samples"] != ev["expected_samples"]:
         raise RuntimeError(f"evaluated {ev['samples']} test samples, the test set has {ev['expected_samples']}")
@@ -235,6 +241,7 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
         "test_top1": ev["top1"], "test_top5": ev["top5"], "per_class_top1": ev["per_class"],
         "test_samples": ev["samples"], "train": cfg.data.train, "test": cfg.data.test,
         "model": cfg.model.name, "adversarial": cfg.adv.enabled, "world_size": world,
+        "wrapper": type(ddp_model).__name__, "ranks_in_sync": in_sync,
         "images_per_s": ips, "train_time_s": train_time, "curve": curve,
         "final_train_loss": curve[-1]["train_loss"] if curve else None,
     }
@@ -245,13 +252,30 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
     return metrics
 
 
+def sync_buffers(model: torch.nn.Module, accelerator: Any) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running stats), as DDP does only at the *next* forward:
+    without this each rank would evaluate, and resume, with its own statistics."""
+    if accelerator.num_processes > 1:
+        for b in model.buffers():
+            torch.distributed.broadcast(b.data, src=0)
+
+
+def ranks_in_sync(model: torch.nn.Module, accelerator: Any) -> bool:
+    """True if every rank holds bit-identical parameters and buffers (a float64 checksum per rank, gathered)."""
+    with torch.no_grad():
+        sums = torch.stack([t.detach().double().sum() for t in model.state_dict().values() if t.is_floating_point()])
+        sig = torch.stack([sums.sum(), (sums * torch.arange(1, len(sums) + 1, dtype=torch.float64, device=sums.device)).sum()])
+    gathered = accelerator.gather(sig[None].to(accelerator.device))
+    return bool((gathered == gathered[0]).all())
+
+
 def _eval(cfg: VictimConfig, model: torch.nn.Module, accelerator: Any, eval_tf: Callable) -> Dict[str, Any]:
     return evaluate(model, Path(cfg.data.test), accelerator=accelerator, batch_size=cfg.data.eval_batch_size,
                     num_workers=cfg.data.workers, transform=eval_tf, bf16=cfg.bf16, channels_last=cfg.channels_last)
 
 
 def _make_step(cfg: VictimConfig, ddp_model: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer,
-               accelerator: Any, *, num_classes: int, gen: torch.Generator) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+               accelerator: Any, *, num_classes: int, gen: torch.Generator, ckpt_dir: Path) -> Callable[..., Any]:
     """One training update on a [0, 1] batch; returns (loss tensor, accuracy fraction)."""
     a, d = cfg.adv, cfg.defense
     amp = dict(device_type=accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
@@ -260,7 +284,7 @@ def _make_step(cfg: VictimConfig, ddp_model: torch.nn.Module, model: torch.nn.Mo
         with torch.autocast(**amp):
             return model(z).float()
 
-    def step(x: torch.Tensor, y: torch.Tensor):
+    def step(x: torch.Tensor, y: torch.Tensor, step_no: int):
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if a.enabled and a.steps > 0:
@@ -279,6 +303,7 @@ def _make_step(cfg: VictimConfig, ddp_model: torch.nn.Module, model: torch.nn.Mo
         with torch.autocast(**amp):
             logits = ddp_model(x).float()
         loss = _soft_ce(logits, target) if target is not None else F.cross_entropy(logits, y)
+        check_finite(loss, step_no, accelerator, ckpt_dir)  # before any update
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         opt.step()

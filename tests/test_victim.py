@@ -1,0 +1,99 @@
+"""Victim training: real 2-process DDP, kill/resume equality, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, build
+from tests.test_multiprocess import accelerate_launch
+
+VICTIM = str(REPO / "launch/victim.py")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("victim_data")
+    return build(out, "synthetic.num_classes=4", "synthetic.size=16", "synthetic.num_train=320",
+                 "synthetic.num_test=100", "shard_size=40")
+
+
+def _args(data, run_root, name, *extra):
+    return [f"name={name}", f"run_root={run_root}", f"data.train={data / 'train'}", f"data.test={data / 'test'}",
+            "model.width=0.125", "data.batch_size=32", "data.workers=0", "progress=false", "log_every=5", *extra]
+
+
+def _run(args, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, VICTIM, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def _final_weights(run_dir: Path):
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
+    return torch.load(ckpts[-1] / "state.pt", weights_only=True)["model"]
+
+
+@pytest.mark.multiprocess
+def test_two_process_ddp_in_sync_and_eval_counts_once(data, tmp_path):
+    r = accelerate_launch(VICTIM, *_args(data, tmp_path, "ddp", "steps=12", "data.workers=1"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["wrapper"] == "DistributedDataParallel"
+    assert m["ranks_in_sync"] is True
+    assert m["test_samples"] == 100  # split by shard across ranks, summed: each test image exactly once
+    assert (tmp_path / "ddp" / "logs" / "rank1.log").is_file()
+
+
+def test_kill_and_resume_gives_identical_weights(data, tmp_path):
+    args = ["steps=40", "ckpt_every=10", "adv.enabled=true", "adv.steps=2", "adv.step_size=2", "defense.mixup=1.0"]
+    ref = _run(_args(data, tmp_path, "ref", *args))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    cmd = [sys.executable, VICTIM, *_args(data, tmp_path, "killed", *args)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (latest.is_file() and latest.read_text().strip() >= "step-00000020"):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "metrics.json").exists(), "the kill should land mid-training"
+    again = _run(_args(data, tmp_path, "killed", *args))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout + again.stderr
+    a, b = _final_weights(tmp_path / "ref"), _final_weights(tmp_path / "killed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    mb = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert ma["test_top1"] == mb["test_top1"] and ma["per_class_top1"] == mb["per_class_top1"]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path):
+    # lr 0.1 for 10 steps, then x1e35 (a step schedule with a huge gamma): diverges right after step 10
+    r = _run(_args(data, tmp_path, "nan", "steps=20", "ckpt_every=5", "optim.schedule=step", "optim.milestones=[0.5]",
+                   "optim.gamma=1e35"))
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "loss is nan" in r.stdout + r.stderr or "loss is inf" in r.stdout + r.stderr
+    latest = (tmp_path / "nan" / "checkpoints" / "latest").read_text().strip()
+    assert latest == "step-00000010" and "Last good checkpoint" in r.stdout + r.stderr
+    state = torch.load(tmp_path / "nan" / "checkpoints" / latest / "state.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_bad_input_errors(data, tmp_path):
+    other = build(tmp_path / "other", "synthetic.num_classes=3", "synthetic.size=16", "synthetic.num_train=30",
+                  "synthetic.num_test=30", "splits=[test]")
+    r = _run(_args(data, tmp_path, "x", "steps=2") + [f"data.test={other / 'test'}"])
+    assert r.returncode != 0 and "class lists differ (4 vs 3 classes" in r.stderr
+    r = _run(_args(data, tmp_path, "y", "steps=2", "model.name=resnet19"))
+    assert r.returncode != 0 and "unknown model 'resnet19'; did you mean 'resnet18'?" in r.stderr
+    r = _run(_args(data, tmp_path, "z", "steps=2") + [f"data.train={tmp_path / 'nope'}"])
+    assert r.returncode != 0 and "manifest.json does not exist" in r.stderr
+    r = _run(_args(data, tmp_path, "w", "steps=2", "epochs=3"))
+    assert r.returncode != 0 and "set exactly one of steps or epochs" in r.stderr
