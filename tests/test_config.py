@@ -91,3 +91,16 @@ def test_shipped_shard_configs_load():
         assert cfg.source in f.read_text()
     with pytest.raises(ConfigError, match="unknown source 'imagenett'"):
         load_config(BuildConfig, None, ["source=imagenett"])
+
+
+def test_shipped_victim_configs_load():
+    from tests.conftest import REPO
+    from uedist.engine.victim import VictimConfig
+
+    files = sorted((REPO / "configs" / "victim").glob("*.yaml"))
+    assert len(files) >= 6
+    for f in files:
+        cfg = load_config(VictimConfig, f)
+        assert cfg.name and (cfg.steps or cfg.epochs)
+    at = load_config(VictimConfig, REPO / "configs/victim/cifar10_at.yaml")
+    assert at.adv.enabled and (at.adv.eps, at.adv.steps, at.adv.step_size) == (4.0, 10, 0.8)
