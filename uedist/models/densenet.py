@@ -14,14 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from uedist.models.common import check_stem, scaled
 from uedist.registry import MODELS
 
-STEMS = ("cifar", "imagenet")
 
-
-def _ch(c: float, width: float) -> int:
-    """Channel count ``c`` scaled by ``width``, at least 1."""
-    return max(1, int(round(c * width)))
 
 
 class DenseLayer(nn.Module):
@@ -87,9 +83,8 @@ class DenseNet(nn.Module):
         width: float = 1.0,
     ) -> None:
         super().__init__()
-        if stem not in STEMS:
-            raise ValueError(f"unknown stem {stem!r}; expected one of {STEMS}")
-        growth, nf = _ch(growth_rate, width), _ch(init_features, width)
+        check_stem(stem)
+        growth, nf = scaled(growth_rate, width), scaled(init_features, width)
         if stem == "cifar":
             self.stem: nn.Module = nn.Conv2d(in_channels, nf, 3, stride=1, padding=1, bias=False)
         else:

@@ -15,16 +15,12 @@ from typing import List
 import torch
 import torch.nn as nn
 
+from uedist.models.common import check_stem, scaled
 from uedist.registry import MODELS
 
-STEMS = ("cifar", "imagenet")
 # (expansion t, output channels c, repeats n, first stride s), Table 2 of the paper.
 SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 
-
-def _ch(c: float, width: float) -> int:
-    """Channel count ``c`` scaled by ``width``, at least 1."""
-    return max(1, int(round(c * width)))
 
 
 def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
@@ -74,18 +70,17 @@ class MobileNetV2(nn.Module):
         dropout: float = 0.2,
     ) -> None:
         super().__init__()
-        if stem not in STEMS:
-            raise ValueError(f"unknown stem {stem!r}; expected one of {STEMS}")
+        check_stem(stem)
         cifar = stem == "cifar"
-        c = _ch(32, width)
+        c = scaled(32, width)
         layers: List[nn.Module] = [_conv_bn(in_channels, c, 3, stride=1 if cifar else 2)]
         for i, (t, cout, n, s) in enumerate(SETTINGS):
-            cout = _ch(cout, width)
+            cout = scaled(cout, width)
             s = 1 if cifar and i == 1 else s
             for j in range(n):
                 layers.append(InvertedResidual(c, cout, s if j == 0 else 1, t))
                 c = cout
-        last = _ch(1280, width)
+        last = scaled(1280, width)
         layers.append(_conv_bn(c, last, 1))
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(last, num_classes))

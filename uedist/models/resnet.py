@@ -16,13 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from uedist.models.common import check_stem, scaled
 from uedist.registry import MODELS
 
-STEMS = ("cifar", "imagenet")
 
-
-def _ch(c: int, width: float) -> int:
-    return max(1, int(round(c * width)))
 
 
 class BasicBlock(nn.Module):
@@ -71,9 +68,8 @@ class ResNet(nn.Module):
     def __init__(self, block: Type[Union[BasicBlock, Bottleneck]], layers: List[int], *, num_classes: int = 10,
                  in_channels: int = 3, stem: str = "cifar", width: float = 1.0) -> None:
         super().__init__()
-        if stem not in STEMS:
-            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
-        c0 = _ch(64, width)
+        check_stem(stem)
+        c0 = scaled(64, width)
         if stem == "cifar":
             self.stem = nn.Sequential(nn.Conv2d(in_channels, c0, 3, stride=1, padding=1, bias=False),
                                       nn.BatchNorm2d(c0), nn.ReLU(inplace=True))
@@ -83,7 +79,7 @@ class ResNet(nn.Module):
         self.in_planes = c0
         stages = []
         for i, (n, base) in enumerate(zip(layers, (64, 128, 256, 512))):
-            stages.append(self._stage(block, _ch(base, width), n, stride=1 if i == 0 else 2))
+            stages.append(self._stage(block, scaled(base, width), n, stride=1 if i == 0 else 2))
         self.layers = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(self.in_planes, num_classes)

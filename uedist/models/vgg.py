@@ -13,17 +13,13 @@ from typing import List, Sequence, Union
 import torch
 import torch.nn as nn
 
+from uedist.models.common import check_stem, scaled
 from uedist.registry import MODELS
 
-STEMS = ("cifar", "imagenet")
 # Configuration "D": conv widths, "M" = 2x2 max-pool.
 VGG16: Sequence[Union[int, str]] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
                                     512, 512, 512, "M")
 
-
-def _ch(c: int, width: float) -> int:
-    """Channel count ``c`` scaled by ``width``, at least 1."""
-    return max(1, int(round(c * width)))
 
 
 class VGG(nn.Module):
@@ -46,20 +42,19 @@ class VGG(nn.Module):
         dropout: float = 0.5,
     ) -> None:
         super().__init__()
-        if stem not in STEMS:
-            raise ValueError(f"unknown stem {stem!r}; expected one of {STEMS}")
+        check_stem(stem)
         layers: List[nn.Module] = []
         c = in_channels
         for v in cfg:
             if v == "M":
                 layers.append(nn.MaxPool2d(2, stride=2))
             else:
-                out = _ch(int(v), width)
+                out = scaled(int(v), width)
                 layers += [nn.Conv2d(c, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
                 c = out
         self.features = nn.Sequential(*layers)
         if stem == "imagenet":
-            hidden = _ch(4096, width)
+            hidden = scaled(4096, width)
             self.pool: nn.Module = nn.AdaptiveAvgPool2d(7)
             self.classifier: nn.Module = nn.Sequential(
                 nn.Linear(c * 7 * 7, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),

@@ -17,14 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from uedist.models.common import check_stem, scaled
 from uedist.registry import MODELS
 
-STEMS = ("cifar", "imagenet")
 
-
-def _ch(c: int, width: float) -> int:
-    """Channel count ``c`` scaled by ``width``, at least 1."""
-    return max(1, int(round(c * width)))
 
 
 class PreActBlock(nn.Module):
@@ -81,10 +77,9 @@ class WideResNet(nn.Module):
         super().__init__()
         if (depth - 4) % 6 != 0 or depth < 10:
             raise ValueError(f"WRN depth must be 6n+4 with n >= 1, got {depth}")
-        if stem not in STEMS:
-            raise ValueError(f"unknown stem {stem!r}; expected one of {STEMS}")
+        check_stem(stem)
         n = (depth - 4) // 6
-        chans = [_ch(c, width) for c in (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor)]
+        chans = [scaled(c, width) for c in (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor)]
         if stem == "cifar":
             self.stem = nn.Conv2d(in_channels, chans[0], 3, stride=1, padding=1, bias=False)
         else:
