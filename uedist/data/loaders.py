@@ -164,10 +164,14 @@ class MapReader(IterableDataset):
 
     def __init__(
         self, folder: PathLike, *, batch_size: int, rank: int = 0, world_size: int = 1,
-        shards: Optional[Sequence[int]] = None, verify: bool = True,
+        shards: Optional[Sequence[int]] = None, verify: bool = True, aux: Optional[PathLike] = None,
     ) -> None:
         self.folder = Path(folder)
         self.manifest = load_manifest(self.folder)
+        self.aux = Path(aux) if aux is not None else None
+        self.aux_manifest = load_manifest(self.aux) if self.aux is not None else None
+        if self.aux_manifest is not None and [s.count for s in self.aux_manifest.shards] != [s.count for s in self.manifest.shards]:
+            raise ValueError(f"{self.aux} is not sharded like {self.folder} (a map pass output of it is)")
         self.batch_size, self.verify = batch_size, verify
         mine = [i for i in range(len(self.manifest.shards)) if i % world_size == rank]
         self.shards = [i for i in mine if shards is None or i in set(shards)]
@@ -182,12 +186,19 @@ class MapReader(IterableDataset):
             keys = [s.key for s in samples]
             if keys != sorted(keys):
                 raise ValueError(f"{self.folder / self.manifest.shards[shard].name}: keys are not in order")
+            aux = None
+            if self.aux is not None:
+                aux = list(read_shard(self.aux, self.aux_manifest.shards[shard], verify=self.verify))
+                if [s.key for s in aux] != keys:
+                    raise ValueError(f"{self.aux / self.aux_manifest.shards[shard].name}: keys differ from {self.folder}")
             if not samples:
                 yield {"image": None, "label": None, "key": [], "shard": shard, "last": True}
             for b in range(0, len(samples), self.batch_size):
                 chunk = samples[b : b + self.batch_size]
                 batch = _collate(chunk, self.manifest, str(self.folder))
                 batch.update(shard=shard, last=b + self.batch_size >= len(samples))
+                if aux is not None:
+                    batch["aux_image"] = _collate(aux[b : b + self.batch_size], self.aux_manifest, str(self.aux))["image"]
                 yield batch
 
 
@@ -208,7 +219,10 @@ def make_train_loader(
 def make_map_loader(
     folder: PathLike, *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
     shards: Optional[Sequence[int]] = None, pin_memory: bool = False, verify: bool = True,
+    aux: Optional[PathLike] = None,
 ) -> DataLoader:
-    """A DataLoader over this rank's shards (i mod world == rank), batches in key order, tagged with the shard."""
-    ds = MapReader(folder, batch_size=batch_size, rank=rank, world_size=world_size, shards=shards, verify=verify)
+    """A DataLoader over this rank's shards (i mod world == rank), batches in key order, tagged with the shard.
+    With ``aux`` (a shard set sharded like ``folder``, e.g. a map pass output of it), each batch also carries
+    ``aux_image``: the aux set's images for the same keys."""
+    ds = MapReader(folder, batch_size=batch_size, rank=rank, world_size=world_size, shards=shards, verify=verify, aux=aux)
     return DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)

@@ -1,0 +1,370 @@
+"""Protect: REM / SEM noise generation (and the random-noise control). EM lives in ``uedist.engine.em``.
+
+    accelerate launch launch/sem.py --config configs/sem/cifar10.yaml
+
+Phase 1 (surrogate training, M steps, DDP through the training loop, checkpointed): per step each rank takes its
+batch, computes a *fresh* δ for it with ``min_min_noise`` (K_u signed steps × J batched EOT draws; SEM: uniform
+δ_r of radius ρ_a, REM: PGD δ_a), then takes one SGD step of the surrogate on PGD(ρ_a, K_a, α_a)-attacked
+t(x + δ). Phase 2 (final pass, surrogate frozen): a shard map pass computes δ for every sample the same way and
+writes ``clip(x + δ)`` (δ quantized to 1/255, |δ| ≤ ε checked for every pixel) losslessly, keys and labels kept.
+Nothing holds all the noise in memory: each batch's noise lives only until its shard is written.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from uedist.config import config_to_dict, require
+from uedist.data.loaders import make_train_loader
+from uedist.data.manifest import Manifest, load_manifest
+from uedist.dist import get_logger
+from uedist.engine.evaluate import evaluate
+from uedist.io import atomic_write_json
+from uedist.engine.loop import Checkpointer, OptimConfig, check_finite, check_finite_params, make_optimizer, \
+    make_scheduler, progress_bar, write_curve
+from uedist.engine.map_pass import npy_bytes, run_map_pass
+from uedist.engine.victim import ModelSpec, sync_buffers
+from uedist.models.wrappers import Normalized
+from uedist.ops import augment
+from uedist.ops.images import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, to_unit
+from uedist.ops.noise import min_min_noise, quantize_noise
+from uedist.ops.pgd import pgd
+from uedist.registry import MODELS
+
+log = get_logger(__name__)
+
+
+@dataclass
+class NoiseData:
+    train: str = "shards/synthetic/train"  # the clean set to protect
+    test: str = ""  # optional clean test set: the surrogate's clean accuracy is reported
+    build: str = ""  # shard-build YAML used to create `train` when it does not exist (the main job's synthetic set)
+    batch_size: int = 128  # global, split across ranks
+    workers: int = 2
+    shuffle_buffer: int = 2000
+
+
+@dataclass
+class EMConfig:
+    mode: Literal["samplewise", "classwise"] = "samplewise"
+    train_steps: int = 10  # surrogate steps between noise passes
+    stop_error: float = 0.01  # stop when the surrogate's error on x + δ is below this
+    max_rounds: int = 50
+
+
+@dataclass
+class NoiseConfig:
+    """Settings of REFERENCE.md, in /255 units. Defaults: the CIFAR-10 SEM reference."""
+
+    method: Literal["sem", "rem", "em", "random"] = "sem"
+    name: str = "sem"
+    run_root: str = "runs"
+    out: str = ""  # the poisoned shard set; default <run_root>/<name>/poisoned
+    seed: int = 0
+    data: NoiseData = field(default_factory=NoiseData)
+    eps: float = 8.0  # ρ_u
+    noise_steps: int = 10  # K_u
+    noise_step_size: float = 1.6  # α_u
+    eot_samples: int = 5  # J
+    adv_eps: float = 4.0  # ρ_a (SEM: radius of δ_r; REM: of δ_a; both: surrogate adversarial training)
+    adv_steps: int = 10  # K_a
+    adv_step_size: float = 0.8  # α_a
+    augment: Literal["auto", "crop_flip", "rrc_flip", "none"] = "auto"  # EOT: crop+flip <= 64 px, else RRC+flip
+    crop_pad: int = 4
+    train_size: int = 0  # RRC output size; 0 = 7/8 of the stored size (224 for 256)
+    steps: int = 5000  # M surrogate steps
+    surrogate: ModelSpec = field(default_factory=lambda: ModelSpec(stem="cifar"))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(schedule="step", milestones=[0.4, 0.8]))
+    final_batch_size: int = 256
+    save_noise: bool = False  # also store the int8 noise per sample (noise.npy)
+    em: EMConfig = field(default_factory=EMConfig)
+    random_mode: Literal["samplewise", "classwise"] = "samplewise"
+    bf16: bool = False
+    channels_last: bool = False
+    ckpt_every: int = 500
+    log_every: int = 50
+    resume: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        require(0 < self.eps <= 64, f"eps must be in (0, 64] (/255), got {self.eps}")
+        require(self.eps == int(self.eps), f"eps must be a whole number of /255 levels, got {self.eps}")
+        require(self.noise_steps >= 1 and self.noise_step_size > 0, "noise_steps >= 1 and noise_step_size > 0")
+        require(self.eot_samples >= 1, f"eot_samples must be >= 1, got {self.eot_samples}")
+        require(self.adv_eps >= 0 and self.adv_steps >= 0 and self.adv_step_size >= 0, "adv_* must be >= 0")
+        require(self.steps >= 0 and self.data.batch_size >= 1, "steps >= 0, data.batch_size >= 1")
+        require(self.method != "rem" or self.adv_steps >= 1, "rem needs adv_steps >= 1 (the inner PGD)")
+
+    @property
+    def inner(self) -> str:
+        return {"sem": "uniform", "rem": "pgd"}.get(self.method, "none")
+
+
+def surrogate_for(cfg: NoiseConfig, m: Manifest) -> Normalized:
+    stem = cfg.surrogate.stem if cfg.surrogate.stem != "auto" else ("cifar" if max(m.image_size) <= 64 else "imagenet")
+    net = MODELS.build(cfg.surrogate.name, num_classes=m.num_classes, stem=stem, width=cfg.surrogate.width)
+    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if m.dataset.startswith("cifar") else (IMAGENET_MEAN, IMAGENET_STD)
+    return Normalized(net, mean, std)
+
+
+def make_eot(cfg: NoiseConfig, m: Manifest, gen: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One random augmentation per image, batched and differentiable (crop+flip at 32 px, RRC 224 + flip at 256)."""
+    size = max(m.image_size)
+    mode = cfg.augment if cfg.augment != "auto" else ("crop_flip" if size <= 64 else "rrc_flip")
+    out = cfg.train_size or round(size * 7 / 8)
+    if mode == "crop_flip":
+        return lambda z: augment.random_crop_flip(z, pad=cfg.crop_pad, gen=gen)
+    if mode == "rrc_flip":
+        return lambda z: augment.random_resized_crop_flip(z, out, gen=gen)
+    return lambda z: z
+
+
+def _set_grad(model: torch.nn.Module, flag: bool) -> None:
+    for p in model.parameters():
+        p.requires_grad_(flag)
+
+
+def noise_for_batch(cfg: NoiseConfig, model: Normalized, x: torch.Tensor, y: torch.Tensor,
+                    eot: Callable[[torch.Tensor], torch.Tensor], gen: torch.Generator, amp: Dict[str, Any]) -> torch.Tensor:
+    """Fresh error-minimizing δ for x (B, C, H, W) in [0, 1], surrogate in eval mode with frozen parameters."""
+
+    def fwd(z: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(**amp):
+            return model(z).float()
+
+    was = model.training
+    model.eval()
+    _set_grad(model, False)
+    try:
+        return min_min_noise(
+            fwd, x, y, eps=cfg.eps / 255, alpha=cfg.noise_step_size / 255, steps=cfg.noise_steps, eot=eot,
+            samples=cfg.eot_samples, inner=cfg.inner, inner_eps=cfg.adv_eps / 255, inner_steps=cfg.adv_steps,
+            inner_alpha=cfg.adv_step_size / 255, gen=gen,
+        )
+    finally:
+        _set_grad(model, True)
+        model.train(was)
+
+
+def train_surrogate(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
+    """Phase 1: M steps of min-min surrogate training (resumable). Returns stats; the weights stay in run_dir."""
+    m = load_manifest(cfg.data.train)
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    if cfg.data.batch_size % world:
+        raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by {world} processes")
+    torch.manual_seed(cfg.seed)
+    model = surrogate_for(cfg, m).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model.parameters(), cfg.optim)
+    sched = make_scheduler(opt, cfg.optim, max(cfg.steps, 1))
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    ckpt = Checkpointer(run_dir / "surrogate", accelerator, every=cfg.ckpt_every, gens={"noise": gen})
+    resolved = config_to_dict(cfg)
+    state = ckpt.resume(model, opt, sched, config=resolved) if cfg.resume else None
+    start = state["step"] if state else 0
+    curve: List[Dict[str, Any]] = list(state.get("curve", [])) if state else []
+    t_before = float(state.get("time", 0.0)) if state else 0.0
+    ddp, opt = accelerator.prepare(model, opt)
+    eot = make_eot(cfg, m, gen)
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    t0, window, step = time.time(), [], start
+    bar = progress_bar(cfg.steps, start, f"{cfg.name} surrogate", cfg.progress and accelerator.is_main_process)
+    if start < cfg.steps:
+        loader = make_train_loader(cfg.data.train, batch_size=cfg.data.batch_size // world, num_steps=cfg.steps,
+                                   seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.data.workers,
+                                   shuffle_buffer=cfg.data.shuffle_buffer, start_step=start,
+                                   pin_memory=device.type == "cuda")
+        for batch in loader:
+            x = to_unit(batch["image"].to(device, non_blocking=True))
+            y = batch["label"].to(device, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            delta = noise_for_batch(cfg, model, x, y, eot, gen, amp)
+            loss, acc = _surrogate_step(cfg, ddp, model, opt, x + delta, y, eot, gen, amp, accelerator, step + 1,
+                                        ckpt.dir)
+            step += 1
+            sched.step()
+            window.append((loss, acc))
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                curve.append({"step": step, "lr": sched.get_last_lr()[0], "loss": float(np.mean([w[0] for w in window])),
+                              "acc_poisoned_adv": 100 * float(np.mean([w[1] for w in window]))})
+                bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}", acc=f"{curve[-1]['acc_poisoned_adv']:.1f}")
+                window = []
+            if ckpt.due(step, cfg.steps):
+                sync_buffers(model, accelerator)
+                check_finite_params(model, step, ckpt.dir)
+                ckpt.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                 "scheduler": sched.state_dict(), "curve": curve,
+                                 "time": t_before + time.time() - t0, "config": resolved})
+    bar.close()
+    if accelerator.is_main_process:
+        write_curve(run_dir / "surrogate_curve.csv", curve)
+    return {"steps": cfg.steps, "time_s": t_before + time.time() - t0, "curve": curve}
+
+
+def _surrogate_step(cfg: NoiseConfig, ddp: torch.nn.Module, model: Normalized, opt: torch.optim.Optimizer,
+                    xp: torch.Tensor, y: torch.Tensor, eot: Callable, gen: torch.Generator, amp: Dict[str, Any],
+                    accelerator: Any, step: int, ckpt_dir: Path):
+    """One SGD step of the surrogate on PGD(ρ_a, K_a, α_a)-attacked t(x + δ) (adversarial training)."""
+    with torch.no_grad():
+        xa = eot(xp)
+    if cfg.adv_steps > 0 and cfg.adv_eps > 0:
+        def fwd(z: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(**amp):
+                return model(z).float()
+
+        model.eval()
+        _set_grad(model, False)
+        xa = xa + pgd(fwd, xa, y, eps=cfg.adv_eps / 255, alpha=cfg.adv_step_size / 255, steps=cfg.adv_steps, gen=gen)
+        _set_grad(model, True)
+        model.train()
+    with torch.autocast(**amp):
+        logits = ddp(xa).float()
+    loss = F.cross_entropy(logits, y)
+    check_finite(loss, step, accelerator, ckpt_dir)
+    opt.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    opt.step()
+    return loss.item(), (logits.argmax(1) == y).float().mean().item()
+
+
+def load_surrogate(cfg: NoiseConfig, run_dir: Path, m: Manifest, device: torch.device) -> Normalized:
+    from uedist.checkpoint import latest_checkpoint, load_state
+
+    model = surrogate_for(cfg, m).to(device)
+    path = latest_checkpoint(run_dir / "surrogate" / "checkpoints")
+    if path is not None:
+        model.load_state_dict(load_state(path)["model"])
+    elif cfg.steps > 0:
+        raise FileNotFoundError(f"no surrogate checkpoint under {run_dir / 'surrogate'}: run phase 1 first")
+    return model.eval()
+
+
+class NoiseStats:
+    """Running L∞ / L2 statistics of the written noise (in /255 units), summed across ranks at the end."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.t = torch.zeros(4, dtype=torch.float64, device=device)  # n, sum L2, max Linf, violations
+
+    def update(self, clean: torch.Tensor, poisoned: torch.Tensor, eps_u8: int) -> None:
+        d = poisoned.to(torch.int16) - clean.to(torch.int16)  # uint8 units
+        linf = d.abs().flatten(1).amax(1)
+        self.t[0] += d.shape[0]
+        self.t[1] += d.double().flatten(1).norm(dim=1).sum()
+        self.t[2] = torch.maximum(self.t[2], linf.max().double())
+        self.t[3] += (linf > eps_u8).sum()
+
+    def result(self, accelerator: Any) -> Dict[str, float]:
+        """Collective. Counts cover the samples this run wrote (shards finished before a resume are not re-read)."""
+        n, l2, viol = accelerator.reduce(self.t[[0, 1, 3]].clone(), reduction="sum").tolist()
+        linf = float(accelerator.gather(self.t[2:3].clone()).max())
+        return {"samples": int(n), "linf_max": linf, "l2_mean": l2 / max(n, 1.0), "eps_violations": int(viol)}
+
+
+def write_poisoned(cfg: NoiseConfig, accelerator: Any, run_dir: Path, make_delta: Optional[Callable], stage: str,
+                   extra: Optional[Dict[str, Any]] = None, aux: Optional[Path] = None) -> Dict[str, Any]:
+    """Phase 2: the shard map pass that writes clip(x + δ) for every sample (resumable by shard).
+
+    ``make_delta(x, y, keys)`` gives δ in [0, 1] units; or, with ``make_delta=None`` and ``aux`` (an already
+    poisoned set of the same samples), δ = aux − x is re-quantized and checked against ε."""
+    out = Path(cfg.out) if cfg.out else run_dir / "poisoned"
+    eps_u8 = int(cfg.eps)
+    stats = NoiseStats(accelerator.device)
+
+    def fn(x_u8: torch.Tensor, y: torch.Tensor, keys: List[str], prev_u8: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if make_delta is None:
+            delta = (prev_u8.float() - x_u8.float()) / 255  # type: ignore[union-attr]
+        else:
+            delta = make_delta(to_unit(x_u8), y, keys)
+        poisoned = quantize_noise(x_u8, delta, eps_u8)
+        stats.update(x_u8, poisoned, eps_u8)
+        return poisoned
+
+    def extras(x_u8: torch.Tensor, p: torch.Tensor) -> List[Dict[str, bytes]]:
+        if not cfg.save_noise:
+            return [{} for _ in range(x_u8.shape[0])]
+        d = (p.to(torch.int16) - x_u8.to(torch.int16)).to(torch.int8).permute(0, 2, 3, 1).cpu().numpy()
+        return [{"noise.npy": npy_bytes(a)} for a in d]
+
+    t0 = time.time()
+    m = run_map_pass(Path(cfg.data.train), out, fn, accelerator=accelerator, stage=stage, config=config_to_dict(cfg),
+                     batch_size=cfg.final_batch_size, num_workers=cfg.data.workers, extras_fn=extras,
+                     extra={"noise": {"method": cfg.method, "eps": cfg.eps, **(extra or {})}}, progress=cfg.progress,
+                     aux=aux)
+    res = stats.result(accelerator)
+    if res["eps_violations"]:
+        raise RuntimeError(f"{res['eps_violations']} samples exceed eps={eps_u8}/255: refusing to trust {out}")
+    return {"out": str(out), "manifest": m, "time_s": time.time() - t0, **res}
+
+
+def _batch_gen(seed: int, keys: List[str]) -> torch.Generator:
+    """A generator that depends only on the batch's first key: a resumed pass draws what an uninterrupted one did."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + int(keys[0]))
+
+
+def random_delta(cfg: NoiseConfig) -> Callable:
+    """The control: uniform noise in [−ε, ε], one per sample (seeded by key) or one per class (seeded by class)."""
+
+    def make(x: torch.Tensor, y: torch.Tensor, keys: List[str]) -> torch.Tensor:
+        seeds = y.tolist() if cfg.random_mode == "classwise" else [int(k) for k in keys]
+        shape = x.shape[1:]
+        d = [torch.rand(shape, generator=torch.Generator().manual_seed(cfg.seed * 7919 + s + (1 << 40) * (cfg.random_mode == "classwise"))) for s in seeds]
+        return (torch.stack(d).to(x) * 2 - 1) * cfg.eps / 255
+
+    return make
+
+
+def generate_noise(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
+    """SEM / REM / random: phase 1 (surrogate) then phase 2 (final pass); writes metrics.json; returns the summary."""
+    m = load_manifest(cfg.data.train)
+    device = accelerator.device
+    timings: Dict[str, float] = {}
+    summary: Dict[str, Any] = {"method": cfg.method, "name": cfg.name, "train": cfg.data.train, "eps": cfg.eps}
+    model = None
+    if cfg.method in ("sem", "rem"):
+        phase1 = train_surrogate(cfg, accelerator, run_dir)
+        timings["surrogate_training_s"] = phase1["time_s"]
+        summary["surrogate_curve"] = phase1["curve"]
+        model = load_surrogate(cfg, run_dir, m, device)
+        eot_seed = cfg.seed
+        amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+
+        def make_delta(x: torch.Tensor, y: torch.Tensor, keys: List[str]) -> torch.Tensor:
+            gen = _batch_gen(eot_seed, keys)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return noise_for_batch(cfg, model, x, y, make_eot(cfg, m, gen), gen, amp)
+    elif cfg.method == "random":
+        make_delta = random_delta(cfg)
+    else:
+        raise ValueError(f"generate_noise handles sem, rem and random; {cfg.method!r} goes through uedist.engine.em")
+    final = write_poisoned(cfg, accelerator, run_dir, make_delta, stage=f"noise:{cfg.method}")
+    timings["final_pass_s"] = final.pop("time_s")
+    final.pop("manifest")
+    summary.update(poisoned=final.pop("out"), noise=final, timings=timings)
+    if model is not None:
+        summary.update(surrogate_eval(cfg, model, Path(summary["poisoned"]), accelerator))
+    if accelerator.is_main_process:
+        atomic_write_json(run_dir / "metrics.json", summary)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def surrogate_eval(cfg: NoiseConfig, model: Normalized, poisoned: Path, accelerator: Any) -> Dict[str, float]:
+    """The frozen surrogate's accuracy on the poisoned train set (and on the clean test set, when given)."""
+    res = {"surrogate_acc_poisoned": evaluate(model, poisoned, accelerator=accelerator,
+                                              batch_size=cfg.final_batch_size, num_workers=cfg.data.workers,
+                                              bf16=cfg.bf16)["top1"]}
+    if cfg.data.test:
+        res["surrogate_acc_clean_test"] = evaluate(model, Path(cfg.data.test), accelerator=accelerator,
+                                                   batch_size=cfg.final_batch_size, num_workers=cfg.data.workers,
+                                                   bf16=cfg.bf16)["top1"]
+    return res
