@@ -5,7 +5,6 @@ import sys
 from PIL import Image
 
 from tests.conftest import REPO, run_cli
-from tests.test_multiprocess import accelerate_launch
 from uedist.data.manifest import load_manifest
 
 TINY = ["synthetic.num_train=120", "synthetic.num_test=40", "synthetic.size=16", "shard_size=50"]
@@ -37,11 +36,3 @@ def test_build_shards_script(tmp_path):
                         "splits=[test]", *TINY], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert load_manifest(tmp_path / "test").num_samples == 40
-
-
-def test_main_job_two_processes(tmp_path):
-    """`accelerate launch launch/sem.py` (the README's main job) with 2 processes, tiny overrides."""
-    r = accelerate_launch(str(REPO / "launch/sem.py"), *TINY, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "verify      OK (120 samples)" in r.stdout and (tmp_path / "shards/synthetic/train/samples.png").is_file()
-    assert r.stdout.count("shard sets under") == 1  # the summary comes from the main process only

@@ -104,3 +104,19 @@ def test_shipped_victim_configs_load():
         assert cfg.name and (cfg.steps or cfg.epochs)
     at = load_config(VictimConfig, REPO / "configs/victim/cifar10_at.yaml")
     assert at.adv.enabled and (at.adv.eps, at.adv.steps, at.adv.step_size) == (4.0, 10, 0.8)
+
+
+def test_shipped_noise_configs_load_with_reference_settings():
+    from tests.conftest import REPO
+    from uedist.engine.noise import NoiseConfig
+
+    files = sorted(f for d in ("sem", "rem", "em") for f in (REPO / "configs" / d).glob("*.yaml"))
+    assert len(files) >= 9
+    for f in files:
+        cfg = load_config(NoiseConfig, f)
+        assert cfg.method == f.parent.name
+    c = load_config(NoiseConfig, REPO / "configs/sem/cifar10.yaml")
+    assert (c.eps, c.noise_steps, c.noise_step_size, c.adv_eps, c.adv_steps, c.adv_step_size, c.eot_samples, c.steps) \
+        == (8, 10, 1.6, 4, 10, 0.8, 5, 5000)
+    i = load_config(NoiseConfig, REPO / "configs/rem/imagenet100.yaml")
+    assert (i.noise_steps, i.noise_step_size, i.adv_steps, i.adv_step_size, i.eot_samples, i.steps) == (7, 2, 7, 1, 4, 3000)

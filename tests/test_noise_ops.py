@@ -9,9 +9,9 @@ from uedist.ops.noise import forward_passes_per_image, min_min_noise, quantize_n
 
 
 def _model():
-    torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1),
-                            torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4))
+    torch.manual_seed(0)  # a model whose loss depends on the input strongly enough for 16/255 to matter
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 5, padding=2), torch.nn.ReLU(), torch.nn.Flatten(),
+                            torch.nn.Linear(16 * 16 * 16, 4))
     for p in m.parameters():
         p.requires_grad_(False)
     return m

@@ -5,13 +5,14 @@
 import sys
 from pathlib import Path
 
-from uedist.dist import make_accelerator
+from uedist.dist import make_accelerator, setup_logging
 from uedist.engine.map_pass import run_map_pass
 
 
 def main() -> None:
     src, dst = Path(sys.argv[1]), Path(sys.argv[2])
     acc = make_accelerator()
+    setup_logging()
     run_map_pass(src, dst, lambda x, y, keys: 255 - x, accelerator=acc, stage="test:invert",
                  config={"op": "invert"}, batch_size=16, num_workers=1, progress=False)
 

@@ -1,0 +1,101 @@
+"""Noise jobs end to end at toy scale: the per-pixel ε bound, keys and labels kept, class-wise noise constant
+within a class, 2-process SEM, EM rounds, building the missing synthetic set, config validation."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+from tests.test_multiprocess import accelerate_launch
+from uedist.config import ConfigError, load_config
+from uedist.data.images import decode_image
+from uedist.data.shards import iter_samples, verify_shard_set
+from uedist.engine.noise import NoiseConfig
+
+TOY = ["surrogate.width=0.125", "data.batch_size=16", "data.workers=0", "noise_steps=2", "eot_samples=2",
+       "adv_steps=1", "adv_step_size=2", "final_batch_size=64", "progress=false", "ckpt_every=2", "log_every=2"]
+
+
+def _args(sets, tmp_path, name, *extra):
+    return [f"name={name}", f"run_root={tmp_path}", f"data.train={sets / 'train'}", f"data.test={sets / 'test'}",
+            *TOY, *extra]
+
+
+def _run(script, args):
+    return subprocess.run([sys.executable, str(REPO / "launch" / script), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+
+
+def check_poisoned(clean, poisoned, eps):
+    """|poisoned − clean| ≤ ε for every pixel of every sample; keys, labels and order unchanged; returns δ."""
+    assert verify_shard_set(poisoned, decode=True).ok
+    deltas = {}
+    for a, b in zip(iter_samples(clean), iter_samples(poisoned), strict=True):
+        assert (a.key, a.label) == (b.key, b.label) and b.ext == "png"
+        d = decode_image(b.data, b.ext).astype(int) - decode_image(a.data, a.ext).astype(int)
+        assert np.abs(d).max() <= eps
+        deltas[a.key] = (a.label, d)
+    return deltas
+
+
+@pytest.mark.multiprocess
+def test_sem_two_processes(synth_sets, tmp_path):
+    r = accelerate_launch(str(REPO / "launch/sem.py"), *_args(synth_sets, tmp_path, "sem", "steps=4"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("SEM noise: sem") == 1 and "0 violations" in r.stdout
+    deltas = check_poisoned(synth_sets / "train", tmp_path / "sem" / "poisoned", 8)
+    assert np.mean([np.abs(d).mean() for _, d in deltas.values()]) > 2  # the noise is really there
+    m = json.loads((tmp_path / "sem" / "metrics.json").read_text())
+    assert m["noise"]["linf_max"] <= 8 and "surrogate_acc_poisoned" in m and m["timings"]["final_pass_s"] > 0
+
+
+def test_rem_and_classwise_random(synth_sets, tmp_path):
+    r = _run("rem.py", _args(synth_sets, tmp_path, "rem", "steps=2", "eps=4", "save_noise=true"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    check_poisoned(synth_sets / "train", tmp_path / "rem" / "poisoned", 4)
+    s = next(iter_samples(tmp_path / "rem" / "poisoned"))
+    noise = np.load(__import__("io").BytesIO(s.extras["noise.npy"]), allow_pickle=False)
+    assert noise.dtype == np.int8 and np.abs(noise).max() <= 4
+    r = _run("sem.py", _args(synth_sets, tmp_path, "rcw", "method=random", "random_mode=classwise"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    deltas = check_poisoned(synth_sets / "train", tmp_path / "rcw" / "poisoned", 8)
+    by_class = {}
+    for label, d in deltas.values():
+        by_class.setdefault(label, []).append(d)
+    for ds in by_class.values():  # identical within a class wherever no pixel was clipped at 0 or 255
+        ref = max(ds, key=lambda d: np.abs(d).sum())
+        for d in ds:
+            same = (np.abs(d) == np.abs(ref)) | (np.sign(d) == np.sign(ref))
+            assert same.mean() > 0.9
+
+
+@pytest.mark.parametrize("mode", ["samplewise", "classwise"])
+def test_em_rounds(synth_sets, tmp_path, mode):
+    r = _run("em.py", _args(synth_sets, tmp_path, f"em_{mode}", f"em.mode={mode}", "em.max_rounds=2",
+                            "em.train_steps=3", "em.stop_error=0.0", "adv_steps=0"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / f"em_{mode}" / "metrics.json").read_text())
+    assert m["rounds"] == 2 and len(m["history"]) == 2
+    check_poisoned(synth_sets / "train", tmp_path / f"em_{mode}" / "poisoned", 8)
+    assert "EM rounds" in r.stdout
+
+
+def test_main_job_builds_missing_synthetic_set(tmp_path):
+    build = tmp_path / "build.yaml"
+    build.write_text(f"source: synthetic\nout: {tmp_path / 'synth'}\nworkers: 0\nsynthetic:\n  num_classes: 3\n"
+                     "  size: 16\n  num_train: 48\n  num_test: 24\nshard_size: 16\n")
+    r = _run("sem.py", [f"data.build={build}", f"data.train={tmp_path / 'synth/train'}",
+                        f"data.test={tmp_path / 'synth/test'}", f"run_root={tmp_path}", "name=demo", "steps=2", *TOY])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "is missing: building it" in r.stdout and (tmp_path / "demo/poisoned/manifest.json").is_file()
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("eps=0", "eps must be in (0, 64]"), ("eps=8.5", "whole number"), ("eot_samples=0", "eot_samples must be >= 1"),
+    ("noise_steps=0", "noise_steps >= 1"), ("method=rem adv_steps=0", "rem needs adv_steps >= 1"),
+])
+def test_noise_config_validation(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        load_config(NoiseConfig, None, override.split())
