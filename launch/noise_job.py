@@ -81,6 +81,7 @@ def summary_text(s: dict, wall: float, run_dir: Path) -> str:
     lines.append("  time                 " + ", ".join(f"{k.replace('_s', '')} {v:.1f}s" for k, v in t.items())
                  + f", total {wall:.1f}s")
     lines.append(f"  wrote                {run_dir / 'metrics.json'}, {run_dir / 'config.yaml'}")
-    lines.append(f"  next                 accelerate launch launch/victim.py --config configs/victim/synthetic.yaml "
+    victim = "synthetic" if "synthetic" in str(s["train"]) else "<victim config>"
+    lines.append(f"  next                 accelerate launch launch/victim.py --config configs/victim/{victim}.yaml "
                  f"data.train={s['poisoned']} name={s['name']}_victim")
     return "\n".join(lines)
