@@ -29,7 +29,7 @@ from uedist.dist import get_logger
 from uedist.engine.evaluate import evaluate
 from uedist.engine.loop import Checkpointer, make_optimizer, make_scheduler
 from uedist.engine.noise import NoiseConfig, _batch_gen, _set_grad, make_eot, surrogate_for, write_poisoned
-from uedist.engine.victim import sync_buffers
+from uedist.engine.loop import sync_buffers
 from uedist.io import atomic_write_json
 from uedist.ops.images import to_unit
 from uedist.ops.noise import min_min_noise

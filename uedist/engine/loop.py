@@ -150,6 +150,60 @@ def write_curve(path: Path, rows: List[Dict[str, Any]]) -> None:
         w.writerows(rows)
 
 
+@dataclass
+class Prepared:
+    """Everything a step-based loop needs, resumed: the bare model (eval, checkpoints), its DDP wrapper (training),
+    optimizer, schedule, this rank's generator, the checkpointer, and where the run stands."""
+
+    model: torch.nn.Module
+    ddp: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: Any
+    gen: torch.Generator
+    ckpt: "Checkpointer"
+    start: int
+    curve: List[Dict[str, Any]]
+    elapsed: float  # training seconds before this process started
+    config: Dict[str, Any]
+
+
+def prepare_training(
+    model: torch.nn.Module, optim: OptimConfig, total_steps: int, *, accelerator: Any, ckpt_root: Path, seed: int,
+    config: Dict[str, Any], ckpt_every: int, resume: bool = True, channels_last: bool = False, gen_name: str = "augment",
+) -> Prepared:
+    """Move ``model`` to the device, build SGD and its schedule, seed this rank's generator, resume the newest
+    checkpoint under ``ckpt_root`` (by default) and wrap for DDP. Build the model under the same seed on every
+    rank (DDP also broadcasts rank 0's weights)."""
+    model = model.to(accelerator.device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model.parameters(), optim)
+    sched = make_scheduler(opt, optim, max(total_steps, 1))
+    gen = torch.Generator().manual_seed(seed * 1000 + accelerator.process_index)
+    ckpt = Checkpointer(ckpt_root, accelerator, every=ckpt_every, gens={gen_name: gen})
+    state = ckpt.resume(model, opt, sched, config=config) if resume else None
+    ddp, opt = accelerator.prepare(model, opt)
+    return Prepared(model, ddp, opt, sched, gen, ckpt, state["step"] if state else 0,
+                    list(state.get("curve", [])) if state else [], float(state.get("elapsed", 0.0)) if state else 0.0,
+                    config)
+
+
+def save_training(p: Prepared, step: int, elapsed: float, **extra: Any) -> None:
+    """Collective checkpoint of a prepared run (buffers synced from rank 0, weights checked finite first)."""
+    sync_buffers(p.model, p.ckpt.acc)
+    check_finite_params(p.model, step, p.ckpt.dir)
+    p.ckpt.save(step, {"model": p.model.state_dict(), "optimizer": p.opt.state_dict(), "scheduler": p.sched.state_dict(),
+                       "curve": p.curve, "elapsed": elapsed, "config": p.config, **extra})
+
+
+def sync_buffers(model: torch.nn.Module, accelerator: Any) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running stats), as DDP does only at the *next* forward:
+    without this each rank would evaluate, and resume, with its own statistics."""
+    if accelerator.num_processes > 1:
+        for b in model.buffers():
+            torch.distributed.broadcast(b.data, src=0)
+
+
 def progress_bar(total: int, initial: int, desc: str, enabled: bool) -> Any:
     from tqdm import tqdm
 

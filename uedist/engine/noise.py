@@ -26,10 +26,9 @@ from uedist.data.manifest import Manifest, load_manifest
 from uedist.dist import get_logger
 from uedist.engine.evaluate import evaluate
 from uedist.io import atomic_write_json
-from uedist.engine.loop import Checkpointer, OptimConfig, check_finite, check_finite_params, make_optimizer, \
-    make_scheduler, progress_bar, write_curve
+from uedist.engine.loop import OptimConfig, check_finite, prepare_training, progress_bar, save_training, write_curve
 from uedist.engine.map_pass import npy_bytes, run_map_pass
-from uedist.engine.victim import ModelSpec, sync_buffers
+from uedist.engine.victim import ModelSpec
 from uedist.models.wrappers import Normalized
 from uedist.ops import augment
 from uedist.ops.images import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, to_unit
@@ -159,19 +158,11 @@ def train_surrogate(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[s
     if cfg.data.batch_size % world:
         raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by {world} processes")
     torch.manual_seed(cfg.seed)
-    model = surrogate_for(cfg, m).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = make_optimizer(model.parameters(), cfg.optim)
-    sched = make_scheduler(opt, cfg.optim, max(cfg.steps, 1))
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    ckpt = Checkpointer(run_dir / "surrogate", accelerator, every=cfg.ckpt_every, gens={"noise": gen})
-    resolved = config_to_dict(cfg)
-    state = ckpt.resume(model, opt, sched, config=resolved) if cfg.resume else None
-    start = state["step"] if state else 0
-    curve: List[Dict[str, Any]] = list(state.get("curve", [])) if state else []
-    t_before = float(state.get("time", 0.0)) if state else 0.0
-    ddp, opt = accelerator.prepare(model, opt)
+    p = prepare_training(surrogate_for(cfg, m), cfg.optim, cfg.steps, accelerator=accelerator,
+                         ckpt_root=run_dir / "surrogate", seed=cfg.seed, config=config_to_dict(cfg),
+                         ckpt_every=cfg.ckpt_every, resume=cfg.resume, channels_last=cfg.channels_last, gen_name="noise")
+    model, ddp, opt, sched, gen, ckpt = p.model, p.ddp, p.opt, p.sched, p.gen, p.ckpt
+    start, curve, t_before = p.start, p.curve, p.elapsed
     eot = make_eot(cfg, m, gen)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     t0, window, step = time.time(), [], start
@@ -199,11 +190,7 @@ def train_surrogate(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[s
                 bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}", acc=f"{curve[-1]['acc_poisoned_adv']:.1f}")
                 window = []
             if ckpt.due(step, cfg.steps):
-                sync_buffers(model, accelerator)
-                check_finite_params(model, step, ckpt.dir)
-                ckpt.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                 "scheduler": sched.state_dict(), "curve": curve,
-                                 "time": t_before + time.time() - t0, "config": resolved})
+                save_training(p, step, t_before + time.time() - t0)
     bar.close()
     if accelerator.is_main_process:
         write_curve(run_dir / "surrogate_curve.csv", curve)

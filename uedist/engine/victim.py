@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Literal, Optional
+from typing import Any, Callable, Dict, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,7 @@ from uedist.data.manifest import Manifest, load_manifest
 from uedist.dist import get_logger
 from uedist.engine.evaluate import evaluate
 from uedist.engine.loop import (
-    Checkpointer, OptimConfig, check_finite, check_finite_params, make_optimizer, make_scheduler, progress_bar,
-    write_curve,
+    OptimConfig, check_finite, prepare_training, progress_bar, save_training, sync_buffers, write_curve,
 )
 from uedist.io import atomic_write_json
 from uedist.models.wrappers import Normalized
@@ -181,19 +180,11 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
         raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by {world} processes")
     total = cfg.total_steps(train_m.num_samples)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    model = build_victim(cfg, train_m).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = make_optimizer(model.parameters(), cfg.optim)
-    sched = make_scheduler(opt, cfg.optim, total)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # per-rank augmentation stream
-    ckpt = Checkpointer(run_dir, accelerator, every=cfg.ckpt_every, gens={"augment": gen})
-    resolved = config_to_dict(cfg)
-    state = ckpt.resume(model, opt, sched, config=resolved) if cfg.resume else None
-    start = state["step"] if state else 0
-    curve: List[Dict[str, Any]] = list(state.get("curve", [])) if state else []
-    elapsed_before = float(state.get("train_time", 0.0)) if state else 0.0
-    ddp_model, opt = accelerator.prepare(model, opt)
+    p = prepare_training(build_victim(cfg, train_m), cfg.optim, total, accelerator=accelerator, ckpt_root=run_dir,
+                         seed=cfg.seed, config=config_to_dict(cfg), ckpt_every=cfg.ckpt_every, resume=cfg.resume,
+                         channels_last=cfg.channels_last)
+    model, ddp_model, opt, sched, gen, ckpt = p.model, p.ddp, p.opt, p.sched, p.gen, p.ckpt
+    start, curve, elapsed_before = p.start, p.curve, p.elapsed
     train_tf, eval_tf = _transforms(cfg, train_m, gen)
     step_fn = _make_step(cfg, ddp_model, model, opt, accelerator, num_classes=train_m.num_classes, gen=gen,
                          ckpt_dir=ckpt.dir)
@@ -223,11 +214,7 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
             ev = _eval(cfg, model, accelerator, eval_tf)
             curve.append({"step": step, "test_top1": ev["top1"]})
         if ckpt.due(step, total):
-            sync_buffers(model, accelerator)
-            check_finite_params(model, step, ckpt.dir)
-            train_time = elapsed_before + time.time() - t_train
-            ckpt.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                             "curve": curve, "train_time": train_time, "config": resolved})
+            save_training(p, step, elapsed_before + time.time() - t_train)
     bar.close()
     train_time = elapsed_before + time.time() - t_train
     ips = seen / max(time.time() - t_train, 1e-9) if seen else float("nan")
@@ -250,14 +237,6 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
         write_curve(run_dir / "curve.csv", curve)
     accelerator.wait_for_everyone()
     return metrics
-
-
-def sync_buffers(model: torch.nn.Module, accelerator: Any) -> None:
-    """Give every rank rank 0's buffers (BatchNorm running stats), as DDP does only at the *next* forward:
-    without this each rank would evaluate, and resume, with its own statistics."""
-    if accelerator.num_processes > 1:
-        for b in model.buffers():
-            torch.distributed.broadcast(b.data, src=0)
 
 
 def ranks_in_sync(model: torch.nn.Module, accelerator: Any) -> bool:
