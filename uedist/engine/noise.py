@@ -321,11 +321,10 @@ def generate_noise(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[st
         timings["surrogate_training_s"] = phase1["time_s"]
         summary["surrogate_curve"] = phase1["curve"]
         model = load_surrogate(cfg, run_dir, m, device)
-        eot_seed = cfg.seed
         amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
 
         def make_delta(x: torch.Tensor, y: torch.Tensor, keys: List[str]) -> torch.Tensor:
-            gen = _batch_gen(eot_seed, keys)
+            gen = _batch_gen(cfg.seed, keys)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             return noise_for_batch(cfg, model, x, y, make_eot(cfg, m, gen), gen, amp)
