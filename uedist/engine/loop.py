@@ -9,7 +9,7 @@ import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Literal, Optional
+from typing import Any, Callable, Dict, Iterable, List, Literal, Optional
 
 import torch
 
@@ -170,14 +170,15 @@ class Prepared:
 def prepare_training(
     model: torch.nn.Module, optim: OptimConfig, total_steps: int, *, accelerator: Any, ckpt_root: Path, seed: int,
     config: Dict[str, Any], ckpt_every: int, resume: bool = True, channels_last: bool = False, gen_name: str = "augment",
+    make_opt: Optional[Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]] = None,
 ) -> Prepared:
-    """Move ``model`` to the device, build SGD and its schedule, seed this rank's generator, resume the newest
-    checkpoint under ``ckpt_root`` (by default) and wrap for DDP. Build the model under the same seed on every
-    rank (DDP also broadcasts rank 0's weights)."""
+    """Move ``model`` to the device, build SGD (or ``make_opt(params)``, e.g. Adam) and the schedule of ``optim``,
+    seed this rank's generator, resume the newest checkpoint under ``ckpt_root`` (by default) and wrap for DDP.
+    Build the model under the same seed on every rank (DDP also broadcasts rank 0's weights)."""
     model = model.to(accelerator.device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = make_optimizer(model.parameters(), optim)
+    opt = make_opt(model.parameters()) if make_opt is not None else make_optimizer(model.parameters(), optim)
     sched = make_scheduler(opt, optim, max(total_steps, 1))
     gen = torch.Generator().manual_seed(seed * 1000 + accelerator.process_index)
     ckpt = Checkpointer(ckpt_root, accelerator, every=ckpt_every, gens={gen_name: gen})

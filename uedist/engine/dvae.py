@@ -1,0 +1,287 @@
+"""Purify: D-VAE two-stage purification (Yu et al., ICML 2024, Algorithm 1; REFERENCE.md "Purifiers").
+
+    accelerate launch launch/dvae.py --config configs/dvae/cifar10.yaml data.train=runs/sem_c10/poisoned
+
+Stage 1 trains a D-VAE (``uedist.models.dvae``) afresh on the poisoned set P⁰ with the small kld limit, then a
+shard map pass writes P¹ = x⁰ − p̂⁰. Stage 2 trains another afresh on P¹ with the larger limit; a pass writes
+P² = x¹ − p̂¹ and a last pass writes P³ = x̂² (stage 2's reconstruction of P²), the purified set. Training uses
+the step-based loop (DDP, checkpoints, exact resume; Adam with cosine decay and gradient clipping, as the
+reference), inference passes are shard map passes (all ranks, resumable by shard), so a killed job rerun with
+the same command continues where it stopped. Layout of ``runs/<name>/``: ``stage1/checkpoints``, ``p1/``,
+``stage2/checkpoints``, ``p2/``, ``purified/`` (or ``out``), ``stage{1,2}_curve.csv``, ``grid.png``,
+``metrics.json``.
+
+Loss per step (Eq. 14 as coded by the reference): ‖x − x̂‖² + ‖clip(x̂ + p̂) − x‖² + λ·max(KLD, limit), λ = 0.01
+when limit ≥ 1 else 0.5, plus max(‖p̂‖², 0.002) from epoch 11 on. Inference samples z (the reference does) with
+noise seeded by the batch's first key, so a resumed pass writes what an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional
+
+import torch
+
+from uedist.config import config_to_dict, require
+from uedist.data.loaders import make_train_loader
+from uedist.data.manifest import Manifest, load_manifest
+from uedist.dist import get_logger
+from uedist.engine.loop import OptimConfig, check_finite, prepare_training, progress_bar, save_training, write_curve
+from uedist.engine.map_pass import run_map_pass
+from uedist.engine.purify import PSNRStats, check_clean, check_input, comparison_grid, diff_column, read_columns
+from uedist.io import atomic_write_json
+from uedist.models.dvae import DVAE, dvae_loss, kld
+from uedist.ops.images import to_uint8, to_unit
+from uedist.registry import PURIFIERS
+
+log = get_logger(__name__)
+
+
+@dataclass
+class DVAEData:
+    train: str = ""  # the poisoned shard set P⁰
+    clean: str = ""  # optional clean set of the same samples (sharded alike): PSNR, the grid's clean column
+    num_classes: int = 0  # expected; 0 = any (a mismatch is an error naming both)
+    image_size: int = 0  # expected side in px; 0 = any
+    num_samples: int = 0  # expected; 0 = any
+    batch_size: int = 128  # global, split across ranks
+    infer_batch_size: int = 256
+    workers: int = 2
+    shuffle_buffer: int = 2000
+
+
+@dataclass
+class DVAEModelSpec:
+    """``uedist.models.dvae.DVAE`` keyword arguments (defaults: the reference at 32 px)."""
+
+    latent_dim: int = 256
+    width: float = 1.0
+    stem_blocks: int = 2
+    latent_blocks: int = 0  # extra encoder depth at the latent resolution (larger images)
+    emb_grid: int = 16  # spatial class embedding grid, upsampled to the latent size; 0 = one vector per class
+
+
+@dataclass
+class AdamConfig:
+    """Adam with a per-step cosine (or constant) schedule; the reference: lr 5e-3, no weight decay, cosine to 0."""
+
+    lr: float = 5e-3
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+
+    def validate(self) -> None:
+        require(self.lr > 0 and len(self.betas) == 2, "optim: lr > 0 and two betas")
+
+
+@dataclass
+class DVAEConfig:
+    name: str = "dvae"
+    run_root: str = "runs"
+    out: str = ""  # the purified set P³; default <run_root>/<name>/purified
+    seed: int = 0
+    data: DVAEData = field(default_factory=DVAEData)
+    model: DVAEModelSpec = field(default_factory=DVAEModelSpec)
+    optim: AdamConfig = field(default_factory=AdamConfig)
+    epochs: float = 60.0  # per stage (converted with the input size and the global batch) ...
+    steps: int = 0  # ... unless steps > 0 is given
+    kld_limits: List[float] = field(default_factory=lambda: [1.0, 3.0])  # stage 1, stage 2
+    kld_weight: float = 0.01  # λ when the limit is >= 1 (reference)
+    kld_weight_small: float = 0.5  # λ when the limit is < 1 (reference)
+    p_floor: float = 0.002  # floor on mean(p̂²) ...
+    p_floor_epoch: float = 11.0  # ... added from this epoch on (reference: epoch > 10 of 60)
+    grad_clip: float = 5.0
+    sample_latent: bool = True  # inference samples z ~ N(μ, σ²) (reference); false: z = μ
+    bf16: bool = False
+    channels_last: bool = False
+    grid_samples: int = 8
+    ckpt_every: int = 500
+    log_every: int = 50
+    resume: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        require(bool(self.data.train), "data.train (the poisoned shard set) is required")
+        require(self.steps > 0 or self.epochs > 0, "set steps or epochs (> 0)")
+        require(len(self.kld_limits) == 2 and all(k >= 0 for k in self.kld_limits), "kld_limits: two values >= 0")
+        require(self.data.batch_size > 0 and self.grad_clip > 0, "data.batch_size > 0, grad_clip > 0")
+
+    def total_steps(self, n: int) -> int:
+        return self.steps or max(1, math.ceil(self.epochs * n / self.data.batch_size))
+
+
+def build_dvae(cfg: DVAEConfig, m: Manifest) -> DVAE:
+    s = cfg.model
+    return DVAE(m.num_classes, latent_dim=s.latent_dim, width=s.width, stem_blocks=s.stem_blocks,
+                latent_blocks=s.latent_blocks, emb_grid=s.emb_grid)
+
+
+def _train_view(cfg: DVAEConfig, stage: int) -> Dict[str, Any]:
+    """What determines a stage's weights (the checkpoint and pass fingerprints): not out/grid/inference keys."""
+    d = config_to_dict(cfg)
+    data = {k: d["data"][k] for k in ("batch_size", "shuffle_buffer")}
+    keep = ("seed", "model", "optim", "epochs", "steps", "kld_limits", "kld_weight", "kld_weight_small", "p_floor",
+            "p_floor_epoch", "grad_clip", "bf16")
+    return {"stage": stage, "data": data, **{k: d[k] for k in keep}}
+
+
+def train_dvae_stage(cfg: DVAEConfig, stage: int, src: Path, accelerator: Any, run_dir: Path) -> DVAE:
+    """Train stage ``stage`` (1 or 2) afresh on ``src`` (resumable); returns the trained model in eval mode."""
+    m = load_manifest(src)
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    if cfg.data.batch_size % world:
+        raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by {world} processes")
+    total, per_epoch = cfg.total_steps(m.num_samples), m.num_samples / cfg.data.batch_size
+    limit = cfg.kld_limits[stage - 1]
+    weight = cfg.kld_weight if limit >= 0.99 else cfg.kld_weight_small  # the reference's `kld_target > 0.99`
+    floor_step = math.ceil(cfg.p_floor_epoch * per_epoch)
+    o = cfg.optim
+    torch.manual_seed(cfg.seed * 10 + stage)  # same initial weights on every rank
+    p = prepare_training(
+        build_dvae(cfg, m), OptimConfig(lr=o.lr, weight_decay=o.weight_decay, schedule=o.schedule,
+                                        warmup_steps=o.warmup_steps), total,
+        accelerator=accelerator, ckpt_root=run_dir / f"stage{stage}", seed=cfg.seed * 10 + stage,
+        config=_train_view(cfg, stage), ckpt_every=cfg.ckpt_every, resume=cfg.resume,
+        channels_last=cfg.channels_last, gen_name="dvae",
+        make_opt=lambda ps: torch.optim.Adam(ps, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay))
+    step, t0, window = p.start, time.time(), []
+    bar = progress_bar(total, step, f"{cfg.name} D-VAE stage {stage}", cfg.progress and accelerator.is_main_process)
+    if step < total:
+        loader = make_train_loader(src, batch_size=cfg.data.batch_size // world, num_steps=total, seed=cfg.seed * 10 + stage,
+                                   rank=rank, world_size=world, num_workers=cfg.data.workers,
+                                   shuffle_buffer=cfg.data.shuffle_buffer, start_step=step,
+                                   pin_memory=device.type == "cuda")
+        for batch in loader:
+            x = to_unit(batch["image"].to(device, non_blocking=True))
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                out = p.ddp(x, batch["label"].to(device, non_blocking=True))
+            out = type(out)(*(t.float() for t in out))
+            loss, terms = dvae_loss(out, x, kld_limit=limit, kld_weight=weight,
+                                    p_floor=cfg.p_floor if step >= floor_step else None)
+            check_finite(loss, step + 1, accelerator, p.ckpt.dir)
+            p.opt.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            torch.nn.utils.clip_grad_norm_(p.model.parameters(), cfg.grad_clip)
+            p.opt.step()
+            p.sched.step()
+            step += 1
+            window.append(torch.stack(list(terms.values())))
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total:
+                mean = torch.stack(window).mean(0).tolist()
+                p.curve.append({"step": step, "lr": p.sched.get_last_lr()[0], **dict(zip(terms, mean))})
+                bar.set_postfix(loss=f"{mean[0]:.4f}", kld=f"{mean[3]:.2f}")
+                window = []
+            if p.ckpt.due(step, total):
+                save_training(p, step, p.elapsed + time.time() - t0)
+    bar.close()
+    if accelerator.is_main_process:
+        write_curve(run_dir / f"stage{stage}_curve.csv", p.curve)
+    return p.model.eval()
+
+
+class PassStats:
+    """Per-pass sums: KLD per position, reconstruction MSE (x̂ vs the pass input), mean p̂², in [0, 1] units."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.t = torch.zeros(4, dtype=torch.float64, device=device)  # n, Σ kld, Σ mse(x̂, x), Σ mean(p̂²)
+
+    def update(self, x: torch.Tensor, out: Any) -> None:
+        b = x.shape[0]
+        k = (-0.5 * (1 + out.logvar - out.mu.pow(2) - out.logvar.exp()).sum(1)).flatten(1).mean(1)
+        self.t += torch.stack([torch.tensor(float(b), device=x.device), k.sum(),
+                               (out.rec - x).pow(2).flatten(1).mean(1).sum(), out.p.pow(2).flatten(1).mean(1).sum()]).double()
+
+    def result(self, accelerator: Any) -> Dict[str, float]:
+        n, k, r, p = accelerator.reduce(self.t.clone(), reduction="sum").tolist()
+        if not n:
+            return {}
+        return {"samples": int(n), "kld": k / n, "rec_mse": r / n, "rec_psnr": -10 * math.log10(max(r / n, 1e-12)),
+                "p_rms_255": 255 * math.sqrt(p / n)}
+
+
+def dvae_pass(cfg: DVAEConfig, model: DVAE, *, stage: int, what: Literal["x_minus_p", "rec"], src: Path, dst: Path,
+              accelerator: Any, clean: Optional[Path], run_dir: Path) -> Dict[str, Any]:
+    """One inference map pass over ``src``: writes clip(x − p̂) or x̂ to ``dst``; returns its statistics (also
+    kept in ``run_dir/pass_<dst name>.json``, so a rerun that reuses a finished pass still reports them)."""
+    device = accelerator.device
+    stats, psnr = PassStats(device), PSNRStats(device)
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    side = load_manifest(src).image_size
+
+    @torch.no_grad()
+    def fn(x_u8: torch.Tensor, y: torch.Tensor, keys: List[str], clean_u8: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = to_unit(x_u8)
+        noise = None
+        if cfg.sample_latent:
+            g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + 7919 * stage + int(keys[0]))
+            noise = torch.randn((x.shape[0], model.latent_dim, side[0] // 2, side[1] // 2), generator=g, device=device)
+        with torch.autocast(**amp):
+            out = model(x, y, noise=noise, sample=cfg.sample_latent)
+        out = type(out)(*(t.float() for t in out))
+        stats.update(x, out)
+        res = to_uint8(x - out.p if what == "x_minus_p" else out.rec)
+        if clean_u8 is not None:
+            psnr.update(x_u8, res, clean_u8)
+        return res
+
+    record = run_dir / f"pass_{dst.name}.json"
+    done_before = (dst / "manifest.json").is_file() and record.is_file()
+    t0 = time.time()
+    run_map_pass(src, dst, fn, accelerator=accelerator, stage=f"purify:dvae:{dst.name}",
+                 config={**_train_view(cfg, stage), "pass": what, "sample_latent": cfg.sample_latent},
+                 batch_size=cfg.data.infer_batch_size, num_workers=cfg.data.workers, aux=clean, progress=cfg.progress,
+                 extra={"purify": {"method": "dvae", "stage": stage, "output": what}})
+    res = {"time_s": time.time() - t0, **stats.result(accelerator), **psnr.result(accelerator)}
+    if done_before:
+        res = {**json.loads(record.read_text()), "reused": True}
+    elif accelerator.is_main_process:
+        atomic_write_json(record, res)
+    accelerator.wait_for_everyone()
+    return res
+
+
+@PURIFIERS.register("dvae")
+def purify_dvae(cfg: DVAEConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
+    """Algorithm 1: two stages of training and inference; writes P¹, P², P³, grid.png, metrics.json."""
+    p0, clean = Path(cfg.data.train), Path(cfg.data.clean) if cfg.data.clean else None
+    m = load_manifest(p0)
+    check_input(m, f"poisoned set {p0}", num_classes=cfg.data.num_classes, image_size=cfg.data.image_size,
+                num_samples=cfg.data.num_samples)
+    if clean is not None:
+        check_clean(p0, clean)
+    p1, p2 = run_dir / "p1", run_dir / "p2"
+    p3 = Path(cfg.out) if cfg.out else run_dir / "purified"
+    t: Dict[str, float] = {}
+    s: Dict[str, Any] = {"method": "dvae", "name": cfg.name, "input": str(p0), "clean": str(clean or ""),
+                         "kld_limits": cfg.kld_limits, "sets": {"p1": str(p1), "p2": str(p2), "purified": str(p3)}}
+    t0 = time.time()
+    model = train_dvae_stage(cfg, 1, p0, accelerator, run_dir)
+    t["stage1_train_s"] = time.time() - t0
+    s["p1"] = dvae_pass(cfg, model, stage=1, what="x_minus_p", src=p0, dst=p1, accelerator=accelerator,
+                        clean=clean, run_dir=run_dir)
+    t0 = time.time()
+    model = train_dvae_stage(cfg, 2, p1, accelerator, run_dir)
+    t["stage2_train_s"] = time.time() - t0
+    s["p2"] = dvae_pass(cfg, model, stage=2, what="x_minus_p", src=p1, dst=p2, accelerator=accelerator,
+                        clean=clean, run_dir=run_dir)
+    s["purified_stats"] = dvae_pass(cfg, model, stage=2, what="rec", src=p2, dst=p3, accelerator=accelerator,
+                                    clean=clean, run_dir=run_dir)
+    s["timings"] = {**t, "p1_pass_s": s["p1"]["time_s"], "p2_pass_s": s["p2"]["time_s"],
+                    "p3_pass_s": s["purified_stats"]["time_s"]}
+    s["purified"] = str(p3)
+    if accelerator.is_main_process:
+        cols = read_columns([("poisoned", p0), ("P1", p1), ("P2", p2), ("purified", p3), ("clean", clean)],
+                            cfg.grid_samples)
+        cols.insert(1, ("p^0 x8", diff_column(cols[0][1], cols[1][1])))  # p̂⁰ ≈ P⁰ − P¹ (up to clipping)
+        s["grid"] = str(comparison_grid(cols, run_dir / "grid.png"))
+        atomic_write_json(run_dir / "metrics.json", s)
+    accelerator.wait_for_everyone()
+    return s
