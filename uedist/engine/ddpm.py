@@ -1,0 +1,259 @@
+"""DDPM training and fine-tuning (Ho et al. 2020) on any unprotected shard set: the purifier of JCDP.
+
+    accelerate launch launch/ddpm.py --config configs/ddpm/cifar10.yaml
+    torchrun --nproc_per_node 2 launch/ddpm.py --config configs/ddpm/imagenet256.yaml \
+        deepspeed=configs/deepspeed/zero2_bf16.json          # DeepSpeed ZeRO-2 (uedist.engine.ddpm_ds)
+
+Per step (global batch split across ranks): uint8 batch -> [-1, 1] -> random horizontal flip -> t ~ U{0..t_max−1},
+ε ~ N(0, I) -> x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε -> loss ‖ε − ε_θ(x_t, t)‖² (the "simple" ε-prediction loss, Eq. 14)
+-> Adam (lr 2e-4, linear warmup, gradient clipping at 1) through DDP -> EMA of the weights (decay 0.9999).
+Checkpoints (model, EMA, optimizer, schedule, RNG, data position) every ``ckpt_every`` steps; a killed run resumes
+exactly. ``init`` fine-tunes from another DDPM run or checkpoint (its EMA weights by default): the paper's
+setting of a DDPM pretrained elsewhere and adapted to the exploiter's small unprotected set. At the end: a PNG
+grid of samples drawn with the EMA weights.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from uedist.checkpoint import latest_checkpoint, load_state
+from uedist.config import config_to_dict, require
+from uedist.data.loaders import make_train_loader
+from uedist.dist import get_logger
+from uedist.diffusion.ema import EMA
+from uedist.diffusion.purify import sample
+from uedist.diffusion.schedule import Schedule
+from uedist.engine.loop import OptimConfig, check_finite, prepare_training, progress_bar, save_training, write_curve
+from uedist.io import atomic_write, atomic_write_json
+from uedist.models.unet import UNETS, UNet
+from uedist.ops import augment
+from uedist.ops.images import to_uint8, to_unit
+
+log = get_logger(__name__)
+
+
+@dataclass
+class DDPMData:
+    train: str = "shards/cifar10_jpg/test"  # unprotected images (the paper: the unlabeled clean test split)
+    batch_size: int = 128  # global, split across ranks
+    workers: int = 2
+    shuffle_buffer: int = 2000
+    flip: bool = True  # random horizontal flips (DDPM CIFAR-10)
+
+
+@dataclass
+class UNetSpec:
+    name: str = "ddpm_cifar10"  # a builder in uedist.models.unet.UNETS: ddpm_cifar10, ddpm_256, unet
+    args: Dict[str, Any] = field(default_factory=dict)  # overrides of the builder's defaults (ch, ch_mult, ...)
+
+
+@dataclass
+class DiffusionSpec:
+    T: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    variance: str = "posterior"  # σ_t² of the reverse step: "posterior" (β̃_t) or "beta" (β_t)
+
+    def validate(self) -> None:
+        require(self.T >= 2 and 0 < self.beta_start < self.beta_end < 1, "diffusion: T >= 2, 0 < beta_start < beta_end < 1")
+        require(self.variance in ("posterior", "beta"), f"diffusion.variance: posterior or beta, got {self.variance!r}")
+
+    def schedule(self) -> Schedule:
+        return Schedule.linear(self.T, self.beta_start, self.beta_end, variance=self.variance)  # type: ignore[arg-type]
+
+
+@dataclass
+class DDPMConfig:
+    """Defaults: DDPM's CIFAR-10 reference (800k steps of batch 128, Adam 2e-4, warmup 5000, clip 1, EMA 0.9999)."""
+
+    name: str = "ddpm"
+    run_root: str = "runs"
+    seed: int = 0
+    data: DDPMData = field(default_factory=DDPMData)
+    unet: UNetSpec = field(default_factory=UNetSpec)
+    diffusion: DiffusionSpec = field(default_factory=DiffusionSpec)
+    steps: int = 800_000
+    lr: float = 2e-4
+    warmup_steps: int = 5000
+    grad_clip: float = 1.0  # 0 = off
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False  # decay min(ema_decay, (1+n)/(10+n)): for short runs
+    t_max: int = 0  # train on t < t_max only (0 = all T); a CPU-scale deviation for purification-only models
+    init: str = ""  # fine-tune from: a DDPM run folder, a checkpoint folder, or a .pt holding {"model"|"ema"}
+    init_ema: bool = True  # start from the EMA weights of ``init`` when it has them
+    deepspeed: str = ""  # a DeepSpeed JSON config (ZeRO-2): run under torchrun; see uedist.engine.ddpm_ds
+    bf16: bool = False
+    num_samples: int = 64  # samples in the final PNG grid (0 = none)
+    sample_steps: int = 0  # reverse steps for the grid (0 = all T; fewer: a strided chain)
+    ckpt_every: int = 5000
+    log_every: int = 100
+    resume: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        require(self.steps >= 0 and self.data.batch_size >= 1 and self.lr > 0, "steps >= 0, batch_size >= 1, lr > 0")
+        require(0 <= self.t_max <= self.diffusion.T, f"t_max must be in [0, T], got {self.t_max}")
+        require(0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        require(0 <= self.sample_steps <= self.diffusion.T, "sample_steps must be in [0, T]")
+
+
+def build_unet(spec: UNetSpec) -> UNet:
+    return UNETS.build(spec.name, **spec.args)
+
+
+def init_weights(path: str, prefer_ema: bool = True) -> Dict[str, torch.Tensor]:
+    """Weights to fine-tune from (weights_only loads): a run folder (its newest checkpoint), a checkpoint folder,
+    or a .pt file holding a state dict, {"model": ...} or {"ema": {"shadow": ...}}."""
+    p = Path(path)
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if p.is_dir():
+        ck = latest_checkpoint(p) if (p / "latest").is_file() else p
+        if ck is None or not (ck / "state.pt").is_file():
+            raise FileNotFoundError(f"no DDPM checkpoint under {path}")
+        state = load_state(ck)
+    elif p.is_file():
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"DDPM weights not found: {path}")
+    if prefer_ema and isinstance(state.get("ema"), dict):
+        return state["ema"]["shadow"]
+    return state.get("model", state)
+
+
+def load_ddpm(path: str, device: torch.device, prefer_ema: bool = True) -> Tuple[UNet, DDPMConfig]:
+    """A trained DDPM (EMA weights by default) rebuilt from the config its checkpoint carries; eval mode."""
+    from uedist.config import config_from_dict
+
+    p = Path(path)
+    ck = latest_checkpoint(p / "checkpoints" if (p / "checkpoints").is_dir() else p)
+    if ck is None:
+        raise FileNotFoundError(f"no DDPM checkpoint under {path} (train one with launch/ddpm.py)")
+    cfg = config_from_dict(DDPMConfig, load_state(ck)["config"])
+    net = build_unet(cfg.unet)
+    net.load_state_dict(init_weights(str(ck), prefer_ema))
+    return net.to(device).eval(), cfg
+
+
+def ddpm_batch_loss(net: torch.nn.Module, s: Schedule, x_u8: torch.Tensor, *, t_max: int, flip: bool,
+                    gen: torch.Generator, amp: Dict[str, Any]) -> torch.Tensor:
+    """The simple ε-prediction loss (DDPM Eq. 14) of one uint8 batch (B, 3, H, W)."""
+    x0 = to_unit(x_u8) * 2 - 1
+    if flip:
+        x0 = augment.random_crop_flip(x0, pad=0, gen=gen)
+    t = torch.randint(0, t_max or s.T, (x0.shape[0],), generator=gen).to(x0.device)
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+    with torch.autocast(**amp):
+        eps = net(s.q_sample(x0, t, noise), t).float()
+    return F.mse_loss(eps, noise)
+
+
+def train_ddpm(cfg: DDPMConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
+    """Train or fine-tune (resumable); writes checkpoints, curve.csv, samples.png and metrics.json; returns metrics."""
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    if cfg.data.batch_size % world:
+        raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by {world} processes")
+    torch.manual_seed(cfg.seed)
+    net = build_unet(cfg.unet)
+    if cfg.init:
+        net.load_state_dict(init_weights(cfg.init, cfg.init_ema))
+        log.info("fine-tuning from %s (%s weights)", cfg.init, "EMA" if cfg.init_ema else "raw")
+    optim = OptimConfig(lr=cfg.lr, schedule="constant", warmup_steps=cfg.warmup_steps, weight_decay=0.0)
+    p = prepare_training(net, optim, cfg.steps, accelerator=accelerator, ckpt_root=run_dir, seed=cfg.seed,
+                         config=config_to_dict(cfg), ckpt_every=cfg.ckpt_every, resume=cfg.resume, gen_name="ddpm",
+                         make_opt=lambda params: torch.optim.Adam(params, lr=cfg.lr))
+    ema = EMA(p.model, cfg.ema_decay, cfg.ema_warmup)
+    if p.start > 0:
+        ema.load_state_dict(load_state(latest_checkpoint(p.ckpt.dir))["ema"])  # type: ignore[arg-type]
+    s = cfg.diffusion.schedule()
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    step, window, seen, t0 = p.start, [], 0, time.time()
+    bar = progress_bar(cfg.steps, p.start, cfg.name, cfg.progress and accelerator.is_main_process)
+    if p.start < cfg.steps:
+        loader = make_train_loader(cfg.data.train, batch_size=cfg.data.batch_size // world, num_steps=cfg.steps,
+                                   seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.data.workers,
+                                   shuffle_buffer=cfg.data.shuffle_buffer, start_step=p.start,
+                                   pin_memory=device.type == "cuda")
+        for batch in loader:
+            x = batch["image"].to(device, non_blocking=True)
+            loss = ddpm_batch_loss(p.ddp, s, x, t_max=cfg.t_max, flip=cfg.data.flip, gen=p.gen, amp=amp)
+            check_finite(loss, step + 1, accelerator, p.ckpt.dir)
+            p.opt.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(p.ddp.parameters(), cfg.grad_clip)
+            p.opt.step()
+            p.sched.step()
+            ema.update(p.model)
+            step += 1
+            seen += x.shape[0] * world
+            window.append(loss.item())
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                p.curve.append({"step": step, "lr": p.sched.get_last_lr()[0], "loss": float(np.mean(window))})
+                bar.set_postfix(loss=f"{p.curve[-1]['loss']:.4f}")
+                window = []
+            if p.ckpt.due(step, cfg.steps):
+                save_training(p, step, p.elapsed + time.time() - t0, ema=ema.state_dict())
+    bar.close()
+    dt = time.time() - t0
+    metrics = {"name": cfg.name, "steps": cfg.steps, "train": cfg.data.train, "world_size": world,
+               "params": sum(q.numel() for q in p.model.parameters()), "train_time_s": p.elapsed + dt,
+               "images_per_s": seen / dt if seen else float("nan"), "curve": p.curve,
+               "final_loss": p.curve[-1]["loss"] if p.curve else None}
+    if accelerator.is_main_process:
+        write_curve(run_dir / "curve.csv", p.curve)
+        if cfg.num_samples:
+            metrics["samples"] = str(sample_grid(cfg, ema, s, device, run_dir / "samples.png"))
+        atomic_write_json(run_dir / "metrics.json", metrics)
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def sample_grid(cfg: DDPMConfig, ema: EMA, s: Schedule, device: torch.device, out: Path) -> Path:
+    """Draw ``num_samples`` images with the EMA weights (strided chain if ``sample_steps``) into a PNG grid."""
+    net = ema.copy_to(build_unet(cfg.unet).to(device)).eval()
+    if cfg.sample_steps and cfg.sample_steps < s.T:
+        s = s.respaced(np.linspace(0, s.T - 1, cfg.sample_steps).round().astype(int).tolist())
+    gen = torch.Generator().manual_seed(cfg.seed + 12345)
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(**amp):
+            return net(x, t).float()
+
+    size = net.image_size
+    x = sample(eps_fn, s, (cfg.num_samples, net.in_channels, size, size), gen, device)
+    ncol = int(np.ceil(np.sqrt(cfg.num_samples)))
+    return write_grid([to_uint8((x + 1) / 2)], out, ncol=ncol)
+
+
+def write_grid(rows: List[torch.Tensor], out: Path, *, ncol: int = 0, pad: int = 2) -> Path:
+    """A PNG grid of uint8 (N, 3, H, W) batches: each batch fills whole lines of ``ncol`` tiles (default: one
+    line per batch), so batches given as [poisoned, purified] appear as alternating comparable lines."""
+    import io
+
+    from PIL import Image
+
+    tiles = []
+    for r in rows:
+        n = ncol or r.shape[0]
+        for j in range(0, r.shape[0], n):
+            line = r[j : j + n].permute(0, 2, 3, 1).cpu().numpy()
+            tiles.append(line)
+    h, w = tiles[0].shape[1:3]
+    ncols = max(len(t) for t in tiles)
+    canvas = np.full((len(tiles) * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, np.uint8)
+    for i, line in enumerate(tiles):
+        for j, img in enumerate(line):
+            canvas[pad + i * (h + pad) : pad + i * (h + pad) + h, pad + j * (w + pad) : pad + j * (w + pad) + w] = img
+    buf = io.BytesIO()
+    Image.fromarray(canvas).save(buf, format="PNG")
+    return atomic_write(out, lambda f: f.write(buf.getvalue()))

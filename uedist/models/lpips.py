@@ -1,0 +1,154 @@
+"""LPIPS (Zhang et al. 2018), v0.1, built without torchvision: AlexNet / VGG-16 / SqueezeNet-1.1 feature
+trunks written here, the linear heads loaded from the installed ``lpips`` package's ``weights/v0.1/<net>.pth``.
+
+    net = build_lpips("alex", backbone="auto")     # ImageNet trunk from the torch hub cache, else a clear error
+    net = build_lpips("alex", backbone="/path/alexnet-owt-7be5be79.pth")
+    net = build_lpips("alex", backbone="random")   # explicit: NOT the perceptual metric (tests, offline demos)
+    d = net(a, b)                                  # a, b (B, 3, H, W) in [-1, 1] -> (B,) distances
+
+d(a, b) = Σ_l mean_hw ‖w_l ⊙ (f̂_l(a) − f̂_l(b))‖², f̂ the channel-unit-normalized activations after each
+trunk stage (lpips' ``normalize_tensor``), w_l the 1×1 linear heads, inputs scaled by lpips' ScalingLayer.
+The trunks use torchvision's layer indices, so a torchvision ``features.*`` state dict (the hub cache's
+``alexnet-owt-7be5be79.pth``, ``vgg16-397923af.pth``, ``squeezenet1_1-b8a52dc0.pth``) loads as is. ``import lpips``
+itself is never executed (it imports torchvision, which fails on the CPU machines; ../shared/ENVIRONMENT.md).
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+HUB_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth", "squeeze": "squeezenet1_1-b8a52dc0.pth"}
+CHANNELS = {"alex": [64, 192, 384, 256, 256], "vgg": [64, 128, 256, 512, 512],
+            "squeeze": [64, 128, 256, 384, 384, 512, 512]}
+MIN_SIZE = {"alex": 31, "vgg": 16, "squeeze": 32}  # smallest input side every trunk stage accepts
+
+
+class Fire(nn.Module):
+    def __init__(self, cin: int, squeeze: int, e1: int, e3: int) -> None:
+        super().__init__()
+        self.squeeze = nn.Conv2d(cin, squeeze, 1)
+        self.expand1x1, self.expand3x3 = nn.Conv2d(squeeze, e1, 1), nn.Conv2d(squeeze, e3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.squeeze(x))
+        return torch.cat([torch.relu(self.expand1x1(x)), torch.relu(self.expand3x3(x))], 1)
+
+
+def _trunk(net: str) -> Tuple[nn.Sequential, List[int]]:
+    """torchvision's ``features`` layer list and the (exclusive) end index of each LPIPS slice."""
+    R = lambda: nn.ReLU(inplace=False)  # noqa: E731  (slice outputs are kept: no in-place ReLU)
+    if net == "alex":
+        layers = [nn.Conv2d(3, 64, 11, 4, 2), R(), nn.MaxPool2d(3, 2), nn.Conv2d(64, 192, 5, padding=2), R(),
+                  nn.MaxPool2d(3, 2), nn.Conv2d(192, 384, 3, padding=1), R(), nn.Conv2d(384, 256, 3, padding=1), R(),
+                  nn.Conv2d(256, 256, 3, padding=1), R()]
+        return nn.Sequential(*layers), [2, 5, 8, 10, 12]
+    if net == "vgg":
+        layers: List[nn.Module] = []
+        cin = 3
+        for v in [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(cin, int(v), 3, padding=1), R()]
+                cin = int(v)
+        return nn.Sequential(*layers), [4, 9, 16, 23, 30]
+    if net == "squeeze":
+        pool = lambda: nn.MaxPool2d(3, 2, ceil_mode=True)  # noqa: E731
+        layers = [nn.Conv2d(3, 64, 3, 2), R(), pool(), Fire(64, 16, 64, 64), Fire(128, 16, 64, 64), pool(),
+                  Fire(128, 32, 128, 128), Fire(256, 32, 128, 128), pool(), Fire(256, 48, 192, 192),
+                  Fire(384, 48, 192, 192), Fire(384, 64, 256, 256), Fire(512, 64, 256, 256)]
+        return nn.Sequential(*layers), [2, 5, 8, 10, 11, 12, 13]
+    raise ValueError(f"unknown LPIPS trunk {net!r}; expected one of {sorted(CHANNELS)}")
+
+
+class LPIPS(nn.Module):
+    def __init__(self, net: str = "alex") -> None:
+        super().__init__()
+        self.net_name = net
+        self.features, self.ends = _trunk(net)
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in CHANNELS[net])
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+        self.eval()
+
+    def stages(self, x: torch.Tensor) -> List[torch.Tensor]:
+        outs, start = [], 0
+        for end in self.ends:
+            for layer in self.features[start:end]:
+                x = layer(x)
+            outs.append(x)
+            start = end
+        return outs
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a, b (B, 3, H, W) in [-1, 1] -> (B,) LPIPS distances (differentiable w.r.t. the inputs)."""
+        if min(a.shape[-2:]) < MIN_SIZE[self.net_name]:
+            raise ValueError(f"LPIPS-{self.net_name} needs images of at least {MIN_SIZE[self.net_name]} px, got "
+                             f"{tuple(a.shape[-2:])} (use lpips.net=vgg for smaller images)")
+        fa, fb = self.stages((a - self.shift) / self.scale), self.stages((b - self.shift) / self.scale)
+        total = a.new_zeros(a.shape[0])
+        for lin, x, y in zip(self.lins, fa, fb):
+            d = (_unit(x) - _unit(y)) ** 2
+            total = total + lin(d).mean(dim=(1, 2, 3))
+        return total
+
+
+def _unit(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    return x / (x.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)  # lpips.normalize_tensor
+
+
+def lpips_package_weights(net: str, version: str = "0.1") -> Path:
+    """``weights/v<version>/<net>.pth`` inside the installed lpips package (found without importing it)."""
+    spec = importlib.util.find_spec("lpips")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the lpips package is not installed (pip install --no-deps lpips==0.1.4): "
+                                "its linear-head weights are needed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "weights" / f"v{version}" / f"{net}.pth"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found in the installed lpips package")
+    return path
+
+
+def linear_state(net: str, version: str = "0.1") -> Dict[str, torch.Tensor]:
+    """The lpips heads as our keys: ``lin{i}.model.1.weight`` -> ``lins.{i}.weight``."""
+    raw = torch.load(lpips_package_weights(net, version), map_location="cpu", weights_only=True)
+    return {f"lins.{k.split('.')[0][3:]}.weight": v for k, v in raw.items()}
+
+
+def trunk_state(path: Path) -> Dict[str, torch.Tensor]:
+    """A torchvision classifier state dict -> our trunk's keys (``features.*`` only; the classifier is dropped)."""
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = sd.get("state_dict", sd)
+    return {k: v for k, v in sd.items() if k.startswith("features.")}
+
+
+def hub_backbone(net: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / HUB_FILES[net]
+
+
+def build_lpips(net: str = "alex", backbone: str = "auto", version: str = "0.1") -> LPIPS:
+    """LPIPS with the package's linear heads and an ImageNet trunk from ``backbone``: a file path, "auto" (the
+    torch hub cache file), or "random" (explicit opt-in: not the perceptual metric). A missing trunk is an error."""
+    model = LPIPS(net)
+    model.load_state_dict(linear_state(net, version), strict=False)
+    if backbone != "random":
+        path = hub_backbone(net) if backbone == "auto" else Path(backbone)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"LPIPS-{net} needs ImageNet-pretrained trunk weights, not found at {path}. Copy torchvision's "
+                f"{HUB_FILES[net]} there (or give its path as lpips.backbone), or set lpips.backbone=random to use "
+                "a random trunk explicitly (then the distance is NOT the perceptual metric).")
+        missing, unexpected = model.load_state_dict(trunk_state(path), strict=False)
+        if unexpected or any(k.startswith("features.") for k in missing):
+            raise ValueError(f"{path} does not match the {net} trunk: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def expected_linear_shapes(net: str) -> Sequence[Tuple[int, ...]]:
+    return [(1, c, 1, 1) for c in CHANNELS[net]]
