@@ -5,6 +5,7 @@
     uedist shards inspect SHARD_SET [--grid out.png] [--per-class 8]
     uedist shards to-ffcv SHARD_SET [--out data.beton]
     uedist facescrub download --meta A.txt B.txt --out data/facescrub_crops
+    uedist report runs/<study> [--out DIR]
 """
 from __future__ import annotations
 
@@ -77,6 +78,16 @@ def _facescrub_download(args: argparse.Namespace) -> int:
     return fs_main(args.rest)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from uedist.report import write_report
+
+    written = write_report(args.study, args.out)
+    print(written.pop("markdown"))
+    for path in written.values():
+        print(f"wrote {path}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="uedist", description="unlearnable examples at scale: data tools")
     sub = p.add_subparsers(dest="group", required=True)
@@ -110,6 +121,11 @@ def make_parser() -> argparse.ArgumentParser:
     d = fs.add_parser("download", help="download + crop Facescrub from its metadata files", add_help=False)
     d.add_argument("rest", nargs=argparse.REMAINDER)
     d.set_defaults(fn=_facescrub_download)
+
+    r = sub.add_parser("report", help="results table (CSV + Markdown), plots, grids and timing of a study folder")
+    r.add_argument("study", type=Path, help="runs/<study> (written by launch/pipeline.py)")
+    r.add_argument("--out", type=Path, help="default: <study>/report")
+    r.set_defaults(fn=_report)
     return p
 
 
@@ -118,7 +134,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logging()
     try:
         return args.fn(args)
-    except (ConfigError, FileExistsError) as e:
+    except (ConfigError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # SourceError, ManifestError, ShardError, CorruptImageError: all name the culprit

@@ -1,0 +1,64 @@
+"""Run a whole study: datasets × noises × purifiers × victims × modes, resuming whatever is already done.
+
+    accelerate launch launch/pipeline.py --config configs/pipeline/cpu_synthetic.yaml [key=value ...]
+    accelerate launch launch/pipeline.py --config ... --plan      # list the stages and which are done; run nothing
+
+Writes runs/<study>/: study.yaml (resolved), study.json (the stage list), <kind>/<label>-<hash>/ per stage (its
+config.yaml, outputs, stage.json when finished), logs/, and report/ (results table, plots, grids, timing).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from uedist.config import ConfigError, save_config
+from uedist.dist import get_logger, make_accelerator, setup_logging
+from uedist.engine.loop import NonFiniteLoss
+from uedist.io import atomic_write_json
+from uedist.pipeline import Study, load_study
+from uedist.report import write_report
+import uedist.models  # noqa: F401  (registers the model zoo)
+
+log = get_logger("uedist.launch.pipeline")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML (configs/pipeline/)")
+    p.add_argument("--plan", action="store_true", help="print the stages (done / to run) and exit")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. name=my_study modes=[standard]")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_study(args.config, args.overrides)
+        study = Study(cfg)
+    except ConfigError as e:
+        p.error(str(e))
+    if args.plan:
+        for st in study.stages:
+            print(f"{'done' if study.record(st) else 'todo'}  {st.kind:7s} {st.label:50s} {st.dir}")
+        return 0
+    accelerator = make_accelerator()
+    setup_logging(study.dir)
+    if accelerator.is_main_process:
+        save_config(cfg, study.dir / "study.yaml")
+        atomic_write_json(study.dir / "study.json", {"name": cfg.name, "stages": [
+            str(st.dir.relative_to(study.dir)) for st in study.stages]})  # type: ignore[union-attr]
+    try:
+        study.run(accelerator)
+    except NonFiniteLoss as e:
+        log.error("%s", e)
+        return 3
+    if accelerator.is_main_process:
+        print(f"\nstudy {cfg.name}: {len(study.stages)} stages done in {study.dir}")
+        if cfg.report:
+            written = write_report(study.dir)
+            print(written.pop("markdown"))
+            for name, path in written.items():
+                print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The study pipeline at toy scale: the stage matrix, reuse by config hash, partial reruns after a change,
+a kill between stages, and the report (CSV, Markdown table, plots, grids, timing)."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from uedist.config import ConfigError, load_config
+from uedist.pipeline import Study, StudyConfig
+
+TOY_NOISE = {"surrogate.width": 0.125, "data.batch_size": 16, "data.workers": 0, "noise_steps": 2,
+             "eot_samples": 1, "adv_steps": 1, "adv_step_size": 2, "final_batch_size": 64, "steps": 3,
+             "ckpt_every": 2, "log_every": 2}
+TOY_VICTIM = {"model.width": 0.125, "data.batch_size": 32, "data.workers": 0, "epochs": 0.0, "steps": 4,
+              "log_every": 2, "ckpt_every": 2}
+
+
+def study_yaml(sets, tmp_path, **extra):
+    cfg = {
+        "name": "toy", "run_root": str(tmp_path),
+        "datasets": {"syn": {"train": str(sets / "train"), "test": str(sets / "test")}},
+        "noises": {"clean": {"method": "clean"},
+                   "random_cw": {"method": "random", "set": {"random_mode": "classwise", "data": {"workers": 0}}},
+                   "sem": {"method": "sem", "config": "configs/sem/demo.yaml", "set": TOY_NOISE}},
+        "purifiers": {"none": {"method": "none"}, "jpeg10": {"method": "jpeg", "set": {"quality": 10, "data.workers": 0}},
+                      "gray": {"method": "grayscale", "set": {"data.workers": 0}}},
+        "victims": {"r18": {"config": "configs/victim/synthetic.yaml", "set": TOY_VICTIM}},
+        "modes": ["standard", "adversarial"],
+        "adversarial": {"adv.enabled": True, "adv.steps": 1, "adv.step_size": 4},
+        "skip": ["syn/*/gray/*/adversarial", "syn/random_cw/*/*/adversarial"],
+        **extra,
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run_pipeline(path, *over, **kw):
+    return subprocess.run([sys.executable, str(REPO / "launch/pipeline.py"), "--config", str(path), *over],
+                          cwd=REPO, capture_output=True, text=True, timeout=900, **kw)
+
+
+def test_expansion_and_validation(synth_sets, tmp_path):
+    cfg = load_config(StudyConfig, study_yaml(synth_sets, tmp_path))
+    st = Study(cfg)
+    kinds = [s.kind for s in st.stages]
+    assert kinds.count("noise") == 2  # clean needs no stage
+    assert kinds.count("purify") == 3 * 2  # (clean, random_cw, sem) x (jpeg10, gray)
+    # victims: 3 noises x 3 purifiers standard (9) + adversarial: clean/sem x none/jpeg10 (4)
+    assert kinds.count("victim") == 13
+    labels = [s.label for s in st.stages]
+    assert labels.index("syn.sem") < labels.index("syn.sem.jpeg10") < labels.index("syn.sem.jpeg10.r18.standard")
+    victim = next(s for s in st.stages if s.label == "syn.sem.jpeg10.r18.adversarial")
+    assert victim.cfg.adv.enabled and victim.cfg.adv.steps == 1 and victim.cfg.data.train.endswith("/purified")
+    assert victim.cfg.model.width == 0.125 and victim.cfg.data.test == str(synth_sets / "test")
+    # stage hashes: the same config twice gives the same hashes; a noise change moves only what depends on it
+    again = Study(load_config(StudyConfig, study_yaml(synth_sets, tmp_path)))
+    assert [s.hash for s in again.stages] == [s.hash for s in st.stages]
+    changed = Study(load_config(StudyConfig, study_yaml(synth_sets, tmp_path), ["noises.sem.set.eps=4"]))
+    moved = {a.label for a, b in zip(st.stages, changed.stages) if a.hash != b.hash}
+    assert moved == {s.label for s in st.stages if s.label.startswith("syn.sem")}
+    with pytest.raises(ConfigError, match="did you mean"):
+        load_config(StudyConfig, study_yaml(synth_sets, tmp_path), ["purifiers.jpeg10.methd=jpeg"])
+    with pytest.raises(ConfigError, match="one of"):
+        load_config(StudyConfig, study_yaml(synth_sets, tmp_path), ["noises.sem.method=sam"])
+    with pytest.raises(ConfigError, match="noises.sem"):  # a typo inside a stage's own schema names the stage
+        Study(load_config(StudyConfig, study_yaml(synth_sets, tmp_path), ["noises.sem.set.epss=4"]))
+
+
+@pytest.mark.slow
+def test_pipeline_runs_resumes_and_reports(synth_sets, tmp_path):
+    # a smaller matrix than above: 2 noise stages, 3 purify stages, 7 victims
+    path = study_yaml(synth_sets, tmp_path, skip=["syn/*/gray", "syn/*/jpeg10/*/adversarial",
+                                                  "syn/clean/none/*/adversarial", "syn/random_cw/*/*/adversarial"])
+    # kill it once the first stage has finished, then rerun: finished stages are reused, the rest run
+    proc = subprocess.Popen([sys.executable, str(REPO / "launch/pipeline.py"), "--config", str(path)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not list((tmp_path / "toy").glob("*/*/stage.json")):
+        assert proc.poll() is None, "the pipeline ended before a stage finished"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = {p.parent.name for p in (tmp_path / "toy").glob("*/*/stage.json")}
+    assert first
+    r = run_pipeline(path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = (tmp_path / "toy" / "logs" / "rank0.log").read_text()
+    for name in first:
+        assert f"done earlier, reusing {tmp_path / 'toy'}" in log and name in log
+    rows = list(csv.DictReader(open(tmp_path / "toy/report/results.csv")))
+    assert len(rows) == 7 and all(0 <= float(r["test_top1"]) <= 100 for r in rows)
+    assert [(r["noise"], r["purifier"], r["mode"]) for r in rows] == [
+        ("clean", "none", "standard"), ("clean", "jpeg10", "standard"), ("random_cw", "none", "standard"),
+        ("random_cw", "jpeg10", "standard"), ("sem", "none", "standard"), ("sem", "jpeg10", "standard"),
+        ("sem", "none", "adversarial")]  # the study's order
+    md = (tmp_path / "toy/report/results.md").read_text()
+    assert "### syn, standard training" in md and "| noise | none | jpeg10 |" in md and "### syn, adversarial" in md
+    by = {(r["noise"], r["purifier"], r["mode"]): float(r["test_top1"]) for r in rows}
+    assert f"| sem | {by[('sem', 'none', 'standard')]:.2f} | {by[('sem', 'jpeg10', 'standard')]:.2f} |" in md
+    for f in ("accuracy.png", "curves.png", "grid_syn_sem.png", "grid_syn_random_cw.png", "timing.md", "timing.csv"):
+        assert (tmp_path / "toy/report" / f).stat().st_size > 0, f
+    # a second run does nothing but reuse; a change reruns only the stages downstream of it
+    r = run_pipeline(path, "--plan")
+    assert r.returncode == 0 and "todo" not in r.stdout and r.stdout.count("done") == 12
+    r = run_pipeline(path, "purifiers.jpeg10.set.quality=50", "--plan")
+    todo = [line.split()[2] for line in r.stdout.splitlines() if line.startswith("todo")]
+    assert sorted(todo) == sorted([f"syn.{n}.jpeg10" for n in ("clean", "random_cw", "sem")] +
+                                  [f"syn.{n}.jpeg10.r18.standard" for n in ("clean", "random_cw", "sem")])
+    # the report command rebuilds the same table from the folder
+    r = subprocess.run([sys.executable, "-m", "uedist.cli", "report", str(tmp_path / "toy"), "--out",
+                        str(tmp_path / "rep2")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "rep2/results.md").read_text() == md

@@ -1,0 +1,326 @@
+"""One config, one command, a whole study: datasets × noises × purifiers × victims × training modes.
+
+    accelerate launch launch/pipeline.py --config configs/pipeline/cpu_synthetic.yaml [key=value ...]
+
+A study expands into *stages* (DESIGN.md's layers): build the shard sets, make each poisoned set (noise), purify
+each (purifier; D-VAE, JCDP, plain diffusion, the ISS baselines, or none), train a DDPM when a diffusion
+purifier needs one, and train each victim on each purified set in each mode. Every stage is the ordinary uedist
+stage function (the same code as its own launch script), run in dependency order on all ranks.
+
+Reuse and resume: a stage's folder is ``<run_root>/<study>/<kind>/<label>-<hash>``, the hash taken over the
+stage's resolved config *including its inputs' hashes*; a finished stage leaves ``stage.json`` (config, summary,
+outputs, wall time), and a later run with the same resolved config reuses it. A stage that was interrupted has no
+``stage.json`` and is simply run again, which resumes from its own checkpoints and finished shards. Change a
+setting and exactly the stages downstream of it get new hashes and run; nothing else does.
+
+At the end the report (``uedist report``) is written: see :mod:`uedist.report`.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import importlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
+
+from uedist.config import ConfigError, config_to_dict, load_config, require
+from uedist.dist import get_logger
+from uedist.io import atomic_write_json
+
+log = get_logger(__name__)
+
+BASELINES = ("grayscale", "jpeg", "bit_depth", "mean", "median", "gaussian")
+NOISE_METHODS = ("clean", "sem", "rem", "em", "random")
+PURIFY_METHODS = ("none", "dvae", "jcdp", "diffusion") + BASELINES
+
+
+@dataclass
+class DatasetSpec:
+    train: str = ""  # clean train shard set
+    test: str = ""  # clean test shard set (victims are evaluated on it)
+    build: str = ""  # shard build config (configs/shards/*.yaml) run when train is missing
+
+
+@dataclass
+class StageSpec:
+    """A stage template: the method, a YAML of its own schema (``{dataset}`` is replaced by the dataset's key) and
+    overrides as a mapping of dotted keys (``{"em.mode": "classwise"}``)."""
+
+    method: str = ""
+    config: str = ""
+    set: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StudyConfig:
+    name: str = "study"
+    run_root: str = "runs"
+    datasets: Dict[str, DatasetSpec] = field(default_factory=dict)
+    noises: Dict[str, StageSpec] = field(default_factory=dict)  # the table's rows; method clean = no noise
+    purifiers: Dict[str, StageSpec] = field(default_factory=lambda: {"none": StageSpec(method="none")})
+    victims: Dict[str, StageSpec] = field(default_factory=dict)  # config: a configs/victim/*.yaml
+    modes: List[Literal["standard", "adversarial"]] = field(default_factory=lambda: ["standard"])
+    adversarial: Dict[str, Any] = field(default_factory=lambda: {"adv.enabled": True})  # victim overrides in that mode
+    ddpm: Dict[str, StageSpec] = field(default_factory=dict)  # per dataset key: the DDPM diffusion purifiers use
+    skip: List[str] = field(default_factory=list)  # "dataset/noise/purifier/victim/mode" fnmatch patterns
+    report: bool = True
+
+    def validate(self) -> None:
+        require(bool(self.datasets), "datasets: at least one")
+        require(bool(self.noises), "noises: at least one (method clean for the clean row)")
+        require(bool(self.victims), "victims: at least one")
+        require(bool(self.modes) and len(set(self.modes)) == len(self.modes), "modes: a non-empty list without repeats")
+        for d, s in self.datasets.items():
+            require(bool(s.train and s.test), f"datasets.{d}: train and test are required")
+        for k, s in self.noises.items():
+            require(s.method in NOISE_METHODS, f"noises.{k}.method: one of {list(NOISE_METHODS)}, got {s.method!r}")
+            require(s.method == "clean" or bool(s.config) or s.method == "random",
+                    f"noises.{k}: config (a configs/{s.method}/*.yaml) is required")
+        for k, s in self.purifiers.items():
+            require(s.method in PURIFY_METHODS, f"purifiers.{k}.method: one of {list(PURIFY_METHODS)}, got {s.method!r}")
+            if s.method in ("jcdp", "diffusion"):
+                for d in self.datasets:
+                    require(d in self.ddpm, f"purifiers.{k} ({s.method}) needs ddpm.{d}: the DDPM to purify with")
+        for k, s in self.victims.items():
+            require(bool(s.config), f"victims.{k}.config (a configs/victim/*.yaml) is required")
+        for k in (*self.noises, *self.purifiers, *self.victims, *self.datasets):
+            require("/" not in k and k.strip() == k and k != "", f"bad name {k!r}: no slashes or spaces")
+
+
+# --------------------------------------------------------------------------------------------------- stage kinds
+@dataclass
+class Kind:
+    """How to run one stage method: its schema, its stage function, and where its inputs go in the schema."""
+
+    module: str
+    schema: str
+    fn: str
+    inputs: Dict[str, str]  # role -> dotted key in the schema ("train" -> "data.train")
+    output: str  # summary key of the output shard set ("" for victims)
+    fixed: Dict[str, Any] = field(default_factory=dict)
+
+    def load(self) -> Tuple[type, Callable[..., Dict[str, Any]]]:
+        mod = importlib.import_module(self.module)
+        return getattr(mod, self.schema), getattr(mod, self.fn)
+
+
+def _noise_kind(method: str) -> Kind:
+    module, fn = ("uedist.engine.em", "generate_em") if method == "em" else ("uedist.engine.noise", "generate_noise")
+    return Kind(module, "NoiseConfig", fn, {"train": "data.train", "test": "data.test"}, "poisoned",
+                {"method": method, "data.build": ""})
+
+
+def _purify_kind(method: str) -> Kind:
+    if method == "dvae":
+        return Kind("uedist.engine.dvae", "DVAEConfig", "purify_dvae", {"src": "data.train", "clean": "data.clean"},
+                    "purified")
+    if method in ("jcdp", "diffusion"):
+        return Kind("uedist.engine.jcdp", "JCDPConfig", "purify_jcdp",
+                    {"src": "data.src", "clean": "data.clean", "ddpm": "ddpm"}, "purified",
+                    {"guidance": "jcdp" if method == "jcdp" else "none"})
+    return Kind("uedist.engine.purify", "PurifyConfig", "purify_baseline", {"src": "data.src", "clean": "data.clean"},
+                "purified", {"method": method})
+
+
+VICTIM = Kind("uedist.engine.victim", "VictimConfig", "train_victim", {"train": "data.train", "test": "data.test"}, "")
+DDPM = Kind("uedist.engine.ddpm", "DDPMConfig", "train_ddpm", {"train": "data.train"}, "checkpoint")
+
+
+# --------------------------------------------------------------------------------------------------------- stages
+@dataclass
+class Stage:
+    kind: str  # noise | purify | victim | ddpm
+    label: str  # e.g. "synthetic.sem" (dataset.noise[.purifier[.victim.mode]])
+    spec: StageSpec
+    runner: Kind
+    inputs: Dict[str, Any]  # role -> path (or a Stage whose output it is)
+    tags: Dict[str, str]  # dataset / noise / purifier / victim / mode, for the report
+    origin: str = ""  # where in the study config the stage comes from (for errors)
+    cfg: Any = None
+    hash: str = ""
+    dir: Optional[Path] = None
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} {self.label} {self.hash}>"
+
+
+def _stage_hash(kind: str, cfg: Any, inputs: Dict[str, Any]) -> str:
+    d = config_to_dict(cfg)
+    for k in ("name", "run_root", "out", "progress"):
+        d.pop(k, None)
+    ins = {r: (v.hash if isinstance(v, Stage) else str(v)) for r, v in sorted(inputs.items())}
+    blob = json.dumps({"kind": kind, "config": d, "inputs": ins}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+class Study:
+    """The expanded stage graph of a StudyConfig, runnable on all ranks."""
+
+    def __init__(self, cfg: StudyConfig, root: Optional[Path] = None) -> None:
+        self.cfg = cfg
+        self.dir = Path(root) if root else Path(cfg.run_root) / cfg.name
+        self.stages: List[Stage] = []
+        self._expand()
+
+    # ------------------------------------------------------------------------------------------------- expansion
+    def _skipped(self, *parts: str) -> bool:
+        path = "/".join(parts)
+        return any(fnmatch.fnmatchcase(path, pat) or fnmatch.fnmatchcase(path + "/*", pat) for pat in self.cfg.skip)
+
+    def _expand(self) -> None:
+        c = self.cfg
+        for dname, ds in c.datasets.items():
+            ddpm = None
+            if any(p.method in ("jcdp", "diffusion") for p in c.purifiers.values()):
+                ddpm = self._add("ddpm", f"{dname}.ddpm", c.ddpm[dname], DDPM, {}, {"dataset": dname}, dname,
+                                 f"ddpm.{dname}")
+            for nname, nspec in c.noises.items():
+                if self._skipped(dname, nname):
+                    continue
+                if nspec.method == "clean":
+                    poisoned: Any = Path(ds.train)
+                else:
+                    poisoned = self._add("noise", f"{dname}.{nname}", nspec, _noise_kind(nspec.method),
+                                         {"train": ds.train, "test": ds.test}, {"dataset": dname, "noise": nname},
+                                         dname, f"noises.{nname}")
+                for pname, pspec in c.purifiers.items():
+                    if self._skipped(dname, nname, pname):
+                        continue
+                    if pspec.method == "none":
+                        purified: Any = poisoned
+                    else:
+                        ins: Dict[str, Any] = {"src": poisoned, "clean": ds.train}
+                        if pspec.method in ("jcdp", "diffusion"):
+                            ins["ddpm"] = ddpm
+                        purified = self._add("purify", f"{dname}.{nname}.{pname}", pspec, _purify_kind(pspec.method),
+                                             ins, {"dataset": dname, "noise": nname, "purifier": pname}, dname,
+                                             f"purifiers.{pname}")
+                    for vname, vspec in c.victims.items():
+                        for mode in c.modes:
+                            if self._skipped(dname, nname, pname, vname, mode):
+                                continue
+                            spec = vspec
+                            if mode == "adversarial":
+                                spec = StageSpec(vspec.method, vspec.config, {**vspec.set, **c.adversarial})
+                            self._add("victim", f"{dname}.{nname}.{pname}.{vname}.{mode}", spec, VICTIM,
+                                      {"train": purified, "test": ds.test},
+                                      {"dataset": dname, "noise": nname, "purifier": pname, "victim": vname,
+                                       "mode": mode}, dname, f"victims.{vname}")
+
+    def _add(self, kind: str, label: str, spec: StageSpec, runner: Kind, inputs: Dict[str, Any],
+             tags: Dict[str, str], dataset: str, origin: str) -> Stage:
+        st = Stage(kind, label, spec, runner, inputs, tags, origin)
+        st.cfg = self._resolve(st, dataset)
+        st.hash = _stage_hash(kind, st.cfg, inputs)
+        st.dir = self.dir / kind / f"{label}-{st.hash}"
+        # name / run_root / out point into the stage folder (not part of the hash)
+        st.cfg = self._resolve(st, dataset, final=True)
+        self.stages.append(st)
+        return st
+
+    def _resolve(self, st: Stage, dataset: str, final: bool = False) -> Any:
+        schema, _ = st.runner.load()
+        path = st.spec.config.replace("{dataset}", dataset) if st.spec.config else None
+        over = {**st.runner.fixed, **st.spec.set}
+        for role, key in st.runner.inputs.items():
+            if role in st.inputs and st.inputs[role] is not None:
+                over[key] = self._output_path(st.inputs[role]) if isinstance(st.inputs[role], Stage) else str(st.inputs[role])
+        over["progress"] = False
+        if final:
+            assert st.dir is not None
+            over["name"], over["run_root"] = st.dir.name, str(st.dir.parent)
+            if st.runner.output not in ("", "checkpoint"):
+                over["out"] = self._output_path(st)  # whatever the YAML says, the output lives in the stage folder
+        try:
+            return load_config(schema, path, [f"{k}={json.dumps(v)}" for k, v in _flatten(over).items()])
+        except ConfigError as e:
+            raise ConfigError(f"{st.origin} (stage {st.kind} {st.label}): {e}") from e
+
+    @staticmethod
+    def _output_path(st: Stage) -> str:
+        assert st.dir is not None
+        return str(st.dir / st.runner.output) if st.runner.output != "checkpoint" else str(st.dir)
+
+    # ----------------------------------------------------------------------------------------------------- running
+    def record(self, st: Stage) -> Optional[Dict[str, Any]]:
+        assert st.dir is not None
+        f = st.dir / "stage.json"
+        if not f.is_file():
+            return None
+        rec = json.loads(f.read_text())
+        return rec if rec.get("hash") == st.hash else None
+
+    def run(self, accelerator: Any) -> List[Dict[str, Any]]:
+        """Run every stage not yet finished, in order (the expansion order is a topological order)."""
+        from uedist.data.build import BuildConfig, build_shard_sets
+
+        self._build_datasets(accelerator, BuildConfig, build_shard_sets)
+        records = []
+        todo = [s for s in self.stages if self.record(s) is None]
+        log.info("study %s: %d stages, %d already done, %d to run", self.cfg.name, len(self.stages),
+                 len(self.stages) - len(todo), len(todo))
+        for i, st in enumerate(self.stages):
+            rec = self.record(st)
+            if rec is not None:
+                log.info("[%d/%d] %s %s: done earlier, reusing %s", i + 1, len(self.stages), st.kind, st.label, st.dir)
+            else:
+                log.info("[%d/%d] %s %s: running in %s", i + 1, len(self.stages), st.kind, st.label, st.dir)
+                rec = self._run_stage(st, accelerator)
+            records.append(rec)
+        return records
+
+    def _build_datasets(self, accelerator: Any, BuildConfig: type, build_shard_sets: Callable) -> None:
+        for dname, ds in self.cfg.datasets.items():
+            if Path(ds.train, "manifest.json").is_file():
+                continue
+            if not ds.build:
+                raise FileNotFoundError(f"datasets.{dname}.train {ds.train} has no manifest.json and no build config")
+            if accelerator.is_main_process:
+                log.info("dataset %s: building %s from %s", dname, ds.train, ds.build)
+                build_shard_sets(load_config(BuildConfig, ds.build))
+            accelerator.wait_for_everyone()
+            if not Path(ds.train, "manifest.json").is_file():
+                raise FileNotFoundError(f"{ds.build} did not produce {ds.train}")
+
+    def _run_stage(self, st: Stage, accelerator: Any) -> Dict[str, Any]:
+        from uedist.config import save_config
+
+        _, fn = st.runner.load()
+        assert st.dir is not None
+        if accelerator.is_main_process:
+            save_config(st.cfg, st.dir / "config.yaml")
+        t0 = time.time()
+        summary = fn(st.cfg, accelerator, st.dir)
+        wall = time.time() - t0
+        rec = {"kind": st.kind, "label": st.label, "hash": st.hash, "tags": st.tags, "method": st.spec.method,
+               "wall_s": wall, "world_size": accelerator.num_processes, "config": config_to_dict(st.cfg),
+               "inputs": {r: (self._output_path(v) if isinstance(v, Stage) else str(v)) for r, v in st.inputs.items()
+                          if v is not None},
+               "output": self._output_path(st) if st.runner.output else "",
+               "summary": _jsonable(summary)}
+        if accelerator.is_main_process:
+            atomic_write_json(st.dir / "stage.json", rec)
+        accelerator.wait_for_everyone()
+        return rec
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}, so a nested override changes one key, not the whole section."""
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=str))
+
+
+def load_study(path: Optional[str], overrides: List[str]) -> StudyConfig:
+    return load_config(StudyConfig, path, overrides)
