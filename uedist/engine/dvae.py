@@ -13,7 +13,7 @@ the same command continues where it stopped. Layout of ``runs/<name>/``: ``stage
 
 Loss per step (Eq. 14 as coded by the reference): ‖x − x̂‖² + ‖clip(x̂ + p̂) − x‖² + λ·max(KLD, limit), λ = 0.01
 when limit ≥ 1 else 0.5, plus max(‖p̂‖², 0.002) from epoch 11 on. Inference samples z (the reference does) with
-noise seeded by the batch's first key, so a resumed pass writes what an uninterrupted one would.
+noise seeded by each sample's key, so a resumed pass writes what an uninterrupted one would.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import torch
 
@@ -33,8 +33,9 @@ from uedist.dist import get_logger
 from uedist.engine.loop import OptimConfig, check_finite, prepare_training, progress_bar, save_training, write_curve
 from uedist.engine.map_pass import run_map_pass
 from uedist.engine.purify import PSNRStats, check_clean, check_input, comparison_grid, diff_column, read_columns
+from uedist.engine.victim import ranks_in_sync
 from uedist.io import atomic_write_json
-from uedist.models.dvae import DVAE, dvae_loss, kld
+from uedist.models.dvae import DVAE, dvae_loss
 from uedist.ops.images import to_uint8, to_unit
 from uedist.registry import PURIFIERS
 
@@ -130,8 +131,9 @@ def _train_view(cfg: DVAEConfig, stage: int) -> Dict[str, Any]:
     return {"stage": stage, "data": data, **{k: d[k] for k in keep}}
 
 
-def train_dvae_stage(cfg: DVAEConfig, stage: int, src: Path, accelerator: Any, run_dir: Path) -> DVAE:
-    """Train stage ``stage`` (1 or 2) afresh on ``src`` (resumable); returns the trained model in eval mode."""
+def train_dvae_stage(cfg: DVAEConfig, stage: int, src: Path, accelerator: Any, run_dir: Path) -> Tuple[DVAE, Dict[str, Any]]:
+    """Train stage ``stage`` (1 or 2) afresh on ``src`` (resumable); returns the trained model in eval mode and
+    the stage's summary (steps, last logged losses, DDP wrapper, whether every rank holds the same weights)."""
     m = load_manifest(src)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     if cfg.data.batch_size % world:
@@ -150,6 +152,8 @@ def train_dvae_stage(cfg: DVAEConfig, stage: int, src: Path, accelerator: Any, r
         channels_last=cfg.channels_last, gen_name="dvae",
         make_opt=lambda ps: torch.optim.Adam(ps, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay))
     step, t0, window = p.start, time.time(), []
+    gen = torch.Generator(device=device)
+    latent_shape = lambda b: (b, cfg.model.latent_dim, m.image_size[0] // 2, m.image_size[1] // 2)  # noqa: E731
     bar = progress_bar(total, step, f"{cfg.name} D-VAE stage {stage}", cfg.progress and accelerator.is_main_process)
     if step < total:
         loader = make_train_loader(src, batch_size=cfg.data.batch_size // world, num_steps=total, seed=cfg.seed * 10 + stage,
@@ -160,8 +164,12 @@ def train_dvae_stage(cfg: DVAEConfig, stage: int, src: Path, accelerator: Any, r
             x = to_unit(batch["image"].to(device, non_blocking=True))
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            # ε of the reparameterization from (seed, stage, rank, step) alone: a resumed run draws what an
+            # uninterrupted one did, whatever else consumed the global RNG (e.g. the loader's worker seeds).
+            g = gen.manual_seed(((cfg.seed * 10 + stage) * 1009 + rank) * 10_000_019 + step)
+            eps = torch.randn(latent_shape(x.shape[0]), generator=g, device=device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                out = p.ddp(x, batch["label"].to(device, non_blocking=True))
+                out = p.ddp(x, batch["label"].to(device, non_blocking=True), noise=eps)
             out = type(out)(*(t.float() for t in out))
             loss, terms = dvae_loss(out, x, kld_limit=limit, kld_weight=weight,
                                     p_floor=cfg.p_floor if step >= floor_step else None)
@@ -178,13 +186,19 @@ def train_dvae_stage(cfg: DVAEConfig, stage: int, src: Path, accelerator: Any, r
                 mean = torch.stack(window).mean(0).tolist()
                 p.curve.append({"step": step, "lr": p.sched.get_last_lr()[0], **dict(zip(terms, mean))})
                 bar.set_postfix(loss=f"{mean[0]:.4f}", kld=f"{mean[3]:.2f}")
+                if not cfg.progress:
+                    log.info("stage %d step %d/%d: %s", stage, step, total,
+                             " ".join(f"{k} {v:.4g}" for k, v in p.curve[-1].items() if k != "step"))
                 window = []
             if p.ckpt.due(step, total):
                 save_training(p, step, p.elapsed + time.time() - t0)
     bar.close()
     if accelerator.is_main_process:
         write_curve(run_dir / f"stage{stage}_curve.csv", p.curve)
-    return p.model.eval()
+    info = {"steps": total, "epochs": total * cfg.data.batch_size / m.num_samples, "kld_limit": limit,
+            "kld_weight": weight, "last": p.curve[-1] if p.curve else {}, "wrapper": type(p.ddp).__name__,
+            "world_size": world, "ranks_in_sync": ranks_in_sync(p.model, accelerator)}
+    return p.model.eval(), info
 
 
 class PassStats:
@@ -220,9 +234,10 @@ def dvae_pass(cfg: DVAEConfig, model: DVAE, *, stage: int, what: Literal["x_minu
     def fn(x_u8: torch.Tensor, y: torch.Tensor, keys: List[str], clean_u8: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = to_unit(x_u8)
         noise = None
-        if cfg.sample_latent:
-            g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + 7919 * stage + int(keys[0]))
-            noise = torch.randn((x.shape[0], model.latent_dim, side[0] // 2, side[1] // 2), generator=g, device=device)
+        if cfg.sample_latent:  # ε seeded by each sample's key: the same whatever the batch, rank count or resume
+            shape = (model.latent_dim, side[0] // 2, side[1] // 2)
+            noise = torch.stack([torch.randn(shape, device=device, generator=torch.Generator(device=device).manual_seed(
+                cfg.seed * 1_000_003 + 7919 * stage + int(k))) for k in keys])
         with torch.autocast(**amp):
             out = model(x, y, noise=noise, sample=cfg.sample_latent)
         out = type(out)(*(t.float() for t in out))
@@ -263,12 +278,12 @@ def purify_dvae(cfg: DVAEConfig, accelerator: Any, run_dir: Path) -> Dict[str, A
     s: Dict[str, Any] = {"method": "dvae", "name": cfg.name, "input": str(p0), "clean": str(clean or ""),
                          "kld_limits": cfg.kld_limits, "sets": {"p1": str(p1), "p2": str(p2), "purified": str(p3)}}
     t0 = time.time()
-    model = train_dvae_stage(cfg, 1, p0, accelerator, run_dir)
+    model, s["stage1"] = train_dvae_stage(cfg, 1, p0, accelerator, run_dir)
     t["stage1_train_s"] = time.time() - t0
     s["p1"] = dvae_pass(cfg, model, stage=1, what="x_minus_p", src=p0, dst=p1, accelerator=accelerator,
                         clean=clean, run_dir=run_dir)
     t0 = time.time()
-    model = train_dvae_stage(cfg, 2, p1, accelerator, run_dir)
+    model, s["stage2"] = train_dvae_stage(cfg, 2, p1, accelerator, run_dir)
     t["stage2_train_s"] = time.time() - t0
     s["p2"] = dvae_pass(cfg, model, stage=2, what="x_minus_p", src=p1, dst=p2, accelerator=accelerator,
                         clean=clean, run_dir=run_dir)

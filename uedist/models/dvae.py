@@ -83,7 +83,9 @@ class DVAE(nn.Module):
         u = self.emb_p(y).view(-1, self.feat, g, g)
         if tuple(u.shape[-2:]) == tuple(hw):
             return u
-        return F.interpolate(u, size=tuple(hw), mode="nearest" if g == 1 else "bilinear", align_corners=False)
+        if g == 1:
+            return u.expand(-1, -1, *hw)
+        return F.interpolate(u, size=tuple(hw), mode="bilinear", align_corners=False)
 
     def encode(self, x: torch.Tensor):
         """x (B, 3, H, W) in [0, 1] -> μ, log σ² (B, latent_dim, H/2, W/2)."""
