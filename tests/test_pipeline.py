@@ -119,3 +119,25 @@ def test_pipeline_runs_resumes_and_reports(synth_sets, tmp_path):
                         str(tmp_path / "rep2")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "rep2/results.md").read_text() == md
+
+
+def test_expansion_with_dvae_and_diffusion(synth_sets, tmp_path):
+    """D-VAE, JCDP and plain diffusion purifiers resolve into their own schemas; the diffusion purifiers share one
+    DDPM stage per dataset, trained by default on the clean test split, and depend on it."""
+    path = study_yaml(synth_sets, tmp_path, purifiers={
+        "none": {"method": "none"}, "dvae": {"method": "dvae", "config": "configs/dvae/cifar10_cpu.yaml"},
+        "jcdp": {"method": "jcdp", "set": {"t_p": 10, "rounds": 2}},
+        "plain": {"method": "diffusion", "set": {"t_p": 10}}},
+        ddpm={"syn": {"config": "configs/ddpm/cifar10_cpu.yaml"}}, modes=["standard"], skip=[])
+    st = Study(load_config(StudyConfig, path))
+    ddpm = [s for s in st.stages if s.kind == "ddpm"]
+    assert len(ddpm) == 1 and ddpm[0].cfg.data.train == str(synth_sets / "test")
+    jcdp = next(s for s in st.stages if s.label == "syn.sem.jcdp")
+    plain = next(s for s in st.stages if s.label == "syn.sem.plain")
+    assert (jcdp.cfg.method, plain.cfg.method) == ("jcdp", "plain") and jcdp.inputs["ddpm"] is ddpm[0]
+    assert jcdp.cfg.ddpm == str(ddpm[0].dir) and jcdp.cfg.data.poisoned.endswith("syn.sem-" + st.stages[
+        [s.label for s in st.stages].index("syn.sem")].hash + "/poisoned")
+    dvae = next(s for s in st.stages if s.label == "syn.random_cw.dvae")
+    assert dvae.cfg.data.train.endswith("/poisoned") and dvae.cfg.data.clean == str(synth_sets / "train")
+    with pytest.raises(ConfigError, match="needs ddpm.syn"):
+        load_config(StudyConfig, path, ["ddpm={}"])

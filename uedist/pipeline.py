@@ -119,8 +119,8 @@ def _purify_kind(method: str) -> Kind:
                     "purified")
     if method in ("jcdp", "diffusion"):
         return Kind("uedist.engine.jcdp", "JCDPConfig", "purify_jcdp",
-                    {"src": "data.src", "clean": "data.clean", "ddpm": "ddpm"}, "purified",
-                    {"guidance": "jcdp" if method == "jcdp" else "none"})
+                    {"src": "data.poisoned", "clean": "data.clean", "ddpm": "ddpm"}, "purified",
+                    {"method": "jcdp" if method == "jcdp" else "plain"})
     return Kind("uedist.engine.purify", "PurifyConfig", "purify_baseline", {"src": "data.src", "clean": "data.clean"},
                 "purified", {"method": method})
 
@@ -175,8 +175,10 @@ class Study:
         for dname, ds in c.datasets.items():
             ddpm = None
             if any(p.method in ("jcdp", "diffusion") for p in c.purifiers.values()):
-                ddpm = self._add("ddpm", f"{dname}.ddpm", c.ddpm[dname], DDPM, {}, {"dataset": dname}, dname,
-                                 f"ddpm.{dname}")
+                # the paper's setting by default: a DDPM trained on the unprotected clean test split
+                own = "data.train" in _flatten(c.ddpm[dname].set)
+                ddpm = self._add("ddpm", f"{dname}.ddpm", c.ddpm[dname], DDPM, {} if own else {"train": ds.test},
+                                 {"dataset": dname}, dname, f"ddpm.{dname}")
             for nname, nspec in c.noises.items():
                 if self._skipped(dname, nname):
                     continue
