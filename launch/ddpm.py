@@ -41,7 +41,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         save_config(cfg, run_dir / "config.yaml")
     try:
         if cfg.deepspeed:
-            from uedist.engine.ddpm_ds import train_ddpm_deepspeed
+            from uedist.engine.ddpm import train_ddpm_deepspeed
 
             m = train_ddpm_deepspeed(cfg, accelerator, run_dir)
         else:

@@ -134,7 +134,9 @@ def hub_backbone(net: str) -> Path:
 def build_lpips(net: str = "alex", backbone: str = "auto", version: str = "0.1") -> LPIPS:
     """LPIPS with the package's linear heads and an ImageNet trunk from ``backbone``: a file path, "auto" (the
     torch hub cache file), or "random" (explicit opt-in: not the perceptual metric). A missing trunk is an error."""
-    model = LPIPS(net)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # a "random" trunk is the same in every process (resumed passes must agree)
+        model = LPIPS(net)
     model.load_state_dict(linear_state(net, version), strict=False)
     if backbone != "random":
         path = hub_backbone(net) if backbone == "auto" else Path(backbone)
