@@ -120,3 +120,16 @@ def test_shipped_noise_configs_load_with_reference_settings():
         == (8, 10, 1.6, 4, 10, 0.8, 5, 5000)
     i = load_config(NoiseConfig, REPO / "configs/rem/imagenet100.yaml")
     assert (i.noise_steps, i.noise_step_size, i.adv_steps, i.adv_step_size, i.eot_samples, i.steps) == (7, 2, 7, 1, 4, 3000)
+
+
+def test_shipped_study_configs_expand():
+    """Every configs/pipeline/*.yaml loads and expands: each stage's own config resolves in its own schema."""
+    from tests.conftest import REPO
+    from uedist.pipeline import Study, StudyConfig
+
+    files = sorted((REPO / "configs" / "pipeline").glob("*.yaml"))
+    assert len(files) >= 3
+    for f in files:
+        study = Study(load_config(StudyConfig, f))
+        victims = [s for s in study.stages if s.kind == "victim"]
+        assert victims and all(s.cfg.data.test for s in victims), f
