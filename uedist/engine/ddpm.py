@@ -62,7 +62,7 @@ class DiffusionSpec:
     T: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    variance: str = "posterior"  # σ_t² of the reverse step: "posterior" (β̃_t) or "beta" (β_t)
+    variance: str = "beta"  # σ_t² of the reverse step (sample grid): "beta" (β_t, DDPM CIFAR-10) or "posterior" (β̃_t)
 
     def validate(self) -> None:
         require(self.T >= 2 and 0 < self.beta_start < self.beta_end < 1, "diffusion: T >= 2, 0 < beta_start < beta_end < 1")

@@ -13,7 +13,7 @@ Ends with a PNG grid (alternating lines: poisoned | purified) and metrics.json (
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
@@ -65,6 +65,8 @@ class JCDPConfig:
     t_p: int = 20  # T_p (plain: t*), a paper step in [1, T]
     rounds: int = 4  # N (plain: 1 in the reference baseline)
     stride: int = 1  # reverse chain visits every stride-th step (1 = the full chain; >1 a strided-chain deviation)
+    variance: Literal["beta", "posterior"] = "beta"  # σ_t²: β_t ("fixedlarge", DDPM CIFAR-10 / the LE code's
+    #   pytorch_diffusion sampler) or β̃_t; with β̃ the last step has σ² = 0, so it takes no guidance at all
     lam_mse: float = 100.0  # λ₁ on ‖x*_t − x̃_t‖² (summed per image)
     lam_lpips: float = 1000.0  # λ₂ on LPIPS(x*_t, x̃_t)
     mse_t: Tuple[int, int] = (11, 1000)  # paper steps t (inclusive) guided by MSE
@@ -94,7 +96,7 @@ def chain(cfg: JCDPConfig, s: Schedule) -> Schedule:
 def make_purifier(cfg: JCDPConfig, device: torch.device):
     """fn(x_u8 (B, 3, H, W), keys) -> purified uint8, for the map pass (and the benchmark)."""
     net, dcfg = load_ddpm(cfg.ddpm, device, prefer_ema=cfg.use_ema)
-    s = dcfg.diffusion.schedule()
+    s = replace(dcfg.diffusion, variance=cfg.variance).schedule()
     require(cfg.t_p <= s.T, f"t_p {cfg.t_p} exceeds the DDPM's T = {s.T}")
     if dcfg.t_max and cfg.t_p > dcfg.t_max:
         log.warning("t_p %d is beyond the steps this DDPM was trained on (t_max %d)", cfg.t_p, dcfg.t_max)
@@ -166,6 +168,7 @@ def purify_shards(cfg: JCDPConfig, accelerator: Any, run_dir: Path) -> Dict[str,
         "name": cfg.name, "method": cfg.method, "purified": str(out), "poisoned": cfg.data.poisoned,
         "ddpm": cfg.ddpm, "t_p": cfg.t_p, "rounds": cfg.rounds, "stride": cfg.stride,
         "denoising_steps_per_image": cfg.rounds * cfg.t_p // cfg.stride, "guided": cfg.guided,
+        "lam_mse": cfg.lam_mse if cfg.guided else 0.0, "lam_lpips": cfg.lam_lpips if cfg.guided else 0.0,
         "lpips": {"net": cfg.lpips.net, "backbone": cfg.lpips.backbone} if cfg.guided and cfg.lam_lpips else None,
         "time_s": dt, "images_per_s": res["samples"] / dt if res["samples"] else None,
         "world_size": accelerator.num_processes, "num_samples": m.num_samples, **res,
@@ -196,6 +199,4 @@ def purify_jcdp(cfg: JCDPConfig, accelerator: Any, run_dir: Path) -> Dict[str, A
 @PURIFIERS.register("diffusion")
 def purify_diffusion(cfg: JCDPConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """Plain diffusion purification (no guidance), the baseline JCDP improves on."""
-    from dataclasses import replace
-
     return purify_shards(replace(cfg, method="plain"), accelerator, run_dir)
