@@ -51,6 +51,9 @@ def workloads(n: int, ds: str) -> Dict[str, float]:
     sem = load_config(_noise_cfg(), REPO / f"configs/sem/{ds}.yaml")
     victim_epochs = load_config(_victim_cfg(), REPO / f"configs/victim/{ds}.yaml").epochs
     dvae = _dvae_epochs(ds)
+    from uedist.engine.ddpm import DDPMConfig
+
+    ddpm = load_config(DDPMConfig, REPO / "configs/ddpm/imagenet256.yaml")
     return {
         "loader": n,  # one epoch of decode + augment
         "sem_step": sem.steps * sem.data.batch_size,  # M steps of batch B (configs/sem/<ds>.yaml)
@@ -59,7 +62,7 @@ def workloads(n: int, ds: str) -> Dict[str, float]:
         "victim_train": victim_epochs * n,  # configs/victim/<ds>.yaml
         "dvae_train": 2 * dvae * n,  # two stages (Algorithm 1), configs/dvae/<ds>.yaml epochs each
         "dvae_infer": 3 * n,  # P1, P2, P3 passes
-        "ddpm_train": 200_000 * 64,  # a 256 px DDPM fine-tune: 200k steps of batch 64 (assumed; no paper figure)
+        "ddpm_train": ddpm.steps * ddpm.data.batch_size,  # configs/ddpm/imagenet256.yaml (from scratch)
         "jcdp_purify": n,  # N rounds × T_p steps per image are inside the measured images/s
     }
 
