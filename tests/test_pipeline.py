@@ -141,3 +141,21 @@ def test_expansion_with_dvae_and_diffusion(synth_sets, tmp_path):
     assert dvae.cfg.data.train.endswith("/poisoned") and dvae.cfg.data.clean == str(synth_sets / "train")
     with pytest.raises(ConfigError, match="needs ddpm.syn"):
         load_config(StudyConfig, path, ["ddpm={}"])
+
+
+@pytest.mark.multiprocess
+def test_pipeline_two_processes(synth_sets, tmp_path):
+    """The study runs under accelerate launch with 2 processes: every stage collective, one report."""
+    from tests.test_multiprocess import accelerate_launch
+
+    path = study_yaml(synth_sets, tmp_path, noises={"random_cw": {"method": "random", "set": {
+        "random_mode": "classwise", "data.workers": 0}}}, purifiers={"none": {"method": "none"}, "jpeg10": {
+        "method": "jpeg", "set": {"quality": 10, "data.workers": 0}}}, modes=["standard"], skip=[])
+    r = accelerate_launch(str(REPO / "launch/pipeline.py"), "--config", str(path), timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("study toy: 4 stages done") == 1
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "toy").glob("*/*/stage.json")]
+    assert len(recs) == 4 and all(rec["world_size"] == 2 for rec in recs)
+    assert all(rec["summary"]["ranks_in_sync"] for rec in recs if rec["kind"] == "victim")
+    rows = list(csv.DictReader(open(tmp_path / "toy/report/results.csv")))
+    assert [(row["noise"], row["purifier"]) for row in rows] == [("random_cw", "none"), ("random_cw", "jpeg10")]
