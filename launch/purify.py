@@ -45,7 +45,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if accelerator.is_main_process:
         psnr = (f"; PSNR vs clean {s['psnr_input_vs_clean']:.2f} -> {s['psnr_output_vs_clean']:.2f} dB"
                 if "psnr_output_vs_clean" in s else "")
-        print(f"\n{cfg.method} {s['params'] or ''}: {s['samples']} images -> {s['purified']} in {s['time_s']:.1f}s "
+        print(f"\n{cfg.method}{' ' + str(s['params']) if s['params'] else ''}: {s['samples']} images -> {s['purified']} in {s['time_s']:.1f}s "
               f"({s['samples'] / max(s['time_s'], 1e-9):.0f} img/s){psnr}\nwrote {run_dir / 'metrics.json'}, {s['grid']}")
     return 0
 

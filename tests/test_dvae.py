@@ -148,6 +148,7 @@ def _kill_when(cmd, ready, timeout=240):
     proc.wait()
 
 
+@pytest.mark.slow
 def test_killed_in_every_phase_resumes_to_identical_sets(synth_sets, tmp_path, finished):
     """SIGKILL mid stage-1 training, mid P¹ pass, mid stage-2 training, mid P³ pass; each rerun resumes; the last
     completes with shard sets byte-identical to the uninterrupted run's."""
