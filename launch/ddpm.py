@@ -19,7 +19,7 @@ from typing import List, Optional
 
 from uedist.config import ConfigError, load_config, save_config
 from uedist.dist import get_logger, make_accelerator, setup_logging
-from uedist.engine.ddpm import DDPMConfig
+from uedist.engine.ddpm import DDPMConfig, train_ddpm
 from uedist.engine.loop import NonFiniteLoss
 
 log = get_logger("uedist.launch.ddpm")
@@ -40,14 +40,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
     try:
-        if cfg.deepspeed:
-            from uedist.engine.ddpm import train_ddpm_deepspeed
-
-            m = train_ddpm_deepspeed(cfg, accelerator, run_dir)
-        else:
-            from uedist.engine.ddpm import train_ddpm
-
-            m = train_ddpm(cfg, accelerator, run_dir)
+        m = train_ddpm(cfg, accelerator, run_dir)  # DDP, or DeepSpeed when cfg.deepspeed names a JSON config
     except NonFiniteLoss as e:
         log.error("%s", e)
         return 3

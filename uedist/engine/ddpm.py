@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -159,7 +159,10 @@ def ddpm_batch_loss(net: torch.nn.Module, s: Schedule, x_u8: torch.Tensor, *, t_
 
 
 def train_ddpm(cfg: DDPMConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
-    """Train or fine-tune (resumable); writes checkpoints, curve.csv, samples.png and metrics.json; returns metrics."""
+    """Train or fine-tune (resumable); writes checkpoints, curve.csv, samples.png and metrics.json; returns metrics.
+    With ``cfg.deepspeed`` set, the DeepSpeed path (``train_ddpm_deepspeed``) runs instead of DDP."""
+    if cfg.deepspeed:
+        return train_ddpm_deepspeed(cfg, accelerator, run_dir)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     if cfg.data.batch_size % world:
         raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by {world} processes")
