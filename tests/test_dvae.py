@@ -179,7 +179,7 @@ def test_killed_in_every_phase_resumes_to_identical_sets(synth_sets, tmp_path, f
 def test_two_processes_ddp(synth_sets, tmp_path):
     from tests.test_multiprocess import accelerate_launch
 
-    r = accelerate_launch(str(REPO / "launch/dvae.py"), f"name=ddp", f"run_root={tmp_path}",
+    r = accelerate_launch(str(REPO / "launch/dvae.py"), "name=ddp", f"run_root={tmp_path}",
                           f"data.train={synth_sets / 'train'}", *TINY, "steps=4")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     met = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
