@@ -145,3 +145,17 @@ def test_mse_guidance_pulls_toward_the_unlearnable_image():
     guide = jcdp_guidance(None, lam_mse=400.0, lam_lpips=0.0, mse_t=(1, 1000), lpips_t=(1, 0))
     guided = purify(_eps_fn(net), s, x_u, t_p=20, rounds=2, gen=torch.Generator().manual_seed(0), guide=guide)
     assert (guided - x_u).pow(2).mean() < 0.5 * (plain - x_u).pow(2).mean()
+
+
+def test_mse_pull_grows_with_stride():
+    from uedist.config import load_config
+    from uedist.engine.jcdp import JCDPConfig, chain, mse_pull
+
+    def pull(*ov):
+        cfg = load_config(JCDPConfig, None, ["ddpm=x", *ov])
+        return mse_pull(cfg, chain(cfg, Schedule.linear(1000, variance=cfg.variance)))
+
+    full, strided = pull("lam_mse=30"), pull("lam_mse=30", "stride=10")
+    assert 0 < full < strided < 1
+    assert pull("lam_mse=30", "t_p=60", "stride=20", "mse_t=[21,1000]") > 1  # overshoots: warned at run time
+    assert pull("method=plain") == 0.0

@@ -93,6 +93,16 @@ def chain(cfg: JCDPConfig, s: Schedule) -> Schedule:
     return s if cfg.stride == 1 else s.respaced(range(cfg.stride - 1, s.T, cfg.stride))
 
 
+def mse_pull(cfg: JCDPConfig, s: Schedule) -> float:
+    """The largest 2·λ₁·σ_t² over the MSE-guided steps of the chain: the fraction of the gap x̃_t − x*_t that one
+    guided step adds to the mean (> 1 overshoots). It grows with σ_t², i.e. with T_p and the stride."""
+    if not cfg.guided or not cfg.lam_mse:
+        return 0.0
+    t = s.steps + 1
+    on = (t <= cfg.t_p) & (t >= cfg.mse_t[0]) & (t <= cfg.mse_t[1])
+    return float(2 * cfg.lam_mse * s.var[on].max()) if on.any() else 0.0
+
+
 def make_purifier(cfg: JCDPConfig, device: torch.device):
     """fn(x_u8 (B, 3, H, W), keys) -> purified uint8, for the map pass (and the benchmark)."""
     net, dcfg = load_ddpm(cfg.ddpm, device, prefer_ema=cfg.use_ema)
@@ -101,6 +111,10 @@ def make_purifier(cfg: JCDPConfig, device: torch.device):
     if dcfg.t_max and cfg.t_p > dcfg.t_max:
         log.warning("t_p %d is beyond the steps this DDPM was trained on (t_max %d)", cfg.t_p, dcfg.t_max)
     s = chain(cfg, s)
+    pull = mse_pull(cfg, s)
+    if pull > 1:
+        log.warning("MSE guidance overshoots: 2·λ₁·σ_t² reaches %.2f > 1 on this chain, so the guided mean moves past "
+                    "the noised unlearnable image (lower lam_mse, or the stride)", pull)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     guide = None
     if cfg.guided:
