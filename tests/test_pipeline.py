@@ -159,3 +159,27 @@ def test_pipeline_two_processes(synth_sets, tmp_path):
     assert all(rec["summary"]["ranks_in_sync"] for rec in recs if rec["kind"] == "victim")
     rows = list(csv.DictReader(open(tmp_path / "toy/report/results.csv")))
     assert [(row["noise"], row["purifier"]) for row in rows] == [("random_cw", "none"), ("random_cw", "jpeg10")]
+
+
+@pytest.mark.slow
+def test_pipeline_diffusion_stages_run(synth_sets, tmp_path):
+    """A DDPM stage then JCDP and plain-diffusion stages that read it, then victims: the cross-stage wiring runs."""
+    tiny_ddpm = {"unet.name": "unet", "unet.args": {"ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1,
+                 "attn_resolutions": [8], "dropout": 0.0, "image_size": 16}, "data.batch_size": 8,
+                 "data.workers": 0, "steps": 4, "warmup_steps": 1, "ckpt_every": 2, "log_every": 2,
+                 "num_samples": 2, "sample_steps": 3}
+    diff = {"t_p": 4, "rounds": 1, "stride": 2, "data.batch_size": 40, "data.workers": 0, "lpips.backbone": "random", "lpips.net": "vgg",
+            "grid": 4}
+    path = study_yaml(synth_sets, tmp_path, noises={"random_cw": {"method": "random", "set": {
+        "random_mode": "classwise", "data.workers": 0}}}, purifiers={
+        "jcdp": {"method": "jcdp", "set": {**diff, "rounds": 2, "lam_lpips": 0.0}}, "plain": {"method": "diffusion", "set": diff}},
+        ddpm={"syn": {"set": tiny_ddpm}}, modes=["standard"], skip=["syn/*/plain/*/*"])
+    r = run_pipeline(path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    recs = {json.loads(p.read_text())["label"]: json.loads(p.read_text()) for p in (tmp_path / "toy").glob("*/*/stage.json")}
+    assert set(recs) == {"syn.ddpm", "syn.random_cw", "syn.random_cw.jcdp", "syn.random_cw.plain",
+                         "syn.random_cw.jcdp.r18.standard"}  # the default "none" column is gone when not listed
+    ddpm_dir = recs["syn.ddpm"]["output"]
+    assert recs["syn.random_cw.jcdp"]["config"]["ddpm"] == ddpm_dir == recs["syn.random_cw.plain"]["config"]["ddpm"]
+    assert recs["syn.random_cw.plain"]["config"]["method"] == "plain"
+    assert (tmp_path / "toy/report/grid_syn_random_cw.png").is_file()

@@ -60,7 +60,7 @@ class StudyConfig:
     run_root: str = "runs"
     datasets: Dict[str, DatasetSpec] = field(default_factory=dict)
     noises: Dict[str, StageSpec] = field(default_factory=dict)  # the table's rows; method clean = no noise
-    purifiers: Dict[str, StageSpec] = field(default_factory=lambda: {"none": StageSpec(method="none")})
+    purifiers: Dict[str, StageSpec] = field(default_factory=dict)  # the table's columns; empty = {none: {method: none}}
     victims: Dict[str, StageSpec] = field(default_factory=dict)  # config: a configs/victim/*.yaml
     modes: List[Literal["standard", "adversarial"]] = field(default_factory=lambda: ["standard"])
     adversarial: Dict[str, Any] = field(default_factory=lambda: {"adv.enabled": True})  # victim overrides in that mode
@@ -172,6 +172,8 @@ class Study:
 
     def _expand(self) -> None:
         c = self.cfg
+        if not c.purifiers:
+            c.purifiers = {"none": StageSpec(method="none")}
         for dname, ds in c.datasets.items():
             ddpm = None
             if any(p.method in ("jcdp", "diffusion") for p in c.purifiers.values()):
