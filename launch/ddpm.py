@@ -12,38 +12,22 @@ samples.png (EMA samples), metrics.json. Resumes by default: rerun the same comm
 """
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 from typing import List, Optional
 
-from uedist.config import ConfigError, load_config, save_config
-from uedist.dist import get_logger, make_accelerator, setup_logging
+from uedist.dist import get_logger
+from uedist.jobs import guarded, start_job
 from uedist.engine.ddpm import DDPMConfig, train_ddpm
-from uedist.engine.loop import NonFiniteLoss
 
 log = get_logger("uedist.launch.ddpm")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML (configs/ddpm/)")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. steps=1000 unet.args.ch=64 data.train=shards/x/test")
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(DDPMConfig, args.config, args.overrides)
-    except ConfigError as e:
-        p.error(str(e))
-    accelerator = make_accelerator()
-    run_dir = Path(cfg.run_root) / cfg.name
-    setup_logging(run_dir)
-    if accelerator.is_main_process:
-        save_config(cfg, run_dir / "config.yaml")
-    try:
-        m = train_ddpm(cfg, accelerator, run_dir)  # DDP, or DeepSpeed when cfg.deepspeed names a JSON config
-    except NonFiniteLoss as e:
-        log.error("%s", e)
-        return 3
+    cfg, accelerator, run_dir = start_job(DDPMConfig, __doc__, "configs/ddpm/",
+                                          "steps=1000 unet.args.ch=64 data.train=shards/x/test", argv)
+    m = guarded(lambda: train_ddpm(cfg, accelerator, run_dir), log)  # DDP, or DeepSpeed when cfg.deepspeed is set
+    if isinstance(m, int):
+        return m
     if accelerator.is_main_process:
         print(f"\n{cfg.name}: DDPM {cfg.unet.name} ({m['params'] / 1e6:.2f} M parameters), {m['steps']} steps on "
               f"{cfg.data.train}; final loss {m['final_loss']}; {m['images_per_s']:.1f} img/s on "

@@ -11,17 +11,15 @@ command after a kill. Exit code 2: bad config or input; 3: non-finite loss.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 from typing import List, Optional
 
-from uedist.config import ConfigError, load_config, save_config
 from uedist.data.manifest import ManifestError
-from uedist.dist import get_logger, make_accelerator, setup_logging
+from uedist.dist import get_logger
+from uedist.jobs import guarded, start_job
 from uedist.engine.dvae import DVAEConfig
-from uedist.engine.loop import NonFiniteLoss
 from uedist.engine.purify import PurifyInputError
 from uedist.registry import PURIFIERS
 
@@ -29,28 +27,12 @@ log = get_logger("uedist.launch.dvae")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML (configs/dvae/)")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. data.train=runs/x/poisoned epochs=10")
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(DVAEConfig, args.config, args.overrides)
-    except ConfigError as e:
-        p.error(str(e))
-    accelerator = make_accelerator()
-    run_dir = Path(cfg.run_root) / cfg.name
-    setup_logging(run_dir)
-    if accelerator.is_main_process:
-        save_config(cfg, run_dir / "config.yaml")
+    cfg, accelerator, run_dir = start_job(DVAEConfig, __doc__, "configs/dvae/",
+                                          "data.train=runs/x/poisoned epochs=10", argv)
     t0 = time.time()
-    try:
-        s = PURIFIERS.build("dvae", cfg, accelerator, run_dir)
-    except (PurifyInputError, ManifestError) as e:
-        log.error("%s", e)
-        return 2
-    except NonFiniteLoss as e:
-        log.error("%s", e)
-        return 3
+    s = guarded(lambda: PURIFIERS.build("dvae", cfg, accelerator, run_dir), log, (PurifyInputError, ManifestError))
+    if isinstance(s, int):
+        return s
     if accelerator.is_main_process:
         print(summary_text(s, time.time() - t0, run_dir))
     return 0

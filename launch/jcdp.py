@@ -12,34 +12,20 @@ shard: rerun the same command after a kill. Then train a victim on it:
 """
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 from typing import List, Optional
 
-from uedist.config import ConfigError, load_config, save_config
-from uedist.dist import get_logger, make_accelerator, setup_logging
+from uedist.dist import get_logger
+from uedist.jobs import start_job
 from uedist.engine.jcdp import JCDPConfig, purify_shards
 
 log = get_logger("uedist.launch.jcdp")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML (configs/jcdp/)")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. ddpm=runs/ddpm_c10 t_p=20 rounds=4 method=plain")
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(JCDPConfig, args.config, args.overrides)
-    except ConfigError as e:
-        p.error(str(e))
-    if not cfg.ddpm:
-        p.error("ddpm=<DDPM run folder> is required (train one with launch/ddpm.py)")
-    accelerator = make_accelerator()
-    run_dir = Path(cfg.run_root) / cfg.name
-    setup_logging(run_dir)
-    if accelerator.is_main_process:
-        save_config(cfg, run_dir / "config.yaml")
+    cfg, accelerator, run_dir = start_job(
+        JCDPConfig, __doc__, "configs/jcdp/", "ddpm=runs/ddpm_c10 t_p=20 rounds=4 method=plain", argv,
+        check=lambda c: None if c.ddpm else "ddpm=<DDPM run folder> is required (train one with launch/ddpm.py)")
     m = purify_shards(cfg, accelerator, run_dir)
     if accelerator.is_main_process:
         guide = (f"λ₁ {cfg.lam_mse:g} (MSE, t in {list(cfg.mse_t)}), λ₂ {cfg.lam_lpips:g} (LPIPS-{cfg.lpips.net}, "

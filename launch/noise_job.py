@@ -1,14 +1,13 @@
 """Shared runner of launch/sem.py, rem.py, em.py (one code path; each script only fixes the method)."""
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import List, Optional
 
-from uedist.config import ConfigError, load_config, save_config
-from uedist.dist import get_logger, make_accelerator, setup_logging
-from uedist.engine.loop import NonFiniteLoss
+from uedist.config import load_config
+from uedist.dist import get_logger
+from uedist.jobs import guarded, start_job
 from uedist.engine.noise import NoiseConfig
 
 log = get_logger("uedist.launch.noise")
@@ -16,35 +15,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(method: str, doc: str, argv: Optional[List[str]] = None, default_config: Optional[str] = None) -> int:
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help=f"YAML (configs/{method}/)" + (f"; default {default_config}" if default_config else ""))
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. steps=100 eps=8 data.train=shards/x/train")
-    args = p.parse_args(argv)
-    path = args.config or (str(REPO / default_config) if default_config else None)
-    try:
-        cfg = load_config(NoiseConfig, path, [f"method={method}", *args.overrides])
-    except ConfigError as e:
-        p.error(str(e))
-    accelerator = make_accelerator()
-    run_dir = Path(cfg.run_root) / cfg.name
-    setup_logging(run_dir)
     t0 = time.time()
+    cfg, accelerator, run_dir = start_job(NoiseConfig, doc, f"configs/{method}/",
+                                          "steps=100 eps=8 data.train=shards/x/train", argv,
+                                          str(REPO / default_config) if default_config else None, (f"method={method}",))
     if not Path(cfg.data.train, "manifest.json").is_file() and cfg.data.build:
         _build_missing(cfg, accelerator)
-    if accelerator.is_main_process:
-        save_config(cfg, run_dir / "config.yaml")
-    try:
-        if method == "em":
-            from uedist.engine.em import generate_em
-
-            s = generate_em(cfg, accelerator, run_dir)
-        else:
-            from uedist.engine.noise import generate_noise
-
-            s = generate_noise(cfg, accelerator, run_dir)
-    except NonFiniteLoss as e:
-        log.error("%s", e)
-        return 3
+    if method == "em":
+        from uedist.engine.em import generate_em as generate
+    else:
+        from uedist.engine.noise import generate_noise as generate
+    s = guarded(lambda: generate(cfg, accelerator, run_dir), log)
+    if isinstance(s, int):
+        return s
     if accelerator.is_main_process:
         print(summary_text(s, time.time() - t0, run_dir))
     return 0

@@ -9,14 +9,12 @@ metrics.json (time; PSNR against the clean set when `data.clean` is given). Resu
 """
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 from typing import List, Optional
 
-from uedist.config import ConfigError, load_config, save_config
 from uedist.data.manifest import ManifestError
-from uedist.dist import get_logger, make_accelerator, setup_logging
+from uedist.dist import get_logger
+from uedist.jobs import guarded, start_job
 from uedist.engine.purify import PurifyConfig, PurifyInputError
 from uedist.registry import PURIFIERS
 
@@ -24,24 +22,11 @@ log = get_logger("uedist.launch.purify")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML (configs/purify/)")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. method=jpeg quality=10 data.src=runs/x/poisoned")
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(PurifyConfig, args.config, args.overrides)
-    except ConfigError as e:
-        p.error(str(e))
-    accelerator = make_accelerator()
-    run_dir = Path(cfg.run_root) / cfg.name
-    setup_logging(run_dir)
-    if accelerator.is_main_process:
-        save_config(cfg, run_dir / "config.yaml")
-    try:
-        s = PURIFIERS.build(cfg.method, cfg, accelerator, run_dir)
-    except (PurifyInputError, ManifestError) as e:
-        log.error("%s", e)
-        return 2
+    cfg, accelerator, run_dir = start_job(PurifyConfig, __doc__, "configs/purify/",
+                                          "method=jpeg quality=10 data.src=runs/x/poisoned", argv)
+    s = guarded(lambda: PURIFIERS.build(cfg.method, cfg, accelerator, run_dir), log, (PurifyInputError, ManifestError))
+    if isinstance(s, int):
+        return s
     if accelerator.is_main_process:
         psnr = (f"; PSNR vs clean {s['psnr_input_vs_clean']:.2f} -> {s['psnr_output_vs_clean']:.2f} dB"
                 if "psnr_output_vs_clean" in s else "")

@@ -7,14 +7,11 @@ Writes runs/<name>/: config.yaml, logs/rank*.log, checkpoints/, curve.csv, metri
 """
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 from typing import List, Optional
 
-from uedist.config import ConfigError, load_config, save_config
-from uedist.dist import get_logger, make_accelerator, setup_logging
-from uedist.engine.loop import NonFiniteLoss
+from uedist.dist import get_logger
+from uedist.jobs import guarded, start_job
 from uedist.engine.victim import VictimConfig, train_victim
 import uedist.models  # noqa: F401  (registers the model zoo)
 
@@ -22,24 +19,11 @@ log = get_logger("uedist.launch.victim")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML (configs/victim/)")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. model.width=0.5 data.train=shards/x/train")
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(VictimConfig, args.config, args.overrides)
-    except ConfigError as e:
-        p.error(str(e))
-    accelerator = make_accelerator()
-    run_dir = Path(cfg.run_root) / cfg.name
-    setup_logging(run_dir)
-    if accelerator.is_main_process:
-        save_config(cfg, run_dir / "config.yaml")
-    try:
-        m = train_victim(cfg, accelerator, run_dir)
-    except NonFiniteLoss as e:
-        log.error("%s", e)
-        return 3
+    cfg, accelerator, run_dir = start_job(VictimConfig, __doc__, "configs/victim/",
+                                          "model.width=0.5 data.train=shards/x/train", argv)
+    m = guarded(lambda: train_victim(cfg, accelerator, run_dir), log)
+    if isinstance(m, int):
+        return m
     if accelerator.is_main_process:
         print(f"\n{cfg.name}: clean test top-1 {m['test_top1']:.2f}%  top-5 {m['test_top5']:.2f}%  "
               f"({m['test_samples']} test images; {m['steps']} steps = {m['epochs']:.1f} epochs; "
