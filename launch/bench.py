@@ -21,7 +21,6 @@ import argparse
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 
 from uedist.config import load_config
 from uedist.dist import make_accelerator
+from uedist.benchmark import timed
 from uedist.io import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,27 +86,6 @@ def _dvae_epochs(ds: str) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------ measuring
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], Any], min_time: float, max_iters: int) -> float:
-    """Seconds per call: one warm-up call (skipped as a measurement only when it is slow enough to stand alone)."""
-    t0 = time.perf_counter()
-    fn()
-    _sync()
-    first = time.perf_counter() - t0
-    if first > 4 * min_time:  # a single slow call (REM at 224 on a CPU) is its own measurement
-        return first
-    n, t0 = 0, time.perf_counter()
-    while n < max_iters and (n == 0 or time.perf_counter() - t0 < min_time):
-        fn()
-        n += 1
-    _sync()
-    return (time.perf_counter() - t0) / n
-
-
 def count_flops(fn: Callable[[], Any]) -> float:
     """FLOPs of one call, from torch's per-op formulas (conv, matmul, attention; forward and backward as run).
     A plain dispatch mode: FlopCounterMode's module hooks break ``torch.autograd.grad`` on leaf inputs, which the

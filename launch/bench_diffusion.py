@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
+from uedist.benchmark import timed
 from uedist.diffusion.ema import EMA
 from uedist.diffusion.purify import jcdp_guidance, purify
 from uedist.diffusion.schedule import Schedule
@@ -34,19 +34,6 @@ PURIFY = [  # (label, method, T_p, N, stride, λ₁, λ₂)
     ("JCDP T_p=20 N=4 (reference)", "jcdp", 20, 4, 1, 30.0, 300.0),
     ("JCDP T_p=20 N=4 stride 10 (CPU config)", "jcdp", 20, 4, 10, 30.0, 3e4),
 ]
-
-
-def timed(fn: Callable[[], None], device: torch.device, min_time: float, max_iters: int) -> float:
-    """Seconds per call (after one warm-up call)."""
-    fn()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    n, t0 = 0, time.perf_counter()
-    while n < max_iters and (n == 0 or time.perf_counter() - t0 < min_time):
-        fn()
-        n += 1
-    sync()
-    return (time.perf_counter() - t0) / n
 
 
 def bench_unet(name: str, kw: Dict[str, Any], px: int, batch: int, bf16: bool, device: torch.device,
@@ -82,10 +69,10 @@ def bench_unet(name: str, kw: Dict[str, Any], px: int, batch: int, bf16: bool, d
     base = {"model": name, "px": px, "batch": batch, "precision": "bf16" if bf16 else "fp32",
             "params": sum(p.numel() for p in net.parameters())}
     net.eval()
-    rows = [{**base, "what": "unet_fwd", "images_per_s": batch / timed(fwd, device, min_time, max_iters)}]
+    rows = [{**base, "what": "unet_fwd", "images_per_s": batch / timed(fwd, min_time, max_iters)}]
     net.train()
-    rows.append({**base, "what": "unet_fwd_bwd", "images_per_s": batch / timed(fwd_bwd, device, min_time, max_iters)})
-    rows.append({**base, "what": "ddpm_train", "images_per_s": batch / timed(train, device, min_time, max_iters)})
+    rows.append({**base, "what": "unet_fwd_bwd", "images_per_s": batch / timed(fwd_bwd, min_time, max_iters)})
+    rows.append({**base, "what": "ddpm_train", "images_per_s": batch / timed(train, min_time, max_iters)})
     return rows
 
 
@@ -106,7 +93,7 @@ def bench_purify(name: str, kw: Dict[str, Any], px: int, batch: int, bf16: bool,
         s = s if stride == 1 else s.respaced(range(stride - 1, 1000, stride))
         guide = jcdp_guidance(lp, lam_mse=l1, lam_lpips=l2, mse_t=(11, 1000), lpips_t=(1, 10)) if method == "jcdp" else None
         gen = torch.Generator(device=device).manual_seed(0)
-        sec = timed(lambda: purify(eps_fn, s, x, t_p=t_p, rounds=rounds, gen=gen, guide=guide), device, min_time, max_iters)
+        sec = timed(lambda: purify(eps_fn, s, x, t_p=t_p, rounds=rounds, gen=gen, guide=guide), min_time, max_iters)
         rows.append({"model": name, "px": px, "batch": batch, "precision": "bf16" if bf16 else "fp32", "what": "purify",
                      "setting": label, "denoising_steps": rounds * t_p // stride, "images_per_s": batch / sec})
     return rows

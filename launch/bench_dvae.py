@@ -15,12 +15,12 @@ import argparse
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
+from uedist.benchmark import timed
 from uedist.config import load_config
 from uedist.data.manifest import Manifest
 from uedist.dist import make_accelerator
@@ -34,17 +34,6 @@ from uedist.registry import PURIFIERS
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {32: "configs/dvae/cifar10.yaml", 112: "configs/dvae/facescrub.yaml", 256: "configs/dvae/imagenet100.yaml"}
 BASELINE_ARGS = {"jpeg": ["quality=10"], "bit_depth": ["bits=2"]}
-
-
-def _time(fn: Callable[[], None], min_time: float, max_iters: int) -> float:
-    fn()  # warm-up
-    n, t0 = 0, time.perf_counter()
-    while n < max_iters and (n == 0 or time.perf_counter() - t0 < min_time):
-        fn()
-        n += 1
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n
 
 
 def bench_dvae(px: int, batch: int, bf16: bool, acc: Any, min_time: float, max_iters: int, width: float) -> List[Dict[str, Any]]:
@@ -78,7 +67,7 @@ def bench_dvae(px: int, batch: int, bf16: bool, acc: Any, min_time: float, max_i
 
     rows = []
     for what, fn in (("train step", train_step), ("inference", infer)):
-        dt = _time(fn, min_time, max_iters)
+        dt = timed(fn, min_time, max_iters)
         rows.append({"what": f"dvae {what}", "px": px, "batch": batch, "width": cfg.model.width,
                      "latent_blocks": cfg.model.latent_blocks, "precision": "bf16+cl" if bf16 else "fp32",
                      "images_per_s": batch / dt})
@@ -92,7 +81,7 @@ def bench_baselines(sizes: List[int], batch: int, acc: Any, min_time: float, max
         x = torch.rand(batch, 3, px, px, device=acc.device)
         for method in BASELINES:
             op = baseline_op(load_config(PurifyConfig, None, ["data.src=x", f"method={method}", *BASELINE_ARGS.get(method, [])]))
-            dt = _time(lambda: to_uint8(op(x)), min_time, max_iters)
+            dt = timed(lambda: to_uint8(op(x)), min_time, max_iters)
             rows.append({"what": f"{method} op", "px": px, "batch": batch, "images_per_s": batch / dt})
             print(f"{method:10s} op   {px:3d}px {batch / dt:10.1f} img/s", flush=True)
     return rows

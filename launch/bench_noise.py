@@ -16,7 +16,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -26,22 +25,12 @@ from uedist.config import load_config
 from uedist.data.manifest import Manifest
 from uedist.dist import make_accelerator
 from uedist.engine.noise import NoiseConfig, _surrogate_step, make_eot, noise_for_batch, surrogate_for
+from uedist.benchmark import timed
 from uedist.io import atomic_write_json, atomic_write_text
 
 SETTINGS = {32: ["noise_steps=10", "noise_step_size=1.6", "eot_samples=5", "adv_steps=10", "adv_step_size=0.8"],
             256: ["noise_steps=7", "noise_step_size=2", "eot_samples=4", "adv_steps=7", "adv_step_size=1",
                   "augment=rrc_flip", "train_size=224"]}
-
-
-def _time(fn, min_time: float, max_iters: int) -> float:
-    fn()  # warm-up
-    n, t0 = 0, time.perf_counter()
-    while n < max_iters and (n == 0 or time.perf_counter() - t0 < min_time):
-        fn()
-        n += 1
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n
 
 
 def bench_steps(px: int, batch: int, width: float, bf16: bool, acc: Any, min_time: float, max_iters: int) -> List[Dict[str, Any]]:
@@ -72,7 +61,7 @@ def bench_steps(px: int, batch: int, width: float, bf16: bool, acc: Any, min_tim
             noise_for_batch(cfg, model, x, y, eot, gen, amp)
 
         for what, fn, passes in (("surrogate step", step, step_passes), ("final pass", final, noise_passes)):
-            dt = _time(fn, min_time, max_iters)
+            dt = timed(fn, min_time, max_iters)
             rows.append({"method": method, "what": what, "px": px, "batch": batch, "width": width,
                          "precision": "bf16+cl" if bf16 else "fp32", "fwd_bwd_per_image": passes,
                          "images_per_s": batch / dt, "s_per_batch": dt})
