@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from tests.conftest import REPO
+from tests.test_noise_resume import _kill_when
 from uedist.data.manifest import load_manifest
 from uedist.data.shards import iter_samples, verify_shard_set
 from uedist.models.dvae import DVAE, DVAEOutput, dvae_loss, kld
@@ -136,16 +135,6 @@ def test_clean_set_sharded_differently_is_refused(synth_sets, tmp_path):  # and 
     r = subprocess.run(_cmd(synth_sets, tmp_path, "bad", "steps=2", f"data.clean={synth_sets / 'test'}"), cwd=REPO,
                        capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 2 and "not sharded like" in r.stdout + r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
-
-
-def _kill_when(cmd, ready, timeout=240):
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None and not ready():
-        time.sleep(0.01)
-    assert proc.poll() is None, "the job finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 @pytest.mark.slow
