@@ -19,8 +19,10 @@ def run(method: str, doc: str, argv: Optional[List[str]] = None, default_config:
     cfg, accelerator, run_dir = start_job(NoiseConfig, doc, f"configs/{method}/",
                                           "steps=100 eps=8 data.train=shards/x/train", argv,
                                           str(REPO / default_config) if default_config else None, (f"method={method}",))
-    if not Path(cfg.data.train, "manifest.json").is_file() and cfg.data.build:
-        _build_missing(cfg, accelerator)
+    if cfg.data.build:
+        err = _build_or_check(cfg, accelerator)
+        if err:
+            return err
     if method == "em":
         from uedist.engine.em import generate_em as generate
     else:
@@ -33,16 +35,28 @@ def run(method: str, doc: str, argv: Optional[List[str]] = None, default_config:
     return 0
 
 
-def _build_missing(cfg: NoiseConfig, accelerator) -> None:
-    from uedist.data.build import BuildConfig, build_shard_sets
+def _build_or_check(cfg: NoiseConfig, accelerator) -> int:
+    """Build ``data.train`` from ``data.build`` when it is missing; when it exists, check it is what ``data.build``
+    builds now (a set left by an older synthetic generator is refused, not silently used). Returns an exit code."""
+    from uedist.data.build import BuildConfig, build_shard_sets, stale_splits
 
     build_cfg = load_config(BuildConfig, REPO / cfg.data.build if not Path(cfg.data.build).is_file() else cfg.data.build)
+    if Path(cfg.data.train, "manifest.json").is_file():
+        stale = stale_splits(build_cfg)  # every rank decides alike, so all exit together
+        if stale:
+            if accelerator.is_main_process:
+                log.error("%s was built from other settings or an older generator than %s; rebuild it with "
+                          "`uedist shards build --config %s overwrite=true`", ", ".join(map(str, stale)),
+                          cfg.data.build, cfg.data.build)
+            return 2
+        return 0
     if accelerator.is_main_process:
         log.info("%s is missing: building it from %s", cfg.data.train, cfg.data.build)
         build_shard_sets(build_cfg)
     accelerator.wait_for_everyone()
     if not Path(cfg.data.train, "manifest.json").is_file():
         raise FileNotFoundError(f"{cfg.data.build} did not produce {cfg.data.train} (check its `out`)")
+    return 0
 
 
 def summary_text(s: dict, wall: float, run_dir: Path) -> str:

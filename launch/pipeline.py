@@ -40,15 +40,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     accelerator = make_accelerator()
     setup_logging(study.dir)
+    def write_stage_list() -> None:
+        if accelerator.is_main_process:
+            atomic_write_json(study.dir / "study.json", {"name": cfg.name, "stages": [
+                str(st.dir.relative_to(study.dir)) for st in study.stages]})  # type: ignore[union-attr]
+
     if accelerator.is_main_process:
         save_config(cfg, study.dir / "study.yaml")
-        atomic_write_json(study.dir / "study.json", {"name": cfg.name, "stages": [
-            str(st.dir.relative_to(study.dir)) for st in study.stages]})  # type: ignore[union-attr]
+    write_stage_list()
     try:
         study.run(accelerator)
     except NonFiniteLoss as e:
         log.error("%s", e)
         return 3
+    except ConfigError as e:  # found while running, e.g. a dataset left by an older synthetic generator
+        log.error("%s", e)
+        return 2
+    write_stage_list()  # again: building the datasets may have changed the stages' hashes
     if accelerator.is_main_process:
         print(f"\nstudy {cfg.name}: {len(study.stages)} stages done in {study.dir}")
         if cfg.report:

@@ -1,5 +1,6 @@
 """Noise jobs end to end at toy scale: the per-pixel ε bound, keys and labels kept, class-wise noise constant
-within a class, 2-process SEM, EM rounds, building the missing synthetic set, config validation."""
+within a class, 2-process SEM, EM rounds, building the missing synthetic set (and refusing a stale one), config
+validation."""
 import json
 import subprocess
 import sys
@@ -90,6 +91,28 @@ def test_main_job_builds_missing_synthetic_set(tmp_path):
                         f"data.test={tmp_path / 'synth/test'}", f"run_root={tmp_path}", "name=demo", "steps=2", *TOY])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "is missing: building it" in r.stdout and (tmp_path / "demo/poisoned/manifest.json").is_file()
+
+
+def test_main_job_refuses_a_set_from_an_older_generator(tmp_path, monkeypatch):
+    """A synthetic set left by an older generator version is refused (exit 2, the rebuild command named), never
+    silently poisoned as if it were the current default."""
+    import uedist.data.sources.synthetic as src
+    from uedist.data.build import BuildConfig, build_shard_sets, stale_splits
+
+    build = tmp_path / "build.yaml"
+    build.write_text(f"source: synthetic\nout: {tmp_path / 'synth'}\nworkers: 0\nsynthetic:\n  num_classes: 3\n"
+                     "  size: 16\n  num_train: 12\n  num_test: 6\nshard_size: 6\n")
+    cfg = load_config(BuildConfig, build)
+    with monkeypatch.context() as m:
+        m.setattr(src, "GENERATOR_VERSION", src.GENERATOR_VERSION - 1)
+        build_shard_sets(cfg, progress=False)
+        assert stale_splits(cfg) == []
+    assert stale_splits(cfg) == [tmp_path / "synth/train", tmp_path / "synth/test"]
+    r = _run("sem.py", [f"data.build={build}", f"data.train={tmp_path / 'synth/train'}",
+                        f"data.test={tmp_path / 'synth/test'}", f"run_root={tmp_path}", "name=demo", "steps=2", *TOY])
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "older generator" in r.stdout and "overwrite=true" in r.stdout
+    assert not (tmp_path / "demo/poisoned").exists()
 
 
 @pytest.mark.parametrize("override, needle", [

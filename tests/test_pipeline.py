@@ -1,5 +1,5 @@
-"""The study pipeline at toy scale: the stage matrix, reuse by config hash, partial reruns after a change,
-a kill between stages, and the report (CSV, Markdown table, plots, grids, timing)."""
+"""The study pipeline at toy scale: the stage matrix, reuse by config hash (and by data content), partial reruns
+after a change, a kill between stages, and the report (CSV, Markdown table, plots, grids, timing)."""
 import csv
 import json
 import os
@@ -75,6 +75,23 @@ def test_expansion_and_validation(synth_sets, tmp_path):
 
 
 @pytest.mark.slow
+def test_rebuilt_dataset_gets_new_stage_folders(tmp_path):
+    """A dataset rebuilt in place (other settings, a newer synthetic generator) changes the hash of every stage
+    that reads it, so no result made from the old data is reused; an unchanged rebuild changes nothing."""
+    from tests.conftest import build
+
+    args = ("synthetic.num_classes=4", "synthetic.size=16", "synthetic.num_train=40", "synthetic.num_test=16",
+            "shard_size=20")
+    sets = build(tmp_path / "sets", *args)
+    path = study_yaml(sets, tmp_path)
+    before = {s.label: s.dir for s in Study(load_config(StudyConfig, path)).stages}
+    build(tmp_path / "sets", *args, "overwrite=true")  # same settings: same bytes
+    assert {s.label: s.dir for s in Study(load_config(StudyConfig, path)).stages} == before
+    build(tmp_path / "sets", *args, "synthetic.seed=1", "overwrite=true")  # other pictures, same path
+    after = {s.label: s.dir for s in Study(load_config(StudyConfig, path)).stages}
+    assert after.keys() == before.keys() and all(after[k] != before[k] for k in before)
+
+
 def test_pipeline_runs_resumes_and_reports(synth_sets, tmp_path):
     # a smaller matrix than above: 2 noise stages, 3 purify stages, 7 victims
     path = study_yaml(synth_sets, tmp_path, skip=["syn/*/gray", "syn/*/jpeg10/*/adversarial",

@@ -151,9 +151,22 @@ def _stage_hash(kind: str, cfg: Any, inputs: Dict[str, Any]) -> str:
     d = config_to_dict(cfg)
     for k in ("name", "run_root", "out", "progress"):
         d.pop(k, None)
-    ins = {r: (v.hash if isinstance(v, Stage) else str(v)) for r, v in sorted(inputs.items())}
+    ins = {r: (v.hash if isinstance(v, Stage) else _data_id(v)) for r, v in sorted(inputs.items())}
     blob = json.dumps({"kind": kind, "config": d, "inputs": ins}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def _data_id(path: Any) -> str:
+    """A dataset input's identity for stage hashes: its path *and content* (the shards' sha256 from its manifest),
+    so a set rebuilt in place (other settings, a newer synthetic generator) gives its stages new folders instead of
+    reusing results made from the old data. An unbuilt set is named by its path alone (run() re-expands once the
+    sets are built)."""
+    mf = Path(str(path), "manifest.json")
+    if not mf.is_file():
+        return str(path)
+    shards = json.loads(mf.read_text()).get("shards", [])
+    digest = hashlib.sha256("".join(sh.get("sha256", "") for sh in shards).encode()).hexdigest()[:16]
+    return f"{path}@{digest}"
 
 
 class Study:
@@ -262,6 +275,8 @@ class Study:
         from uedist.data.build import BuildConfig, build_shard_sets
 
         self._build_datasets(accelerator, BuildConfig, build_shard_sets)
+        self.stages = []
+        self._expand()  # the hashes now include the freshly built sets' content
         records = []
         todo = [s for s in self.stages if self.record(s) is None]
         log.info("study %s: %d stages, %d already done, %d to run", self.cfg.name, len(self.stages),
@@ -277,8 +292,15 @@ class Study:
         return records
 
     def _build_datasets(self, accelerator: Any, BuildConfig: type, build_shard_sets: Callable) -> None:
+        from uedist.data.build import stale_splits
+
         for dname, ds in self.cfg.datasets.items():
             if Path(ds.train, "manifest.json").is_file():
+                stale = stale_splits(load_config(BuildConfig, ds.build)) if ds.build else []
+                if stale:  # e.g. left by an older synthetic generator: never mix it into a study's results
+                    raise ConfigError(f"dataset {dname}: {', '.join(map(str, stale))} was built from other settings "
+                                      f"than {ds.build}; rebuild it: uedist shards build --config {ds.build} "
+                                      "overwrite=true")
                 continue
             if not ds.build:
                 raise FileNotFoundError(f"datasets.{dname}.train {ds.train} has no manifest.json and no build config")

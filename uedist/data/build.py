@@ -186,6 +186,19 @@ def default_out(cfg: BuildConfig) -> Path:
     return Path("shards") / name.get(cfg.source, cfg.source)
 
 
+def stale_splits(cfg: BuildConfig) -> List[Path]:
+    """The splits of ``cfg`` that hold a finished shard set built from *other* inputs or settings (e.g. by an older
+    synthetic generator): their manifest's fingerprint is not the one ``cfg`` would write now."""
+    out, stale = default_out(cfg), []
+    for split in cfg.splits:
+        folder = out / split
+        if (folder / "manifest.json").is_file():
+            source = make_source(cfg, split)
+            if load_manifest(folder).provenance.get("fingerprint") != _fingerprint(cfg, split, source.items()):
+                stale.append(folder)
+    return stale
+
+
 def build_shard_sets(cfg: BuildConfig, *, progress: bool = True) -> Dict[str, Manifest]:
     """Build every split of ``cfg``; returns {split: manifest}. Folders: ``<out>/<split>``."""
     out = default_out(cfg)

@@ -10,7 +10,7 @@ import numpy as np
 
 from uedist.config import require
 from uedist.data.sources.base import Item, Source, SourceError
-from uedist.data.synthetic import synthetic_image, synthetic_labels
+from uedist.data.synthetic import GENERATOR_VERSION, synthetic_image, synthetic_labels
 from uedist.registry import SOURCES
 
 
@@ -44,7 +44,9 @@ class SyntheticSource(Source):
 
     def items(self) -> List[Item]:
         labels = synthetic_labels(range(self.count), num_classes=self.cfg.num_classes, seed=self.cfg.seed, split=self.split)
-        return [Item(f"synthetic:{self.split}:{i}", int(y)) for i, y in enumerate(labels)]
+        # the generator version is part of each reference, hence of the build fingerprint: a set built by an older
+        # generator is refused (rebuild with overwrite=true), never mixed with or mistaken for a current one
+        return [Item(f"synthetic:v{GENERATOR_VERSION}:{self.split}:{i}", int(y)) for i, y in enumerate(labels)]
 
     def read(self, item: Item) -> np.ndarray:
         index = int(item.ref.rsplit(":", 1)[1])
@@ -53,10 +55,10 @@ class SyntheticSource(Source):
 
     def origin(self) -> str:
         c = self.cfg
-        return f"synthetic(num_classes={c.num_classes}, size={c.size}, seed={c.seed})"
+        return f"synthetic-v{GENERATOR_VERSION}(num_classes={c.num_classes}, size={c.size}, seed={c.seed})"
 
     def describe(self) -> Dict[str, object]:
-        return {"generator": "uedist.data.synthetic", "seed": self.cfg.seed}
+        return {"generator": "uedist.data.synthetic", "version": GENERATOR_VERSION, "seed": self.cfg.seed}
 
 
 @SOURCES.register("synthetic")
