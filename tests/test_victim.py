@@ -97,3 +97,19 @@ def test_bad_input_errors(data, tmp_path):
     assert r.returncode != 0 and "manifest.json does not exist" in r.stderr
     r = _run(_args(data, tmp_path, "w", "steps=2", "epochs=3"))
     assert r.returncode != 0 and "set exactly one of steps or epochs" in r.stderr
+
+
+def test_rebuilt_training_set_refuses_old_checkpoints(tmp_path):
+    """Checkpoints record their data's content digest: after the training set is rebuilt in place (e.g. by a newer
+    synthetic generator) the run refuses to resume a model trained on the old pictures."""
+    args = ("synthetic.num_classes=4", "synthetic.size=16", "synthetic.num_train=80", "synthetic.num_test=40",
+            "shard_size=40")
+    sets = build(tmp_path / "sets", *args)
+    r = _run(_args(sets, tmp_path, "v", "steps=2", "ckpt_every=2"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _run(_args(sets, tmp_path, "v", "steps=2", "ckpt_every=2"))  # same data: resumes (nothing left to do)
+    assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, r.stderr[-2000:]
+    build(tmp_path / "sets", *args, "synthetic.seed=1", "overwrite=true")
+    r = _run(_args(sets, tmp_path, "v", "steps=2", "ckpt_every=2"))
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "was trained on other data" in out and "data.train" in out

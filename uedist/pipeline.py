@@ -157,16 +157,13 @@ def _stage_hash(kind: str, cfg: Any, inputs: Dict[str, Any]) -> str:
 
 
 def _data_id(path: Any) -> str:
-    """A dataset input's identity for stage hashes: its path *and content* (the shards' sha256 from its manifest),
-    so a set rebuilt in place (other settings, a newer synthetic generator) gives its stages new folders instead of
-    reusing results made from the old data. An unbuilt set is named by its path alone (run() re-expands once the
-    sets are built)."""
-    mf = Path(str(path), "manifest.json")
-    if not mf.is_file():
-        return str(path)
-    shards = json.loads(mf.read_text()).get("shards", [])
-    digest = hashlib.sha256("".join(sh.get("sha256", "") for sh in shards).encode()).hexdigest()[:16]
-    return f"{path}@{digest}"
+    """A dataset input's identity for stage hashes: its path *and content* (its shards' digest), so a set rebuilt in
+    place (other settings, a newer synthetic generator) gives its stages new folders instead of reusing results
+    made from the old data. An unbuilt set is named by its path alone (run() re-expands once the sets are built)."""
+    from uedist.data.manifest import content_digest
+
+    digest = content_digest(str(path))
+    return f"{path}@{digest}" if digest else str(path)
 
 
 class Study:

@@ -5,6 +5,7 @@ last, atomically, so its presence means every shard it lists is complete.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -124,6 +125,16 @@ def load_manifest(folder: Union[str, os.PathLike]) -> Manifest:
         if "/" in s.name or "\\" in s.name or s.name in ("", ".", ".."):
             raise ManifestError(f"{path}: shard name {s.name!r} is not a plain file name")
     return m
+
+
+def content_digest(folder: Union[str, os.PathLike]) -> Optional[str]:
+    """A short digest of a finished shard set's content (its shards' sha256, in order), or None when ``folder`` has
+    no manifest. Two sets with the same digest hold the same bytes; a set rebuilt in place gets a new one."""
+    mf = Path(folder, MANIFEST)
+    if not mf.is_file():
+        return None
+    shards = json.loads(mf.read_text()).get("shards", [])
+    return hashlib.sha256("".join(sh.get("sha256", "") for sh in shards).encode()).hexdigest()[:16]
 
 
 def code_version() -> str:

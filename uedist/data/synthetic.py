@@ -54,7 +54,7 @@ _MIN_ANGLE_GAP = 0.35  # radians between gratings of one template, so a template
 # sample's source reference, so a shard set built by an older generator never passes for a current one.
 GENERATOR_VERSION = 2
 
-# Per-sample difficulty knobs. Version 2 (measured, README "The synthetic set"): low-contrast textures (8-23 /255,
+# Per-sample difficulty knobs. Version 2 (measured: README, "Protecting a dataset"): low-contrast textures (8-23 /255,
 # comparable to the 8 /255 noise budget, as the class evidence of natural images is to their perturbations) on a
 # narrow mean-colour range, so a width-0.25 ResNet-18 still learns 10 classes at 32 px in 8 epochs (89 % test)
 # while error-minimizing noise can hide them (SEM demo: 13.5 %) and random noise of the same budget cannot

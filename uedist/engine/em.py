@@ -27,7 +27,7 @@ from uedist.data.loaders import make_train_loader
 from uedist.data.manifest import load_manifest
 from uedist.dist import get_logger
 from uedist.engine.evaluate import evaluate
-from uedist.engine.loop import Checkpointer, make_optimizer, make_scheduler
+from uedist.engine.loop import Checkpointer, data_digests, make_optimizer, make_scheduler
 from uedist.engine.noise import NoiseConfig, _batch_gen, _set_grad, make_eot, surrogate_for, write_poisoned
 from uedist.engine.loop import sync_buffers
 from uedist.io import atomic_write_json
@@ -47,7 +47,8 @@ def generate_em(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[str, 
     opt = make_optimizer(model.parameters(), cfg.optim)
     sched = make_scheduler(opt, cfg.optim, total_steps)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    ckpt = Checkpointer(run_dir / "surrogate", accelerator, every=0, gens={"noise": gen})
+    ckpt = Checkpointer(run_dir / "surrogate", accelerator, every=0, gens={"noise": gen},
+                        data=data_digests(config_to_dict(cfg)))
     state = ckpt.resume(model, opt, sched, config=config_to_dict(cfg)) if cfg.resume else None
     rnd = state["round"] if state else 0
     classwise = state["classwise"].to(device) if state and state.get("classwise") is not None else None

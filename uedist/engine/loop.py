@@ -92,9 +92,13 @@ class Checkpointer:
     """Resume-by-default and periodic checkpoints for one run (``<run_dir>/checkpoints``)."""
 
     def __init__(self, run_dir: Path, accelerator: Any, *, every: int, keep: int = 2,
-                 gens: Optional[Dict[str, torch.Generator]] = None) -> None:
+                 gens: Optional[Dict[str, torch.Generator]] = None, data: Optional[Dict[str, str]] = None) -> None:
+        """``data``: the content digests of the run's input shard sets (:func:`data_digests`), saved with every
+        checkpoint; a checkpoint saved with other digests (a training set rebuilt in place since, e.g. by a newer
+        synthetic generator) is refused on resume instead of continuing a model trained on other pictures."""
         self.dir = Path(run_dir) / "checkpoints"
         self.acc, self.every, self.keep, self.gens = accelerator, every, keep, gens or {}
+        self.data = data
 
     def resume(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                scheduler: Any = None, *, config: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
@@ -108,6 +112,11 @@ class Checkpointer:
             raise ValueError(
                 f"{path} was written with a different config; use a new run name, or resume=false to start over"
             )
+        saved = state.get("data_digests")
+        if self.data is not None and saved is not None and saved != self.data:
+            changed = sorted(k for k in set(saved) | set(self.data) if saved.get(k) != self.data.get(k))
+            raise ValueError(f"{path} was trained on other data: data.{', data.'.join(changed)} changed since (rebuilt "
+                             "in place?); use a new run name, or resume=false to start over")
         model.load_state_dict(state["model"])
         if optimizer is not None and "optimizer" in state:
             optimizer.load_state_dict(state["optimizer"])
@@ -123,6 +132,8 @@ class Checkpointer:
         return step == total or (self.every > 0 and step % self.every == 0)
 
     def save(self, step: int, state: Dict[str, Any]) -> Path:
+        if self.data is not None:
+            state = {**state, "data_digests": self.data}
         return save_checkpoint(self.dir, step, state, rank=self.acc.process_index, barrier=self.acc.wait_for_everyone,
                                gens=self.gens, keep=self.keep)
 
@@ -167,6 +178,16 @@ class Prepared:
     config: Dict[str, Any]
 
 
+def data_digests(config: Dict[str, Any]) -> Dict[str, str]:
+    """The content digest of every finished shard set that ``config``'s ``data`` section names ({key: digest})."""
+    from uedist.data.manifest import content_digest
+
+    data = config.get("data")
+    if not isinstance(data, dict):
+        return {}
+    return {k: d for k, v in sorted(data.items()) if isinstance(v, str) and v and (d := content_digest(v))}
+
+
 def prepare_training(
     model: torch.nn.Module, optim: OptimConfig, total_steps: int, *, accelerator: Any, ckpt_root: Path, seed: int,
     config: Dict[str, Any], ckpt_every: int, resume: bool = True, channels_last: bool = False, gen_name: str = "augment",
@@ -181,7 +202,7 @@ def prepare_training(
     opt = make_opt(model.parameters()) if make_opt is not None else make_optimizer(model.parameters(), optim)
     sched = make_scheduler(opt, optim, max(total_steps, 1))
     gen = torch.Generator().manual_seed(seed * 1000 + accelerator.process_index)
-    ckpt = Checkpointer(ckpt_root, accelerator, every=ckpt_every, gens={gen_name: gen})
+    ckpt = Checkpointer(ckpt_root, accelerator, every=ckpt_every, gens={gen_name: gen}, data=data_digests(config))
     state = ckpt.resume(model, opt, sched, config=config) if resume else None
     ddp, opt = accelerator.prepare(model, opt)
     return Prepared(model, ddp, opt, sched, gen, ckpt, state["step"] if state else 0,
