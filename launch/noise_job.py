@@ -38,18 +38,14 @@ def run(method: str, doc: str, argv: Optional[List[str]] = None, default_config:
 def _build_or_check(cfg: NoiseConfig, accelerator) -> int:
     """Build ``data.train`` from ``data.build`` when it is missing; when it exists, check it is what ``data.build``
     builds now (a set left by an older synthetic generator is refused, not silently used). Returns an exit code."""
-    from uedist.data.build import BuildConfig, build_shard_sets, stale_splits
+    from uedist.data.build import BuildConfig, build_shard_sets, stale_message
 
     build_cfg = load_config(BuildConfig, REPO / cfg.data.build if not Path(cfg.data.build).is_file() else cfg.data.build)
     if Path(cfg.data.train, "manifest.json").is_file():
-        stale = stale_splits(build_cfg)  # every rank decides alike, so all exit together
-        if stale:
-            if accelerator.is_main_process:
-                log.error("%s was built from other settings or an older generator than %s; rebuild it with "
-                          "`uedist shards build --config %s overwrite=true`", ", ".join(map(str, stale)),
-                          cfg.data.build, cfg.data.build)
-            return 2
-        return 0
+        msg = stale_message(build_cfg, cfg.data.build)  # every rank decides alike, so all exit together
+        if msg and accelerator.is_main_process:
+            log.error("%s", msg)
+        return 2 if msg else 0
     if accelerator.is_main_process:
         log.info("%s is missing: building it from %s", cfg.data.train, cfg.data.build)
         build_shard_sets(build_cfg)

@@ -92,6 +92,28 @@ def test_rebuilt_dataset_gets_new_stage_folders(tmp_path):
     assert after.keys() == before.keys() and all(after[k] != before[k] for k in before)
 
 
+def test_study_refuses_a_dataset_from_an_older_generator(tmp_path, monkeypatch):
+    import uedist.data.sources.synthetic as src
+    from tests.conftest import build
+
+    args = ("synthetic.num_classes=4", "synthetic.size=16", "synthetic.num_train=40", "synthetic.num_test=16",
+            "shard_size=20")
+    with monkeypatch.context() as m:
+        m.setattr(src, "GENERATOR_VERSION", src.GENERATOR_VERSION - 1)
+        sets = build(tmp_path / "sets", *args)
+    spec = tmp_path / "build.yaml"
+    spec.write_text(yaml.safe_dump({"source": "synthetic", "out": str(sets), "workers": 0, "shard_size": 20,
+                                    "synthetic": {"num_classes": 4, "size": 16, "num_train": 40, "num_test": 16}}))
+    path = study_yaml(sets, tmp_path)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["datasets"]["syn"]["build"] = str(spec)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    r = run_pipeline(path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "older generator" in r.stdout + r.stderr and "overwrite=true" in r.stdout + r.stderr
+    assert not list((tmp_path / "toy").glob("*/*/stage.json"))
+
+
 def test_pipeline_runs_resumes_and_reports(synth_sets, tmp_path):
     # a smaller matrix than above: 2 noise stages, 3 purify stages, 7 victims
     path = study_yaml(synth_sets, tmp_path, skip=["syn/*/gray", "syn/*/jpeg10/*/adversarial",

@@ -289,15 +289,13 @@ class Study:
         return records
 
     def _build_datasets(self, accelerator: Any, BuildConfig: type, build_shard_sets: Callable) -> None:
-        from uedist.data.build import stale_splits
+        from uedist.data.build import stale_message
 
         for dname, ds in self.cfg.datasets.items():
             if Path(ds.train, "manifest.json").is_file():
-                stale = stale_splits(load_config(BuildConfig, ds.build)) if ds.build else []
-                if stale:  # e.g. left by an older synthetic generator: never mix it into a study's results
-                    raise ConfigError(f"dataset {dname}: {', '.join(map(str, stale))} was built from other settings "
-                                      f"than {ds.build}; rebuild it: uedist shards build --config {ds.build} "
-                                      "overwrite=true")
+                msg = stale_message(load_config(BuildConfig, ds.build), ds.build) if ds.build else ""
+                if msg:  # e.g. left by an older synthetic generator: never mix it into a study's results
+                    raise ConfigError(f"dataset {dname}: {msg}")
                 continue
             if not ds.build:
                 raise FileNotFoundError(f"datasets.{dname}.train {ds.train} has no manifest.json and no build config")

@@ -199,6 +199,15 @@ def stale_splits(cfg: BuildConfig) -> List[Path]:
     return stale
 
 
+def stale_message(cfg: BuildConfig, config_path: str) -> str:
+    """'' when every finished split of ``cfg`` is what it builds now; else the error to show, naming the rebuild."""
+    stale = stale_splits(cfg)
+    if not stale:
+        return ""
+    return (f"{', '.join(map(str, stale))} was built from other settings or an older generator than {config_path}; "
+            f"rebuild it: uedist shards build --config {config_path} overwrite=true")
+
+
 def build_shard_sets(cfg: BuildConfig, *, progress: bool = True) -> Dict[str, Manifest]:
     """Build every split of ``cfg``; returns {split: manifest}. Folders: ``<out>/<split>``."""
     out = default_out(cfg)
