@@ -14,7 +14,7 @@ from typing import List, Optional
 
 from uedist.config import ConfigError, save_config
 from uedist.dist import get_logger, make_accelerator, setup_logging
-from uedist.engine.loop import NonFiniteLoss
+from uedist.engine.loop import CheckpointMismatch, NonFiniteLoss
 from uedist.io import atomic_write_json
 from uedist.pipeline import Study, load_study
 from uedist.report import write_report
@@ -53,7 +53,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except NonFiniteLoss as e:
         log.error("%s", e)
         return 3
-    except ConfigError as e:  # found while running, e.g. a dataset left by an older synthetic generator
+    except (ConfigError, CheckpointMismatch) as e:  # found while running, e.g. a set from an older generator
         log.error("%s", e)
         return 2
     write_stage_list()  # again: building the datasets may have changed the stages' hashes

@@ -45,15 +45,19 @@ def start_job(schema: Type[C], doc: Optional[str], config_dir: str, example: str
 
 
 def guarded(fn: Callable[[], Any], log: logging.Logger, input_errors: Tuple[Type[BaseException], ...] = ()) -> Any:
-    """Run the job; a non-finite loss -> exit code 3, one of ``input_errors`` -> exit code 2 (logged, not a
-    traceback). Returns the job's result, or the exit code as an ``int``."""
-    from uedist.engine.loop import NonFiniteLoss
+    """Run the job; a non-finite loss -> exit code 3, a checkpoint of another config or data, or one of
+    ``input_errors`` -> exit code 2 (logged, not a traceback). Returns the job's result, or the exit code as an
+    ``int``."""
+    from uedist.engine.loop import CheckpointMismatch, NonFiniteLoss
 
     try:
         return fn()
     except NonFiniteLoss as e:
         log.error("%s", e)
         return 3
+    except CheckpointMismatch as e:  # another config or rebuilt data under the same run name: nothing resumed
+        log.error("%s", e)
+        return 2
     except input_errors as e:  # type: ignore[misc]
         log.error("%s", e)
         return 2

@@ -88,6 +88,10 @@ def check_finite_params(model: torch.nn.Module, step: int, ckpt_dir: Path) -> No
                                 f"checkpoint: {last if last else 'none yet'}")
 
 
+class CheckpointMismatch(ValueError):
+    """A run's newest checkpoint was written with another training config or on other data: never resumed."""
+
+
 class Checkpointer:
     """Resume-by-default and periodic checkpoints for one run (``<run_dir>/checkpoints``)."""
 
@@ -109,13 +113,13 @@ class Checkpointer:
             return None
         state = load_state(path, map_location="cpu")
         if config is not None and state.get("config") is not None and _train_keys(state["config"]) != _train_keys(config):
-            raise ValueError(
+            raise CheckpointMismatch(
                 f"{path} was written with a different config; use a new run name, or resume=false to start over"
             )
         saved = state.get("data_digests")
         if self.data is not None and saved is not None and saved != self.data:
             changed = sorted(k for k in set(saved) | set(self.data) if saved.get(k) != self.data.get(k))
-            raise ValueError(f"{path} was trained on other data: data.{', data.'.join(changed)} changed since (rebuilt "
+            raise CheckpointMismatch(f"{path} was trained on other data: data.{', data.'.join(changed)} changed since (rebuilt "
                              "in place?); use a new run name, or resume=false to start over")
         model.load_state_dict(state["model"])
         if optimizer is not None and "optimizer" in state:
