@@ -64,6 +64,8 @@ def test_ddpm_outputs(ddpm_run):
     m = json.loads((ddpm_run / "metrics.json").read_text())
     assert m["steps"] == 6 and m["world_size"] == 1 and m["final_loss"] > 0 and m["ranks_in_sync"]
     assert (ddpm_run / "samples.png").stat().st_size > 0 and (ddpm_run / "curve.csv").is_file()
+    log = (ddpm_run / "logs" / "rank0.log").read_text()  # progress=false (batch jobs): the curve goes to the log
+    assert "DDPM step 2/6: lr" in log and "DDPM step 6/6: lr" in log
     s = state(ddpm_run, 6)  # weights_only load
     assert {"model", "optimizer", "scheduler", "ema", "config", "step"} <= set(s)
     assert s["ema"]["updates"] == 6 and s["ema"]["shadow"].keys() == s["model"].keys()

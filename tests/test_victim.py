@@ -114,3 +114,33 @@ def test_rebuilt_training_set_refuses_old_checkpoints(tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 2 and "was trained on other data" in out and "data.train" in out
     assert "Traceback" not in r.stderr
+
+
+def test_report_row_bar_or_log_line():
+    """A curve row shows on the bar when there is one; in a batch job (bar off) the main process logs it instead."""
+    import io
+    import logging
+
+    from uedist.engine.loop import progress_bar, report_row
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("uedist.engine.loop")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        row = {"step": 4, "lr": 0.05, "train_loss": 1.23456, "train_acc": 50.0}
+        bar = progress_bar(10, 0, "x", enabled=True)
+        bar.fp = io.StringIO()
+        report_row(bar, row, 10, desc="victim", log_lines=True)
+        assert bar.postfix == "train_loss=1.235, train_acc=50" and not seen
+        off = progress_bar(10, 0, "x", enabled=False)
+        report_row(off, row, 10, desc="victim", log_lines=False)  # another rank: silent
+        assert not seen
+        report_row(off, row, 10, desc="victim", log_lines=True)
+        assert seen == ["victim step 4/10: lr 0.05 train_loss 1.235 train_acc 50"]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

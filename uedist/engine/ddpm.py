@@ -31,7 +31,8 @@ from uedist.diffusion.ema import EMA
 from uedist.diffusion.purify import sample
 from uedist.diffusion.schedule import Schedule
 from uedist.engine.loop import (
-    Checkpointer, OptimConfig, check_finite, make_scheduler, prepare_training, progress_bar, save_training, write_curve,
+    Checkpointer, OptimConfig, check_finite, make_scheduler, prepare_training, progress_bar, report_row, save_training,
+    write_curve,
 )
 from uedist.engine.victim import ranks_in_sync
 from uedist.io import atomic_write, atomic_write_json
@@ -204,7 +205,8 @@ def train_ddpm(cfg: DDPMConfig, accelerator: Any, run_dir: Path) -> Dict[str, An
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 p.curve.append({"step": step, "lr": p.sched.get_last_lr()[0], "loss": float(np.mean(window))})
-                bar.set_postfix(loss=f"{p.curve[-1]['loss']:.4f}")
+                report_row(bar, p.curve[-1], cfg.steps, desc="DDPM",
+                           log_lines=not cfg.progress and accelerator.is_main_process)
                 window = []
             if p.ckpt.due(step, cfg.steps):
                 save_training(p, step, p.elapsed + time.time() - t0, ema=ema.state_dict())
@@ -315,6 +317,8 @@ def train_ddpm_deepspeed(cfg: DDPMConfig, accelerator: Any, run_dir: Path) -> Di
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 curve.append({"step": step, "lr": sched.get_last_lr()[0], "loss": float(np.mean(window))})
+                report_row(bar, curve[-1], cfg.steps, desc="DDPM (DeepSpeed)",
+                           log_lines=not cfg.progress and accelerator.is_main_process)
                 window = []
             if ckpt.due(step, cfg.steps):
                 save(step, before + time.time() - t0)

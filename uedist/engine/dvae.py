@@ -30,7 +30,9 @@ from uedist.config import config_to_dict, require
 from uedist.data.loaders import make_train_loader
 from uedist.data.manifest import Manifest, load_manifest
 from uedist.dist import get_logger
-from uedist.engine.loop import OptimConfig, check_finite, prepare_training, progress_bar, save_training, write_curve
+from uedist.engine.loop import (
+    OptimConfig, check_finite, prepare_training, progress_bar, report_row, save_training, write_curve,
+)
 from uedist.engine.map_pass import run_map_pass
 from uedist.engine.purify import PSNRStats, check_clean, check_input, comparison_grid, diff_column, read_columns
 from uedist.engine.victim import ranks_in_sync
@@ -185,10 +187,8 @@ def train_dvae_stage(cfg: DVAEConfig, stage: int, src: Path, accelerator: Any, r
             if step % cfg.log_every == 0 or step == total:
                 mean = torch.stack(window).mean(0).tolist()
                 p.curve.append({"step": step, "lr": p.sched.get_last_lr()[0], **dict(zip(terms, mean))})
-                bar.set_postfix(loss=f"{mean[0]:.4f}", kld=f"{mean[3]:.2f}")
-                if not cfg.progress:
-                    log.info("stage %d step %d/%d: %s", stage, step, total,
-                             " ".join(f"{k} {v:.4g}" for k, v in p.curve[-1].items() if k != "step"))
+                report_row(bar, p.curve[-1], total, desc=f"D-VAE stage {stage}",
+                           log_lines=not cfg.progress and accelerator.is_main_process)
                 window = []
             if p.ckpt.due(step, total):
                 save_training(p, step, p.elapsed + time.time() - t0)

@@ -234,3 +234,13 @@ def progress_bar(total: int, initial: int, desc: str, enabled: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, disable=not enabled)
+
+
+def report_row(bar: Any, row: Dict[str, float], total: int, *, desc: str, log_lines: bool) -> None:
+    """Show a new curve row: on the progress bar, or, in batch jobs run with ``progress=false`` (``log_lines``: the
+    main process of such a run), as one log line, so a SLURM log still shows how far the run is and how it goes."""
+    values = {k: v for k, v in row.items() if k != "step"}
+    if not bar.disable:
+        bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k != "lr"})
+    elif log_lines:
+        log.info("%s step %d/%d: %s", desc, row["step"], total, " ".join(f"{k} {v:.4g}" for k, v in values.items()))

@@ -26,7 +26,9 @@ from uedist.data.manifest import Manifest, load_manifest
 from uedist.dist import get_logger
 from uedist.engine.evaluate import evaluate
 from uedist.io import atomic_write_json
-from uedist.engine.loop import OptimConfig, check_finite, prepare_training, progress_bar, save_training, write_curve
+from uedist.engine.loop import (
+    OptimConfig, check_finite, prepare_training, progress_bar, report_row, save_training, write_curve,
+)
 from uedist.engine.map_pass import npy_bytes, run_map_pass
 from uedist.engine.victim import ModelSpec
 from uedist.models.wrappers import Normalized
@@ -187,7 +189,8 @@ def train_surrogate(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[s
             if step % cfg.log_every == 0 or step == cfg.steps:
                 curve.append({"step": step, "lr": sched.get_last_lr()[0], "loss": float(np.mean([w[0] for w in window])),
                               "acc_poisoned_adv": 100 * float(np.mean([w[1] for w in window]))})
-                bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}", acc=f"{curve[-1]['acc_poisoned_adv']:.1f}")
+                report_row(bar, curve[-1], cfg.steps, desc="surrogate",
+                           log_lines=not cfg.progress and accelerator.is_main_process)
                 window = []
             if ckpt.due(step, cfg.steps):
                 save_training(p, step, t_before + time.time() - t0)

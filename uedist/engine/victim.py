@@ -24,7 +24,7 @@ from uedist.data.manifest import Manifest, load_manifest
 from uedist.dist import get_logger
 from uedist.engine.evaluate import evaluate
 from uedist.engine.loop import (
-    OptimConfig, check_finite, prepare_training, progress_bar, save_training, sync_buffers, write_curve,
+    OptimConfig, check_finite, prepare_training, progress_bar, report_row, save_training, sync_buffers, write_curve,
 )
 from uedist.io import atomic_write_json
 from uedist.models.wrappers import Normalized
@@ -207,7 +207,7 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
         if step % cfg.log_every == 0 or step == total:
             curve.append({"step": step, "lr": sched.get_last_lr()[0], "train_loss": sum(w[0] for w in window) / len(window),
                           "train_acc": 100.0 * sum(w[1] for w in window) / len(window)})
-            bar.set_postfix(loss=f"{curve[-1]['train_loss']:.3f}", acc=f"{curve[-1]['train_acc']:.1f}")
+            report_row(bar, curve[-1], total, desc="victim", log_lines=not cfg.progress and accelerator.is_main_process)
             window = []
         if cfg.eval_every and step % cfg.eval_every == 0 and step != total:
             sync_buffers(model, accelerator)
