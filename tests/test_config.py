@@ -106,6 +106,26 @@ def test_shipped_victim_configs_load():
     assert at.adv.enabled and (at.adv.eps, at.adv.steps, at.adv.step_size) == (4.0, 10, 0.8)
 
 
+def test_shipped_purifier_and_ddpm_configs_load():
+    """Every shipped D-VAE, baseline, DDPM and JCDP config parses and validates (a typo in one is caught here, not
+    an hour into a job)."""
+    from tests.conftest import REPO
+    from uedist.engine.ddpm import DDPMConfig
+    from uedist.engine.dvae import DVAEConfig
+    from uedist.engine.jcdp import JCDPConfig
+    from uedist.engine.purify import PurifyConfig
+
+    kinds = {"dvae": (DVAEConfig, []), "purify": (PurifyConfig, ["data.src=runs/x/poisoned"]),  # src: a CLI key
+             "ddpm": (DDPMConfig, []), "jcdp": (JCDPConfig, [])}
+    for d, (cls, overrides) in kinds.items():
+        files = sorted((REPO / "configs" / d).glob("*.yaml"))
+        assert len(files) >= 4, d
+        for f in files:
+            assert load_config(cls, f, overrides).name, f
+    t300 = load_config(DDPMConfig, REPO / "configs/ddpm/cifar10_cpu_t300.yaml")
+    assert t300.t_max == 300 and t300.init == "runs/ddpm_c10_cpu_ft"
+
+
 def test_shipped_noise_configs_load_with_reference_settings():
     from tests.conftest import REPO
     from uedist.engine.noise import NoiseConfig
