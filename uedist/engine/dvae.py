@@ -29,7 +29,6 @@ import torch
 from uedist.config import config_to_dict, require
 from uedist.data.loaders import make_train_loader
 from uedist.data.manifest import Manifest, load_manifest
-from uedist.dist import get_logger
 from uedist.engine.loop import (
     OptimConfig, check_finite, prepare_training, progress_bar, report_row, save_training, write_curve,
 )
@@ -40,8 +39,6 @@ from uedist.io import atomic_write_json
 from uedist.models.dvae import DVAE, dvae_loss
 from uedist.ops.images import to_uint8, to_unit
 from uedist.registry import PURIFIERS
-
-log = get_logger(__name__)
 
 
 @dataclass

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from uedist.config import config_to_dict, require
 from uedist.data.loaders import make_train_loader
 from uedist.data.manifest import Manifest, load_manifest
-from uedist.dist import get_logger
 from uedist.engine.evaluate import evaluate
 from uedist.io import atomic_write_json
 from uedist.engine.loop import (
@@ -37,8 +36,6 @@ from uedist.ops.images import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET
 from uedist.ops.noise import min_min_noise, quantize_noise
 from uedist.ops.pgd import pgd
 from uedist.registry import MODELS
-
-log = get_logger(__name__)
 
 
 @dataclass

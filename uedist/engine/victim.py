@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from uedist.config import config_to_dict, require
 from uedist.data.loaders import make_train_loader
 from uedist.data.manifest import Manifest, load_manifest
-from uedist.dist import get_logger
 from uedist.engine.evaluate import evaluate
 from uedist.engine.loop import (
     OptimConfig, check_finite, prepare_training, progress_bar, report_row, save_training, sync_buffers, write_curve,
@@ -32,8 +31,6 @@ from uedist.ops import augment, iss
 from uedist.ops.images import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, to_unit
 from uedist.ops.pgd import pgd
 from uedist.registry import MODELS
-
-log = get_logger(__name__)
 
 
 @dataclass
