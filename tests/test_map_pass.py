@@ -24,6 +24,8 @@ def test_map_pass_single_and_two_ranks(synth_sets, tmp_path):
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     out = tmp_path / "one"
+    n_shards = len(load_manifest(src).shards)  # progress=False (a batch job): one log line per shard, no bar
+    assert r.stdout.count("map pass rank 0: shard-") == n_shards and f"{n_shards}/{n_shards} shards" in r.stdout
     assert verify_shard_set(out, decode=True).ok
     m_in, m_out = load_manifest(src), load_manifest(out)
     assert m_out.encoding == "png" and m_out.num_samples == m_in.num_samples and m_out.classes == m_in.classes

@@ -93,9 +93,13 @@ def _process(src: Path, m: Manifest, writer: ShardSetWriter, fn: MapFn, todo: Li
              aux: Optional[Path]) -> None:
     if not todo:
         return
+    import time
+
     from tqdm import tqdm
 
     device = accelerator.device
+    log_lines = not progress and accelerator.is_main_process  # batch jobs: a line per shard instead of a bar
+    t0, done_imgs, done_shards = time.perf_counter(), 0, 0
     pending: Dict[int, List[Sample]] = {}
     total = sum(m.shards[i].count for i in todo)
     bar = tqdm(total=total, desc=f"map pass rank {accelerator.process_index}", unit="img", dynamic_ncols=True,
@@ -122,7 +126,13 @@ def _process(src: Path, m: Manifest, writer: ShardSetWriter, fn: MapFn, todo: Li
                             zip(batch["key"], batch["label"].tolist(), blobs, extras)]
                 bar.update(len(batch["key"]))
             if batch["last"]:
-                writer.write_shard(shard, pending.pop(shard))
+                written = pending.pop(shard)
+                writer.write_shard(shard, written)
+                done_imgs, done_shards = done_imgs + len(written), done_shards + 1
+                if log_lines:
+                    log.info("map pass rank %d: %s written, %d/%d shards, %d/%d images, %.1f img/s",
+                             accelerator.process_index, m.shards[shard].name, done_shards, len(todo), done_imgs,
+                             total, done_imgs / max(time.perf_counter() - t0, 1e-9))
     bar.close()
     if pending:
         raise RuntimeError(f"shards {sorted(pending)} ended without their last batch")
