@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -93,8 +94,6 @@ def _process(src: Path, m: Manifest, writer: ShardSetWriter, fn: MapFn, todo: Li
              aux: Optional[Path]) -> None:
     if not todo:
         return
-    import time
-
     from tqdm import tqdm
 
     device = accelerator.device
