@@ -21,6 +21,12 @@ from uedist.dist import setup_logging
 log = logging.getLogger("uedist.cli")
 
 
+def _output(text: str) -> None:
+    """The command's own product (a summary table, a report), written bare to stdout so it can be piped; status
+    lines go through ``log`` instead (rank-aware, timestamped, like every job's)."""
+    sys.stdout.write(text.rstrip("\n") + "\n")
+
+
 def _build(args: argparse.Namespace) -> int:
     from uedist.data.build import BuildConfig, build_shard_sets, default_out
 
@@ -29,9 +35,9 @@ def _build(args: argparse.Namespace) -> int:
     manifests = build_shard_sets(cfg, progress=not args.no_progress)
     save_config(cfg, out / "build_config.yaml")
     for split, m in manifests.items():
-        print(f"{out / split}: {m.num_samples} samples, {m.num_classes} classes, {m.image_size[0]}x{m.image_size[1]} "
+        log.info(f"{out / split}: {m.num_samples} samples, {m.num_classes} classes, {m.image_size[0]}x{m.image_size[1]} "
               f"{m.encoding}, {len(m.shards)} shards" + (f", {len(m.skipped)} skipped" if m.skipped else ""))
-    print(f"resolved config: {out / 'build_config.yaml'}")
+    log.info(f"resolved config: {out / 'build_config.yaml'}")
     return 0
 
 
@@ -42,13 +48,13 @@ def _verify(args: argparse.Namespace) -> int:
     for folder in args.shard_sets:
         rep = verify_shard_set(folder, decode=args.decode)
         if rep.ok:
-            print(f"OK   {folder}: {rep.num_samples} samples, every shard's count and sha256 match"
+            log.info(f"OK   {folder}: {rep.num_samples} samples, every shard's count and sha256 match"
                   + (", every image decodes" if args.decode else ""))
         else:
             rc = 1
-            print(f"FAIL {folder}: {len(rep.problems)} problem(s)")
+            log.error(f"FAIL {folder}: {len(rep.problems)} problem(s)")
             for p in rep.problems:
-                print(f"  - {p}")
+                log.error(f"  - {p}")
     return rc
 
 
@@ -57,9 +63,9 @@ def _inspect(args: argparse.Namespace) -> int:
     from uedist.data.manifest import load_manifest
 
     m = load_manifest(args.shard_set)
-    print(summarize(m, args.shard_set))
+    _output(summarize(m, args.shard_set))
     path = sample_grid(args.shard_set, per_class=args.per_class, max_classes=args.max_classes, out=args.grid)
-    print(f"sample grid {path}")
+    log.info(f"sample grid {path}")
     return 0
 
 
@@ -67,7 +73,7 @@ def _to_ffcv(args: argparse.Namespace) -> int:
     from uedist.data.ffcv_io import convert_to_beton
 
     path = convert_to_beton(args.shard_set, args.out, num_workers=args.workers)
-    print(f"wrote {path}")
+    log.info(f"wrote {path}")
     return 0
 
 
@@ -82,9 +88,9 @@ def _report(args: argparse.Namespace) -> int:
     from uedist.report import write_report
 
     written = write_report(args.study, args.out)
-    print(written.pop("markdown"))
+    _output(written.pop("markdown"))
     for path in written.values():
-        print(f"wrote {path}")
+        log.info(f"wrote {path}")
     return 0
 
 
@@ -135,10 +141,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.fn(args)
     except (ConfigError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")
         return 2
     except ValueError as e:  # SourceError, ManifestError, ShardError, CorruptImageError: all name the culprit
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")
         return 1
 
 
