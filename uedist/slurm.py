@@ -141,7 +141,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         cmd = command(os.environ, args.accelerate_config, args.script)
     except (RuntimeError, ValueError) as e:
         p.error(str(e))
-    print("uedist.slurm: " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    # Every node writes its own line (its command, machine rank included) to its own job log, so not the rank-aware
+    # logger, which would silence nodes 1..N-1 (their SLURM_PROCID is their rank); with --dry-run it is the product.
+    sys.stdout.write("uedist.slurm: " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+    sys.stdout.flush()  # before execv replaces the process
     if args.dry_run:
         return 0
     os.execv(cmd[0], cmd)
