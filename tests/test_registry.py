@@ -21,5 +21,5 @@ def test_register_build_and_errors():
 def test_sources_registered():
     import uedist.data.sources  # noqa: F401
 
-    assert {"imagenet", "facescrub", "cifar", "folder", "synthetic"} <= set(SOURCES.names())
+    assert {"imagenet", "facescrub", "cifar", "folder", "synthetic", "synthetic_shapes"} <= set(SOURCES.names())
     assert isinstance(MODELS, Registry)

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 class BuildConfig:
     """``uedist shards build``: which source, which splits, where, and how samples are stored."""
 
-    source: str = "synthetic"  # a registered source: imagenet | facescrub | cifar | folder | synthetic
+    source: str = "synthetic"  # a registered source: imagenet | facescrub | cifar | folder | synthetic | synthetic_shapes
     splits: List[str] = field(default_factory=lambda: ["train", "test"])
     out: str = ""  # parent folder; each split goes to <out>/<split>. Default: shards/<dataset>
     shard_size: int = 1000  # samples per shard (make shards >= ranks x workers for training streams)
@@ -57,6 +57,7 @@ class BuildConfig:
     cifar: CifarConfig = field(default_factory=CifarConfig)
     folder: FolderConfig = field(default_factory=FolderConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    synthetic_shapes: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def validate(self) -> None:
         require(self.source in SOURCES, f"source: unknown source {self.source!r}; known: {', '.join(SOURCES.names())}")

@@ -11,6 +11,7 @@ where ``f_k'`` is the template frequency slightly rotated and scaled, ``phi_k`` 
 random grating unrelated to the class. Class evidence is therefore in the *texture* (which frequencies are
 present), never in the colour: the per-class mean colour is the same for every class, so error-minimizing noise
 (a few /255) can still become a shortcut for a network trained on it.
+For the same reason no purifier can recover it: ``uedist.data.shapes`` is the counterpart for purification demos.
 
 Determinism and parallelism: sample ``i`` of ``split`` uses ``np.random.default_rng([seed, stream, split_id, i])``
 and the class templates use ``[seed, stream, c]``, so any image can be generated alone, in any order, in any

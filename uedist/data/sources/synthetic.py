@@ -1,5 +1,7 @@
-"""The built-in synthetic dataset (``uedist.data.synthetic``) as a source: the default for the main job,
-demos and tests. Deterministic by seed; any size, resolution and class count; needs no files."""
+"""The built-in synthetic datasets as sources: ``synthetic`` (``uedist.data.synthetic``, faint class textures: the
+default for the main job, demos and tests) and ``synthetic_shapes`` (``uedist.data.shapes``, coarse class shapes: the
+set on which purifiers can show what they recover). Deterministic by seed; any size, resolution and class count;
+need no files."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,6 +12,7 @@ import numpy as np
 
 from uedist.config import require
 from uedist.data.sources.base import Item, Source, SourceError
+from uedist.data.shapes import SHAPES_VERSION, shapes_image
 from uedist.data.synthetic import GENERATOR_VERSION, synthetic_image, synthetic_labels
 from uedist.registry import SOURCES
 
@@ -29,38 +32,68 @@ class SyntheticConfig:
 
 
 class SyntheticSource(Source):
+    """The texture set. Subclasses draw other pictures (``_draw``) under their own reference tag and version."""
+
     name = "synthetic"
     default_encoding = "png"
     resize_mode = "none"
+    generator = "uedist.data.synthetic"
+    tag = ""  # between "synthetic:" and the version in every reference ("shapes-" for the shape set)
 
     def __init__(self, cfg: SyntheticConfig, split: str) -> None:
         if split not in ("train", "test"):
-            raise SourceError(f"synthetic: unknown split {split!r}; choose train or test")
+            raise SourceError(f"{self.name}: unknown split {split!r}; choose train or test")
         self.cfg, self.split = cfg, split
         self.root = Path(".")
         self.image_size = (cfg.size, cfg.size)
         self.classes = [f"class{i:0{len(str(cfg.num_classes - 1))}d}" for i in range(cfg.num_classes)]
         self.count = cfg.num_train if split == "train" else cfg.num_test
 
+    def version(self) -> int:
+        return GENERATOR_VERSION  # read at call time (tests stand in an older version)
+
+    def _draw(self, index: int, label: int) -> np.ndarray:
+        c = self.cfg
+        return synthetic_image(index, label=label, num_classes=c.num_classes, size=c.size, seed=c.seed, split=self.split)
+
     def items(self) -> List[Item]:
         labels = synthetic_labels(range(self.count), num_classes=self.cfg.num_classes, seed=self.cfg.seed, split=self.split)
         # the generator version is part of each reference, hence of the build fingerprint: a set built by an older
         # generator is refused (rebuild with overwrite=true), never mixed with or mistaken for a current one
-        return [Item(f"synthetic:v{GENERATOR_VERSION}:{self.split}:{i}", int(y)) for i, y in enumerate(labels)]
+        ref = f"synthetic:{self.tag}v{self.version()}:{self.split}"
+        return [Item(f"{ref}:{i}", int(y)) for i, y in enumerate(labels)]
 
     def read(self, item: Item) -> np.ndarray:
-        index = int(item.ref.rsplit(":", 1)[1])
-        c = self.cfg
-        return synthetic_image(index, label=item.label, num_classes=c.num_classes, size=c.size, seed=c.seed, split=self.split)
+        return self._draw(int(item.ref.rsplit(":", 1)[1]), item.label)
 
     def origin(self) -> str:
         c = self.cfg
-        return f"synthetic-v{GENERATOR_VERSION}(num_classes={c.num_classes}, size={c.size}, seed={c.seed})"
+        return f"synthetic-{self.tag}v{self.version()}(num_classes={c.num_classes}, size={c.size}, seed={c.seed})"
 
     def describe(self) -> Dict[str, object]:
-        return {"generator": "uedist.data.synthetic", "version": GENERATOR_VERSION, "seed": self.cfg.seed}
+        return {"generator": self.generator, "version": self.version(), "seed": self.cfg.seed}
+
+
+class SyntheticShapesSource(SyntheticSource):
+    """The shape set: the texture set's labels, sizes and splits; other pictures, its own version and references."""
+
+    name = "synthetic_shapes"
+    generator = "uedist.data.shapes"
+    tag = "shapes-"
+
+    def version(self) -> int:
+        return SHAPES_VERSION
+
+    def _draw(self, index: int, label: int) -> np.ndarray:
+        c = self.cfg
+        return shapes_image(index, label=label, num_classes=c.num_classes, size=c.size, seed=c.seed, split=self.split)
 
 
 @SOURCES.register("synthetic")
 def build_synthetic_source(cfg: SyntheticConfig, split: str) -> SyntheticSource:
     return SyntheticSource(cfg, split)
+
+
+@SOURCES.register("synthetic_shapes")
+def build_synthetic_shapes_source(cfg: SyntheticConfig, split: str) -> SyntheticShapesSource:
+    return SyntheticShapesSource(cfg, split)
