@@ -73,7 +73,11 @@ def summary_text(s: dict, wall: float, run_dir: Path) -> str:
     lines.append("  time                 " + ", ".join(f"{k.replace('_s', '')} {v:.1f}s" for k, v in t.items())
                  + f", total {wall:.1f}s")
     lines.append(f"  wrote                {run_dir / 'metrics.json'}, {run_dir / 'config.yaml'}")
-    victim = "synthetic" if "synthetic" in str(s["train"]) else "<victim config>"
+    train = Path(str(s["train"]))
+    victim, test = "<victim config>", ""
+    if train.parent.name.startswith("synthetic"):  # the built-in sets: the synthetic victim, on this set's own test split
+        victim = "synthetic"
+        test = "" if train.parent.name == "synthetic" else f" data.test={train.parent / 'test'}"
     lines.append(f"  next                 accelerate launch launch/victim.py --config configs/victim/{victim}.yaml "
-                 f"data.train={s['poisoned']} name={s['name']}_victim")
+                 f"data.train={s['poisoned']}{test} name={s['name']}_victim")
     return "\n".join(lines)

@@ -4,6 +4,7 @@ validation."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,3 +123,21 @@ def test_main_job_refuses_a_set_from_an_older_generator(tmp_path, monkeypatch):
 def test_noise_config_validation(override, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         load_config(NoiseConfig, None, override.split())
+
+
+@pytest.mark.parametrize("train, hint", [
+    ("shards/synthetic/train", "--config configs/victim/synthetic.yaml data.train=runs/x/poisoned name=x_victim"),
+    ("shards/synthetic_shapes/train", "--config configs/victim/synthetic.yaml data.train=runs/x/poisoned "
+                                      "data.test=shards/synthetic_shapes/test name=x_victim"),
+    ("shards/cifar10/train", "--config configs/victim/<victim config>.yaml data.train=runs/x/poisoned name=x_victim"),
+])
+def test_summary_names_the_victim_command(train, hint):
+    """The summary's next step tests a built-in set's victim on that set's own test split."""
+    sys.path.insert(0, str(REPO / "launch"))
+    try:
+        from noise_job import summary_text  # launch/noise_job.py
+    finally:
+        sys.path.remove(str(REPO / "launch"))
+    s = {"method": "em", "name": "x", "poisoned": "runs/x/poisoned", "eps": 8.0, "train": train, "timings": {},
+         "noise": {"samples": 10, "linf_max": 8.0, "l2_mean": 1.0}}
+    assert hint in summary_text(s, 1.0, Path("runs/x"))
