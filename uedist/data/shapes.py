@@ -17,7 +17,7 @@ Classes beyond ten repeat the ten shapes and differ only by their colour tendenc
 much harder than the default ten.
 
 Measured (README, "Purifying"; victim ``configs/victim/synthetic.yaml``, 8 epochs): clean 80.9 %; class-wise EM
-28.5 %; D-VAE(class-wise EM) 69.7 % (86 % of clean). Error-minimizing noise made by an *adversarially trained*
+28.5 %; D-VAE(class-wise EM) 73.0 % (90 % of clean). Error-minimizing noise made by an *adversarially trained*
 surrogate (SEM) does not protect it: robust, high-contrast shapes are learned by that surrogate as fast as by the
 victim (clean test 66 % after the demo's 300 steps), and the noise then reinforces them (victim 58.7 %), the
 failure the texture set was designed to avoid.
