@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from uedist.data.synthetic import _split_id, synthetic_labels
+from uedist.data.synthetic import batch_request
 
 __all__ = ["SHAPES_VERSION", "SHAPES", "class_colour", "shapes_batch", "shapes_image"]
 
@@ -141,18 +141,7 @@ def shapes_batch(
     other classes for the same per-sample randomness. ``shapes_batch(ix)[j]`` equals
     ``shapes_image(ix[j], label=...)`` exactly.
     """
-    if size < 1:
-        raise ValueError(f"size must be >= 1, got {size}")
-    split_id = _split_id(split)
-    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-    if labels is None:
-        lab = synthetic_labels(idx, num_classes=num_classes, seed=seed, split=split)
-    else:
-        lab = np.asarray(labels, dtype=np.int64).reshape(-1)
-        if lab.shape != idx.shape:
-            raise ValueError(f"{lab.size} labels for {idx.size} indices")
-        if lab.size and (lab.min() < 0 or lab.max() >= num_classes):
-            raise ValueError(f"labels must lie in [0, {num_classes})")
+    split_id, idx, lab = batch_request(indices, labels, num_classes=num_classes, size=size, seed=seed, split=split)
     out = np.empty((idx.size, size, size, 3), dtype=np.uint8)
     for n, (i, c) in enumerate(zip(idx, lab)):
         out[n] = _render_one(int(i), int(c), seed=seed, split_id=split_id, size=size)

@@ -181,6 +181,25 @@ def _render(params: Sequence[Dict[str, np.ndarray]], size: int) -> np.ndarray:
     return out
 
 
+def batch_request(
+    indices: Sequence[int], labels: Optional[Sequence[int]], *, num_classes: int, size: int, seed: int, split: str
+) -> Tuple[int, np.ndarray, np.ndarray]:
+    """Check a batch request of any built-in generator: ``(split_id, indices, labels)`` as int64 arrays, the labels
+    defaulting to :func:`synthetic_labels` (so every generator shares the same balanced labels)."""
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    split_id = _split_id(split)
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if labels is None:
+        return split_id, idx, synthetic_labels(idx, num_classes=num_classes, seed=seed, split=split)
+    lab = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if lab.shape != idx.shape:
+        raise ValueError(f"{lab.size} labels for {idx.size} indices")
+    if lab.size and (lab.min() < 0 or lab.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes})")
+    return split_id, idx, lab
+
+
 def synthetic_batch(
     indices: Sequence[int],
     *,
@@ -195,18 +214,7 @@ def synthetic_batch(
     ``labels`` defaults to :func:`synthetic_labels` of the same indices; pass them to draw other classes for the
     same per-sample randomness. ``synthetic_batch(ix)[j]`` equals ``synthetic_image(ix[j], label=...)`` exactly.
     """
-    if size < 1:
-        raise ValueError(f"size must be >= 1, got {size}")
-    split_id = _split_id(split)
-    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-    if labels is None:
-        lab = synthetic_labels(idx, num_classes=num_classes, seed=seed, split=split)
-    else:
-        lab = np.asarray(labels, dtype=np.int64).reshape(-1)
-        if lab.shape != idx.shape:
-            raise ValueError(f"{lab.size} labels for {idx.size} indices")
-        if lab.size and (lab.min() < 0 or lab.max() >= num_classes):
-            raise ValueError(f"labels must lie in [0, {num_classes})")
+    split_id, idx, lab = batch_request(indices, labels, num_classes=num_classes, size=size, seed=seed, split=split)
     if idx.size == 0:
         return np.empty((0, size, size, 3), dtype=np.uint8)
     params = [_sample_params(int(i), int(c), seed=seed, split_id=split_id) for i, c in zip(idx, lab)]
