@@ -1,27 +1,144 @@
-"""launch/bench.py runs end to end (tiny sizes) and writes its JSON and Markdown with every stage asked for."""
+"""The benchmark scripts (launch/bench/*.py) run end to end in their quick modes and write JSON and Markdown with
+every row they promise, each with a positive rate; and the shared helpers in uedist.benchmark do what they say."""
+
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+import torch
 
 from tests.conftest import REPO
+from uedist.benchmark import Setting, count_flops, fmt_duration, markdown_table, timed_calls
 
 
+def run_quick(script: str, out: Path, *args: str) -> tuple:
+    """Run ``launch/bench/<script>.py --quick --out <out>``; return (its JSON, its Markdown)."""
+    r = subprocess.run(
+        [sys.executable, str(REPO / "launch/bench" / f"{script}.py"), "--quick", "--out", str(out), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert f"wrote {out / script}.json and {out / script}.md" in r.stdout
+    return json.loads((out / f"{script}.json").read_text()), (out / f"{script}.md").read_text()
+
+
+def positive(rows: list, key: str = "images_per_s") -> bool:
+    return bool(rows) and all(r[key] > 0 for r in rows)  # False for NaN too
+
+
+# ----------------------------------------------------------------------------------------------- shared helpers
+def test_markdown_table_aligns_columns():
+    lines = markdown_table(["a", "b"], [(1, "x"), (2, "y")], "lr")
+    assert lines == ["| a | b |", "|---|---:|", "| 1 | x |", "| 2 | y |"]
+
+
+def test_timed_calls_counts_and_quick_limits():
+    calls = []
+    dt, n = timed_calls(lambda: calls.append(1), *Setting(torch.device("cpu"), quick=True).limits(5.0, 50))
+    assert n == 1 and len(calls) == 2 and dt >= 0  # one warm-up call, one timed
+    assert Setting(torch.device("cpu")).limits(5.0, 50) == (5.0, 50)
+
+
+def test_count_flops_of_a_matmul():
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    assert count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
+
+
+def test_fmt_duration():
+    assert [fmt_duration(s) for s in (42, 600, 36000, 5 * 86400)] == ["42 s", "10 min", "10.0 h", "5.0 d"]
+
+
+# ------------------------------------------------------------------------------------------------------ scripts
+@pytest.mark.slow
 def test_bench_quick(tmp_path):
-    stages = "loader,sem_step,rem_step,victim_train,jcdp_purify"
-    r = subprocess.run([sys.executable, str(REPO / "launch/bench.py"), "--quick", "--out", str(tmp_path),
-                        "--stages", stages], cwd=REPO, capture_output=True, text=True, timeout=600,
-                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads((tmp_path / "bench.json").read_text())
+    stages = "loader,sem_step,rem_step,final_pass,victim_train,dvae_train,dvae_infer,ddpm_train,jcdp_purify"
+    res, md = run_quick("bench", tmp_path, "--stages", stages)
     rows = {row["stage"]: row for row in res["rows"]}
-    assert list(rows) == stages.split(",") and all(row["images_per_s"] > 0 for row in rows.values())
-    # REM's inner attack makes each step dearer than SEM's, in FLOPs as counted
-    assert rows["rem_step"]["flops_per_image"] > rows["sem_step"]["flops_per_image"] > 0
+    assert list(rows) == stages.split(",") and positive(res["rows"]) and positive(res["rows"], "s_per_call")
+    assert res["peak_flops"] > 0 and res["quick"] is True
+    # REM's inner attack makes each step dearer than SEM's, in FLOPs as counted; the final pass is cheaper still
+    flops = {k: r["flops_per_image"] for k, r in rows.items()}
+    assert flops["rem_step"] > flops["sem_step"] > flops["final_pass"] > 0
+    assert all(flops[k] > 0 for k in rows if k != "loader") and flops["loader"] is None
+    assert all(0 < r["utilization"] for k, r in rows.items() if k != "loader")
     assert set(res["extrapolation_s"]) == {"imagenet100", "facescrub"}
-    assert res["extrapolation_s"]["imagenet100"]["sem_step"]["64"] * 64 == \
-        __import__("pytest").approx(res["extrapolation_s"]["imagenet100"]["sem_step"]["1"])
-    md = (tmp_path / "bench.md").read_text()
-    assert "QUICK MODE" in md and "| 64 devices |" in md
-    bad = subprocess.run([sys.executable, str(REPO / "launch/bench.py"), "--stages", "sem_stpe"], cwd=REPO,
-                         capture_output=True, text=True)
+    sem = res["extrapolation_s"]["imagenet100"]["sem_step"]
+    assert sem["64"] * 64 == pytest.approx(sem["1"]) and sem["1"] > 0
+    assert "QUICK MODE" in md and "| 64 devices |" in md and md.count("| jcdp_purify |") == 3
+
+
+@pytest.mark.slow
+def test_bench_rejects_unknown_stage():
+    bad = subprocess.run(
+        [sys.executable, str(REPO / "launch/bench/bench.py"), "--stages", "sem_stpe"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert bad.returncode == 2 and "unknown stage" in bad.stderr
+
+
+@pytest.mark.slow
+def test_bench_noise_quick(tmp_path):
+    res, md = run_quick("noise", tmp_path, "--batch-32", "2", "--batch-256", "1")
+    rows = res["rows"]
+    # {sem, rem} x {surrogate step, final pass} x {32, 256 px} x {fp32, bf16+cl}
+    assert len(rows) == 16 and positive(rows) and positive(rows, "fwd_bwd_per_image")
+    assert {(r["px"], r["precision"]) for r in rows} == {(32, "fp32"), (32, "bf16+cl"), (256, "fp32"), (256, "bf16+cl")}
+    assert set(res["ratios"]) == {"32px fp32", "32px bf16+cl", "256px fp32", "256px bf16+cl"}
+    assert all(v["pass_ratio"] > 1 and v["time_ratio_rem_over_sem"] > 0 for v in res["ratios"].values())
+    assert res["memory"]["N"] == 200 and res["memory"]["rss_N_mib"] > 0 and res["memory"]["rss_4N_mib"] > 0
+    assert "| method | what | px |" in md and "Peak RSS" in md
+
+
+@pytest.mark.slow
+def test_bench_victim_quick(tmp_path):
+    res, md = run_quick("victim", tmp_path)
+    rows = res["results"]
+    # resnet18 x {32, 224} x {standard, adversarial} x {fp32, fp32+cl, bf16+cl}
+    assert len(rows) == 12 and positive(rows) and all(r["iters"] >= 1 for r in rows)
+    assert {r["training"] for r in rows} == {"standard", "adversarial"}
+    assert res["machine"]["threads"] > 0 and res["machine"]["device"]
+    assert "| resnet18 | 224 |" in md
+
+
+@pytest.mark.slow
+def test_bench_dvae_quick(tmp_path):
+    res, md = run_quick("dvae", tmp_path)
+    rows = res["rows"]
+    dvae = [r for r in rows if r["what"].startswith("dvae ")]  # {train step, inference} x 3 px x 2 precisions
+    ops = [r for r in rows if r["what"].endswith(" op")]  # 6 baselines x 3 px
+    passes = [r for r in rows if r["what"].endswith(" map pass")]  # 6 baselines
+    assert (len(dvae), len(ops), len(passes), len(rows)) == (12, 18, 6, 36) and positive(rows)
+    assert "| dvae train step | 256 |" in md and "| jpeg map pass | 32 |" in md
+
+
+@pytest.mark.slow
+def test_bench_diffusion_quick(tmp_path):
+    res, md = run_quick("diffusion", tmp_path)
+    rows = res["results"]
+    assert positive(rows) and res["machine"]["quick"] is True
+    assert (
+        sorted(r["what"] for r in rows) == ["ddpm_train"] * 2 + ["purify"] * 3 + ["unet_fwd"] * 2 + ["unet_fwd_bwd"] * 2
+    )
+    assert all(r["denoising_steps"] > 0 for r in rows if r["what"] == "purify")
+    assert "JCDP T_p=20 N=4 (reference) (80 steps)" in md
+
+
+@pytest.mark.slow
+def test_bench_loader_quick(tmp_path):
+    res, md = run_quick("loader", tmp_path)
+    rows = [r for r in res["results"] if not r["loader"].startswith("ffcv")]
+    assert len(rows) == 2 * 2 * 3 * 3 and positive(rows)  # {32, 256 px} x {jpg, png} x 3 workers x 3 loaders
+    assert all(r["timed_images"] > 0 and r["first_batch_s"] > 0 for r in res["results"])
+    assert len(res["decode_limit"]) == 4 and positive(res["decode_limit"])
+    assert res["settings"]["quick"] is True and "× 1-core decode" in md
