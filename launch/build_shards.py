@@ -4,7 +4,7 @@
 """
 import sys
 
-from uedist.cli import main
+from uedist.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["shards", "build", *sys.argv[1:]]))

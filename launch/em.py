@@ -1,10 +1,11 @@
-"""Generate EM (error-minimizing, sample-wise or class-wise) noise and write the poisoned shard set.
+"""Generate EM noise and write the poisoned shard set (launch/noise.py with the method fixed to em).
 
-    accelerate launch launch/em.py --config configs/em/cifar10.yaml [em.mode=classwise ...]
+    accelerate launch launch/em.py --config configs/em/cifar10.yaml [key=value ...]
+    accelerate launch launch/em.py        # demo scale on the built-in synthetic set
 """
 import sys
 
-from noise_job import run
+from uedist.app.jobs import run_stage_main
 
 if __name__ == "__main__":
-    sys.exit(run("em", __doc__, default_config="configs/em/demo.yaml"))
+    sys.exit(run_stage_main("noise", sys.argv[1:], doc=__doc__, method="em", default_config="configs/em/demo.yaml"))

@@ -16,8 +16,8 @@ from uedist.config import ConfigError, save_config
 from uedist.dist import get_logger, make_accelerator, setup_logging
 from uedist.engine.loop import CheckpointMismatch, NonFiniteLoss
 from uedist.io import atomic_write_json
-from uedist.pipeline import Study, load_study
-from uedist.report import write_report
+from uedist.app.pipeline import Study, load_study
+from uedist.app.report import write_report
 import uedist.models  # noqa: F401  (registers the model zoo)
 
 log = get_logger("uedist.launch.pipeline")

@@ -1,10 +1,11 @@
-"""Generate REM (robust error-minimizing) noise and write the poisoned shard set.
+"""Generate REM noise and write the poisoned shard set (launch/noise.py with the method fixed to rem).
 
     accelerate launch launch/rem.py --config configs/rem/cifar10.yaml [key=value ...]
+    accelerate launch launch/rem.py        # demo scale on the built-in synthetic set
 """
 import sys
 
-from noise_job import run
+from uedist.app.jobs import run_stage_main
 
 if __name__ == "__main__":
-    sys.exit(run("rem", __doc__, default_config="configs/rem/demo.yaml"))
+    sys.exit(run_stage_main("noise", sys.argv[1:], doc=__doc__, method="rem", default_config="configs/rem/demo.yaml"))

@@ -5,32 +5,9 @@
 
 Writes runs/<name>/: config.yaml, logs/rank*.log, checkpoints/, curve.csv, metrics.json. Resumes by default.
 """
-from __future__ import annotations
-
 import sys
-from typing import List, Optional
 
-from uedist.dist import get_logger
-from uedist.jobs import guarded, start_job
-from uedist.engine.victim import VictimConfig, train_victim
-import uedist.models  # noqa: F401  (registers the model zoo)
-
-log = get_logger("uedist.launch.victim")
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    cfg, accelerator, run_dir = start_job(VictimConfig, __doc__, "configs/victim/",
-                                          "model.width=0.5 data.train=shards/x/train", argv)
-    m = guarded(lambda: train_victim(cfg, accelerator, run_dir), log)
-    if isinstance(m, int):
-        return m
-    if accelerator.is_main_process:
-        print(f"\n{cfg.name}: clean test top-1 {m['test_top1']:.2f}%  top-5 {m['test_top5']:.2f}%  "
-              f"({m['test_samples']} test images; {m['steps']} steps = {m['epochs']:.1f} epochs; "
-              f"{m['images_per_s']:.0f} img/s; {m['train_time_s']:.0f} s training on {m['world_size']} process(es))")
-        print(f"wrote {run_dir / 'metrics.json'}, {run_dir / 'curve.csv'}, checkpoints in {run_dir / 'checkpoints'}")
-    return 0
-
+from uedist.app.jobs import run_stage_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage_main("victim", sys.argv[1:], doc=__doc__, default_method="victim"))

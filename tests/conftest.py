@@ -44,7 +44,7 @@ def synth_sets(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "uedist.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "uedist.app.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300)
 
 

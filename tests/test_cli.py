@@ -1,4 +1,5 @@
 """The commands users type: `uedist shards build|verify|inspect` and the main job under `accelerate launch`."""
+import pytest
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ from uedist.data.manifest import load_manifest
 TINY = ["synthetic.num_train=120", "synthetic.num_test=40", "synthetic.size=16", "shard_size=50"]
 
 
+@pytest.mark.slow
 def test_build_verify_inspect(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("source: synthetic\nsynthetic:\n  num_classes: 3\n")
@@ -26,11 +28,13 @@ def test_build_verify_inspect(tmp_path):
         assert img.size[1] > 3 * 60  # a row per class
 
 
+@pytest.mark.slow
 def test_config_typo_is_a_clear_error(tmp_path):
     r = run_cli("shards", "build", f"out={tmp_path}", "synthetic.num_clases=3")
     assert r.returncode == 2 and "unknown config key synthetic.'num_clases' (did you mean synthetic.'num_classes'?)" in r.stderr
 
 
+@pytest.mark.slow
 def test_build_shards_script(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "launch/build_shards.py"), "--no-progress", f"out={tmp_path}",
                         "splits=[test]", *TINY], capture_output=True, text=True, timeout=120)

@@ -142,10 +142,11 @@ def test_shipped_noise_configs_load_with_reference_settings():
     assert (i.noise_steps, i.noise_step_size, i.adv_steps, i.adv_step_size, i.eot_samples, i.steps) == (7, 2, 7, 1, 4, 3000)
 
 
+@pytest.mark.slow
 def test_shipped_study_configs_expand():
     """Every configs/pipeline/*.yaml loads and expands: each stage's own config resolves in its own schema."""
     from tests.conftest import REPO
-    from uedist.pipeline import Study, StudyConfig
+    from uedist.app.pipeline import Study, StudyConfig
 
     files = sorted((REPO / "configs" / "pipeline").glob("*.yaml"))
     assert len(files) >= 3

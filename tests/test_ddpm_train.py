@@ -60,6 +60,7 @@ def ddpm_run(synth_sets, tmp_path_factory):
     return root / "d"
 
 
+@pytest.mark.slow
 def test_ddpm_outputs(ddpm_run):
     m = json.loads((ddpm_run / "metrics.json").read_text())
     assert m["steps"] == 6 and m["world_size"] == 1 and m["final_loss"] > 0 and m["ranks_in_sync"]
@@ -76,6 +77,7 @@ def test_ddpm_outputs(ddpm_run):
     assert_same_tensors(net.state_dict(), s["ema"]["shadow"])
 
 
+@pytest.mark.slow
 def test_ddpm_resume_equals_uninterrupted(synth_sets, tmp_path):
     args = ddpm_args(synth_sets, tmp_path, "d", "num_samples=0")
     assert run("launch/ddpm.py", *args).returncode == 0
@@ -89,6 +91,7 @@ def test_ddpm_resume_equals_uninterrupted(synth_sets, tmp_path):
     assert_same_tensors(full["ema"]["shadow"], again["ema"]["shadow"])
 
 
+@pytest.mark.slow
 def test_finetune_starts_from_ema_weights(ddpm_run, synth_sets, tmp_path):
     r = run("launch/ddpm.py", *ddpm_args(synth_sets, tmp_path, "ft", f"init={ddpm_run}", "steps=1", "ckpt_every=1",
                                          "num_samples=0", "lr=1e-12", "warmup_steps=0"))
@@ -98,6 +101,7 @@ def test_finetune_starts_from_ema_weights(ddpm_run, synth_sets, tmp_path):
     assert max((tuned[k] - src[k]).abs().max().item() for k in src) < 1e-6  # started from the EMA weights
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_ddpm_two_process_ddp(synth_sets, tmp_path):
     r = accelerate_launch(str(REPO / "launch/ddpm.py"), *ddpm_args(synth_sets, tmp_path, "ddp", "steps=3",
@@ -146,7 +150,7 @@ def test_deepspeed_zero2_two_processes_resumes_exactly(synth_sets, tmp_path):
 
 
 def jcdp_args(sets, ddpm, root, name, *extra):
-    return [f"ddpm={ddpm}", f"data.poisoned={sets / 'train'}", f"data.clean={sets / 'train'}", f"run_root={root}",
+    return [f"ddpm={ddpm}", f"data.src={sets / 'train'}", f"data.clean={sets / 'train'}", f"run_root={root}",
             f"name={name}", "lpips.net=vgg", "lpips.backbone=random", "t_p=4", "rounds=2", "stride=2",
             "data.batch_size=20", "data.workers=0", "grid=8", "progress=false", *extra]
 
@@ -163,6 +167,7 @@ def jcdp_ref(synth_sets, ddpm_run, tmp_path_factory):
     return root / "ref"
 
 
+@pytest.mark.slow
 def test_jcdp_pass_outputs(jcdp_ref, synth_sets, ddpm_run, tmp_path):
     out = jcdp_ref / "purified"
     assert verify_shard_set(out).ok
@@ -176,12 +181,13 @@ def test_jcdp_pass_outputs(jcdp_ref, synth_sets, ddpm_run, tmp_path):
     assert 5 < met["psnr_to_poisoned"] < 60 and (jcdp_ref / "grid.png").stat().st_size > 0
     r = run("launch/jcdp.py", *jcdp_args(synth_sets, ddpm_run, jcdp_ref.parent, "ref"))
     assert r.returncode == 0 and "already complete" in r.stdout + r.stderr
-    r = run("launch/jcdp.py", *jcdp_args(synth_sets, ddpm_run, tmp_path, "plain", "method=plain", "rounds=1"))
+    r = run("launch/jcdp.py", *jcdp_args(synth_sets, ddpm_run, tmp_path, "plain", "method=diffusion", "rounds=1"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert load_manifest(tmp_path / "plain" / "purified").provenance["stage"] == "purify:plain"
+    assert load_manifest(tmp_path / "plain" / "purified").provenance["stage"] == "purify:diffusion"
     assert _shards(tmp_path / "plain" / "purified") != _shards(jcdp_ref / "purified")
 
 
+@pytest.mark.slow
 def test_killed_jcdp_pass_resumes_to_identical_shards(jcdp_ref, synth_sets, ddpm_run, tmp_path):
     cmd = [sys.executable, str(REPO / "launch/jcdp.py"), *jcdp_args(synth_sets, ddpm_run, tmp_path, "ref")]
     progress = tmp_path / "ref" / "purified" / "_progress"

@@ -158,4 +158,4 @@ def test_mse_pull_grows_with_stride():
     full, strided = pull("lam_mse=30"), pull("lam_mse=30", "stride=10")
     assert 0 < full < strided < 1
     assert pull("lam_mse=30", "t_p=60", "stride=20", "mse_t=[21,1000]") > 1  # overshoots: warned at run time
-    assert pull("method=plain") == 0.0
+    assert pull("method=diffusion") == 0.0

@@ -24,7 +24,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
 def _cmd(sets, root, name, *extra, script="launch/dvae.py"):
-    return [sys.executable, str(REPO / script), f"name={name}", f"run_root={root}", f"data.train={sets / 'train'}",
+    return [sys.executable, str(REPO / script), f"name={name}", f"run_root={root}", f"data.src={sets / 'train'}",
             f"data.clean={sets / 'train'}", *TINY, *extra]
 
 
@@ -80,6 +80,7 @@ def finished(synth_sets, tmp_path_factory):
     return root / "ref", r.stdout
 
 
+@pytest.mark.slow
 def test_two_stages_write_three_sets_with_provenance(synth_sets, finished):
     run, stdout = finished
     src = load_manifest(synth_sets / "train")
@@ -104,6 +105,7 @@ def test_two_stages_write_three_sets_with_provenance(synth_sets, finished):
     assert "D-VAE purification" in stdout and "P3 = rec(P2)" in stdout
 
 
+@pytest.mark.slow
 def test_rerun_reuses_everything(synth_sets, finished):
     run, _ = finished
     before = _shards(run / "purified")
@@ -131,6 +133,7 @@ def test_input_that_differs_from_the_config_is_a_clear_error(synth_sets, tmp_pat
     assert not (tmp_path / "bad" / "stage1").exists()
 
 
+@pytest.mark.slow
 def test_clean_set_sharded_differently_is_refused(synth_sets, tmp_path):  # and the launcher exits 2
     r = subprocess.run(_cmd(synth_sets, tmp_path, "bad", "steps=2", f"data.clean={synth_sets / 'test'}"), cwd=REPO,
                        capture_output=True, text=True, timeout=120, env=ENV)
@@ -164,12 +167,13 @@ def test_killed_in_every_phase_resumes_to_identical_sets(synth_sets, tmp_path, f
         assert _shards(run / name) == _shards(ref / name), name
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_ddp(synth_sets, tmp_path):
     from tests.test_multiprocess import accelerate_launch
 
     r = accelerate_launch(str(REPO / "launch/dvae.py"), "name=ddp", f"run_root={tmp_path}",
-                          f"data.train={synth_sets / 'train'}", *TINY, "steps=4")
+                          f"data.src={synth_sets / 'train'}", *TINY, "steps=4")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     met = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     for st in ("stage1", "stage2"):

@@ -384,6 +384,7 @@ def test_jpeg_output_close_to_pil_crop(server, tmp_path):
     assert np.abs(got.astype(int) - want).mean() < 3
 
 
+@pytest.mark.slow
 def test_launch_script_subprocess(server, tmp_path):
     base, images = server
     rows = [_row("Zeta One", 1, f"{base}/img/rgb.png", (0, 0, 10, 12), images["rgb.png"]),

@@ -49,6 +49,7 @@ def shard_set(tmp_path_factory):
     return folder, convert_to_beton(folder)
 
 
+@pytest.mark.slow
 def test_sequential_matches_webdataset_exactly(shard_set):
     folder, beton = shard_set
     assert beton == folder / BETON and sidecar_path(beton).is_file()
@@ -59,6 +60,7 @@ def test_sequential_matches_webdataset_exactly(shard_set):
     assert images.dtype == np.uint8 and np.array_equal(images, ref_images)  # raw pixels: bit-exact
 
 
+@pytest.mark.slow
 def test_random_order_covers_every_sample_once_per_epoch(shard_set):
     folder, beton = shard_set
     ref_keys, ref_labels, ref_images = _reference(folder)
@@ -77,6 +79,7 @@ def test_random_order_covers_every_sample_once_per_epoch(shard_set):
     assert np.array_equal(labels, ref_labels[idx]) and np.array_equal(images, ref_images[idx])
 
 
+@pytest.mark.slow
 def test_reconvert_skips_when_up_to_date_and_redoes_when_changed(tmp_path, shard_set):
     src, _ = shard_set
     folder = tmp_path / "copy"

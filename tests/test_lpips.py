@@ -68,6 +68,7 @@ def test_torchvision_format_trunk_loads_by_key(tmp_path, net):
         build_lpips(net, backbone=str(bad))
 
 
+@pytest.mark.slow
 @needs_pkg
 def test_distance_properties_and_gradient():
     torch.manual_seed(0)

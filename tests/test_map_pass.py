@@ -18,6 +18,7 @@ def _shards(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.glob("shard-*.tar"))}
 
 
+@pytest.mark.slow
 def test_map_pass_single_and_two_ranks(synth_sets, tmp_path):
     src = synth_sets / "train"
     r = subprocess.run([sys.executable, SCRIPT, str(src), str(tmp_path / "one")], capture_output=True, text=True,
@@ -38,6 +39,7 @@ def test_map_pass_single_and_two_ranks(synth_sets, tmp_path):
     assert _shards(tmp_path / "two") == _shards(out)  # shard i depends only on input shard i
 
 
+@pytest.mark.slow
 def test_map_pass_resumes_by_shard_and_reuses_finished(synth_sets, tmp_path):
     src, out = synth_sets / "train", tmp_path / "o"
     subprocess.run([sys.executable, SCRIPT, str(src), str(out)], check=True, capture_output=True, timeout=120)

@@ -25,6 +25,7 @@ def accelerate_launch(*args: str, timeout: int = 300, cwd=REPO) -> subprocess.Co
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_ranks_each_sample_once(synth_sets, tmp_path):
     folder = synth_sets / "train"

@@ -42,6 +42,7 @@ def check_poisoned(clean, poisoned, eps):
     return deltas
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_sem_two_processes(synth_sets, tmp_path):
     r = accelerate_launch(str(REPO / "launch/sem.py"), *_args(synth_sets, tmp_path, "sem", "steps=4"))
@@ -53,6 +54,7 @@ def test_sem_two_processes(synth_sets, tmp_path):
     assert m["noise"]["linf_max"] <= 8 and "surrogate_acc_poisoned" in m and m["timings"]["final_pass_s"] > 0
 
 
+@pytest.mark.slow
 def test_rem_and_classwise_random(synth_sets, tmp_path):
     r = _run("rem.py", _args(synth_sets, tmp_path, "rem", "steps=2", "eps=4", "save_noise=true"))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -73,6 +75,7 @@ def test_rem_and_classwise_random(synth_sets, tmp_path):
             assert same.mean() > 0.9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["samplewise", "classwise"])
 def test_em_rounds(synth_sets, tmp_path, mode):
     r = _run("em.py", _args(synth_sets, tmp_path, f"em_{mode}", f"em.mode={mode}", "em.max_rounds=2",
@@ -84,6 +87,7 @@ def test_em_rounds(synth_sets, tmp_path, mode):
     assert "EM rounds" in r.stdout
 
 
+@pytest.mark.slow
 def test_main_job_builds_missing_synthetic_set(tmp_path):
     build = tmp_path / "build.yaml"
     build.write_text(f"source: synthetic\nout: {tmp_path / 'synth'}\nworkers: 0\nsynthetic:\n  num_classes: 3\n"
@@ -94,6 +98,7 @@ def test_main_job_builds_missing_synthetic_set(tmp_path):
     assert "is missing: building it" in r.stdout and (tmp_path / "demo/poisoned/manifest.json").is_file()
 
 
+@pytest.mark.slow
 def test_main_job_refuses_a_set_from_an_older_generator(tmp_path, monkeypatch):
     """A synthetic set left by an older generator version is refused (exit 2, the rebuild command named), never
     silently poisoned as if it were the current default."""
@@ -133,11 +138,8 @@ def test_noise_config_validation(override, needle):
 ])
 def test_summary_names_the_victim_command(train, hint):
     """The summary's next step tests a built-in set's victim on that set's own test split."""
-    sys.path.insert(0, str(REPO / "launch"))
-    try:
-        from noise_job import summary_text  # launch/noise_job.py
-    finally:
-        sys.path.remove(str(REPO / "launch"))
+    from uedist.engine.noise import noise_summary
+
     s = {"method": "em", "name": "x", "poisoned": "runs/x/poisoned", "eps": 8.0, "train": train, "timings": {},
          "noise": {"samples": 10, "linf_max": 8.0, "l2_mean": 1.0}}
-    assert hint in summary_text(s, 1.0, Path("runs/x"))
+    assert hint in noise_summary(s, Path("runs/x"))

@@ -14,9 +14,9 @@ from uedist.data.shards import verify_shard_set
 SLOW = ["steps=30", "ckpt_every=5", "noise_steps=6", "eot_samples=3"]  # slow enough to be caught mid-phase
 
 
-def _cmd(sets, root, name):
+def _cmd(sets, root, name, *extra):
     return [sys.executable, str(REPO / "launch/sem.py"), f"name={name}", f"run_root={root}",
-            f"data.train={sets / 'train'}", "data.test=", *TOY, *SLOW]
+            f"data.train={sets / 'train'}", "data.test=", *TOY, *SLOW, *extra]
 
 
 def _shards(folder):
@@ -42,7 +42,10 @@ def reference(synth_sets, tmp_path_factory):
     return _shards(root / "ref" / "poisoned")
 
 
-@pytest.mark.parametrize("phase", ["surrogate", "final_pass"])
+# "runtime_change": killed in the final pass with bars and loader workers, rerun as node.sbatch suggests
+# (progress=false data.workers=0): runtime-only fields are outside the config identity, so it resumes
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["surrogate", "final_pass", "runtime_change"])
 def test_killed_noise_job_resumes_to_identical_shards(synth_sets, tmp_path, reference, phase):
     run = tmp_path / "killed"
     latest = run / "surrogate" / "checkpoints" / "latest"
@@ -51,7 +54,8 @@ def test_killed_noise_job_resumes_to_identical_shards(synth_sets, tmp_path, refe
         ready = lambda: latest.is_file() and latest.read_text().strip() >= "step-00000010"  # noqa: E731
     else:
         ready = lambda: progress.is_dir() and len(list(progress.glob("shard-*.json"))) >= 1  # noqa: E731
-    _kill_when(_cmd(synth_sets, tmp_path, "killed"), ready)
+    first = ("progress=true", "data.workers=1", "log_every=3") if phase == "runtime_change" else ()
+    _kill_when(_cmd(synth_sets, tmp_path, "killed", *first), ready)
     assert not (run / "poisoned" / "manifest.json").exists()
     if phase == "surrogate":
         assert not (run / "poisoned").exists()

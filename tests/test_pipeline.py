@@ -13,7 +13,7 @@ import yaml
 
 from tests.conftest import REPO
 from uedist.config import ConfigError, load_config
-from uedist.pipeline import Study, StudyConfig
+from uedist.app.pipeline import Study, StudyConfig
 
 TOY_NOISE = {"surrogate.width": 0.125, "data.batch_size": 16, "data.workers": 0, "noise_steps": 2,
              "eot_samples": 1, "adv_steps": 1, "adv_step_size": 2, "final_batch_size": 64, "steps": 3,
@@ -92,6 +92,7 @@ def test_rebuilt_dataset_gets_new_stage_folders(tmp_path):
     assert after.keys() == before.keys() and all(after[k] != before[k] for k in before)
 
 
+@pytest.mark.slow
 def test_study_refuses_a_dataset_from_an_older_generator(tmp_path, monkeypatch):
     import uedist.data.sources.synthetic as src
     from tests.conftest import build
@@ -114,6 +115,7 @@ def test_study_refuses_a_dataset_from_an_older_generator(tmp_path, monkeypatch):
     assert not list((tmp_path / "toy").glob("*/*/stage.json"))
 
 
+@pytest.mark.slow
 def test_pipeline_runs_resumes_and_reports(synth_sets, tmp_path):
     # a smaller matrix than above: 2 noise stages, 3 purify stages, 7 victims
     path = study_yaml(synth_sets, tmp_path, skip=["syn/*/gray", "syn/*/jpeg10/*/adversarial",
@@ -154,7 +156,7 @@ def test_pipeline_runs_resumes_and_reports(synth_sets, tmp_path):
     assert sorted(todo) == sorted([f"syn.{n}.jpeg10" for n in ("clean", "random_cw", "sem")] +
                                   [f"syn.{n}.jpeg10.r18.standard" for n in ("clean", "random_cw", "sem")])
     # the report command rebuilds the same table from the folder
-    r = subprocess.run([sys.executable, "-m", "uedist.cli", "report", str(tmp_path / "toy"), "--out",
+    r = subprocess.run([sys.executable, "-m", "uedist.app.cli", "report", str(tmp_path / "toy"), "--out",
                         str(tmp_path / "rep2")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "rep2/results.md").read_text() == md
@@ -173,15 +175,16 @@ def test_expansion_with_dvae_and_diffusion(synth_sets, tmp_path):
     assert len(ddpm) == 1 and ddpm[0].cfg.data.train == str(synth_sets / "test")
     jcdp = next(s for s in st.stages if s.label == "syn.sem.jcdp")
     plain = next(s for s in st.stages if s.label == "syn.sem.plain")
-    assert (jcdp.cfg.method, plain.cfg.method) == ("jcdp", "plain") and jcdp.inputs["ddpm"] is ddpm[0]
-    assert jcdp.cfg.ddpm == str(ddpm[0].dir) and jcdp.cfg.data.poisoned.endswith("syn.sem-" + st.stages[
+    assert (jcdp.cfg.method, plain.cfg.method) == ("jcdp", "diffusion") and jcdp.inputs["ddpm"] is ddpm[0]
+    assert jcdp.cfg.ddpm == str(ddpm[0].dir) and jcdp.cfg.data.src.endswith("syn.sem-" + st.stages[
         [s.label for s in st.stages].index("syn.sem")].hash + "/poisoned")
     dvae = next(s for s in st.stages if s.label == "syn.random_cw.dvae")
-    assert dvae.cfg.data.train.endswith("/poisoned") and dvae.cfg.data.clean == str(synth_sets / "train")
+    assert dvae.cfg.data.src.endswith("/poisoned") and dvae.cfg.data.clean == str(synth_sets / "train")
     with pytest.raises(ConfigError, match="needs ddpm.syn"):
         load_config(StudyConfig, path, ["ddpm={}"])
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_pipeline_two_processes(synth_sets, tmp_path):
     """The study runs under accelerate launch with 2 processes: every stage collective, one report."""
@@ -220,5 +223,5 @@ def test_pipeline_diffusion_stages_run(synth_sets, tmp_path):
                          "syn.random_cw.jcdp.r18.standard"}  # the default "none" column is gone when not listed
     ddpm_dir = recs["syn.ddpm"]["output"]
     assert recs["syn.random_cw.jcdp"]["config"]["ddpm"] == ddpm_dir == recs["syn.random_cw.plain"]["config"]["ddpm"]
-    assert recs["syn.random_cw.plain"]["config"]["method"] == "plain"
+    assert recs["syn.random_cw.plain"]["config"]["method"] == "diffusion"
     assert (tmp_path / "toy/report/grid_syn_random_cw.png").is_file()

@@ -20,7 +20,7 @@ from uedist.data.shards import iter_samples, verify_shard_set
 from uedist.dist import make_accelerator
 from uedist.engine.purify import BASELINES, PurifyConfig, PurifyInputError, baseline_op
 from uedist.ops.images import to_uint8, to_unit
-from uedist.registry import PURIFIERS
+from uedist.registry import STAGES
 
 
 def _cfg(synth_sets, tmp_path, *overrides):
@@ -38,15 +38,15 @@ def _shards(folder):
 
 
 def test_registry_holds_every_purifier():
-    assert set(BASELINES) | {"dvae"} <= set(PURIFIERS.names())
-    with pytest.raises(KeyError, match="unknown purifier 'jpg'; did you mean 'jpeg'"):
-        PURIFIERS.get("jpg")
+    assert set(BASELINES) | {"dvae"} <= set(STAGES.names())
+    with pytest.raises(KeyError, match="unknown stage 'jpg'; did you mean 'jpeg'"):
+        STAGES.get("jpg")
 
 
 @pytest.mark.parametrize("method", BASELINES)
 def test_each_baseline_is_its_op_on_every_sample(synth_sets, tmp_path, method):
     cfg = _cfg(synth_sets, tmp_path, f"method={method}", f"name={method}", f"data.clean={synth_sets / 'train'}")
-    s = PURIFIERS.build(method, cfg, make_accelerator(), tmp_path / method)
+    s = STAGES.build(method, cfg, make_accelerator(), tmp_path / method)
     out = tmp_path / method / "purified"
     assert verify_shard_set(out).ok
     m = load_manifest(out)
@@ -64,8 +64,8 @@ def test_each_baseline_is_its_op_on_every_sample(synth_sets, tmp_path, method):
 
 def test_grayscale_and_bit_depth_do_what_they_say(synth_sets, tmp_path):
     acc = make_accelerator()
-    PURIFIERS.build("grayscale", _cfg(synth_sets, tmp_path, "method=grayscale", "name=g"), acc, tmp_path / "g")
-    PURIFIERS.build("bit_depth", _cfg(synth_sets, tmp_path, "method=bit_depth", "bits=2", "name=b"), acc, tmp_path / "b")
+    STAGES.build("grayscale", _cfg(synth_sets, tmp_path, "method=grayscale", "name=g"), acc, tmp_path / "g")
+    STAGES.build("bit_depth", _cfg(synth_sets, tmp_path, "method=bit_depth", "bits=2", "name=b"), acc, tmp_path / "b")
     g = np.stack([a for *_, a in _images(tmp_path / "g" / "purified")]).astype(int)
     assert (np.abs(g - g[..., :1]) == 0).all()  # one channel replicated
     b = np.unique(np.stack([a for *_, a in _images(tmp_path / "b" / "purified")]))
@@ -75,17 +75,17 @@ def test_grayscale_and_bit_depth_do_what_they_say(synth_sets, tmp_path):
 def test_input_that_differs_from_the_config_is_a_clear_error(synth_sets, tmp_path):
     acc = make_accelerator()
     with pytest.raises(PurifyInputError, match=r"classes 4 \(config expects 10\)"):
-        PURIFIERS.build("jpeg", _cfg(synth_sets, tmp_path, "data.num_classes=10"), acc, tmp_path / "x")
+        STAGES.build("jpeg", _cfg(synth_sets, tmp_path, "data.num_classes=10"), acc, tmp_path / "x")
     with pytest.raises(PurifyInputError, match=r"image size 16 \(config expects 32\)"):
-        PURIFIERS.build("jpeg", _cfg(synth_sets, tmp_path, "data.image_size=32"), acc, tmp_path / "x")
+        STAGES.build("jpeg", _cfg(synth_sets, tmp_path, "data.image_size=32"), acc, tmp_path / "x")
     with pytest.raises(PurifyInputError, match="not sharded like"):
-        PURIFIERS.build("jpeg", _cfg(synth_sets, tmp_path, f"data.clean={synth_sets / 'test'}"), acc, tmp_path / "x")
+        STAGES.build("jpeg", _cfg(synth_sets, tmp_path, f"data.clean={synth_sets / 'test'}"), acc, tmp_path / "x")
     assert not (tmp_path / "x" / "purified").exists()
 
 
 def test_crash_mid_pass_resumes_to_the_same_bytes(synth_sets, tmp_path, monkeypatch, caplog):
     acc = make_accelerator()
-    PURIFIERS.build("median", _cfg(synth_sets, tmp_path, "method=median", "name=ref"), acc, tmp_path / "ref")
+    STAGES.build("median", _cfg(synth_sets, tmp_path, "method=median", "name=ref"), acc, tmp_path / "ref")
     real, calls = baseline_op, []
 
     def crashing(cfg):
@@ -101,22 +101,22 @@ def test_crash_mid_pass_resumes_to_the_same_bytes(synth_sets, tmp_path, monkeypa
     monkeypatch.setattr(purify, "baseline_op", crashing)
     cfg = _cfg(synth_sets, tmp_path, "method=median", "name=crash")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        PURIFIERS.build("median", cfg, acc, tmp_path / "crash")
+        STAGES.build("median", cfg, acc, tmp_path / "crash")
     out = tmp_path / "crash" / "purified"
     assert not (out / "manifest.json").exists() and len(list((out / "_progress").glob("shard-*.json"))) == 2
     monkeypatch.setattr(purify, "baseline_op", real)
     with caplog.at_level("INFO"):
-        PURIFIERS.build("median", cfg, acc, tmp_path / "crash")
+        STAGES.build("median", cfg, acc, tmp_path / "crash")
     assert "2 of its 6 shards already written" in caplog.text
     assert verify_shard_set(out).ok and _shards(out) == _shards(tmp_path / "ref" / "purified")
 
 
 def test_launcher(synth_sets, tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "launch"))
-    try:
-        from purify import main  # launch/purify.py
-    finally:
-        sys.path.remove(str(REPO / "launch"))
+    from uedist.app.jobs import run_stage_main  # what launch/purify.py runs
+
+    def main(argv):
+        return run_stage_main("purify", argv)
+
     args = [f"data.src={synth_sets / 'train'}", f"run_root={tmp_path}", "name=j", "data.workers=0", "progress=false"]
     assert main(["--config", str(REPO / "configs/purify/jpeg10.yaml"), *args]) == 0
     assert "jpeg {'quality': 10}: 240 images" in capsys.readouterr().out

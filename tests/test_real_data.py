@@ -1,4 +1,5 @@
 """Shard sets built from the real sample data beside the checkout verify and load (skipped when it is absent)."""
+import pytest
 from tests.conftest import build
 from uedist.data.loaders import make_map_loader, make_train_loader
 from uedist.data.manifest import load_manifest
@@ -36,6 +37,7 @@ def test_imagenet_extra_and_nips_png_folders(shared_data, tmp_path):
     assert got == want and len(got) == 51
 
 
+@pytest.mark.slow
 def test_facescrub_crops_give_6_identities(shared_data, tmp_path):
     out = build(tmp_path / "fs", f"facescrub.root={shared_data / 'facescrub_crops6' / 'images'}",
                 "facescrub.size=[48,48]", "shard_size=200", "workers=2", source="facescrub")
@@ -48,6 +50,7 @@ def test_facescrub_crops_give_6_identities(shared_data, tmp_path):
     assert len(keys) == len(set(keys)) == te.num_samples
 
 
+@pytest.mark.slow
 def test_cifar10_jpg_folders_give_10_classes(shared_data, tmp_path):
     out = build(tmp_path / "c10", f"cifar.root={shared_data / 'cifar10_jpg'}", "workers=2", source="cifar")
     tr, te = load_manifest(out / "train"), load_manifest(out / "test")

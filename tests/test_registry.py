@@ -22,4 +22,7 @@ def test_sources_registered():
     import uedist.data.sources  # noqa: F401
 
     assert {"imagenet", "facescrub", "cifar", "folder", "synthetic", "synthetic_shapes"} <= set(SOURCES.names())
-    assert isinstance(MODELS, Registry)
+    import uedist.models  # noqa: F401
+
+    # every victim / surrogate architecture the seed papers' tables use is buildable by name
+    assert {"resnet18", "resnet50", "wrn34_10", "densenet121", "vgg16", "mobilenetv2"} <= set(MODELS.names())

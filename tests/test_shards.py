@@ -50,6 +50,7 @@ def test_webdataset_library_reads_our_shards(synth_sets):
     assert n == m.num_samples
 
 
+@pytest.mark.slow
 def test_verify_names_truncated_and_altered_shards(tmp_path):
     out = build(tmp_path / "s", *SMALL)
     folder = out / "train"
@@ -72,6 +73,7 @@ def test_verify_names_truncated_and_altered_shards(tmp_path):
     assert any("missing" in p for p in verify_shard_set(folder).problems)
 
 
+@pytest.mark.slow
 def test_missing_or_malformed_manifest(tmp_path):
     out = build(tmp_path / "s", *SMALL)
     folder = out / "train"
@@ -110,15 +112,16 @@ def test_rebuild_refuses_other_inputs_unless_overwrite(tmp_path):
     assert _digests(out / "train") != before
 
 
+@pytest.mark.slow
 def test_killed_build_resumes_to_identical_shards(tmp_path):
     """SIGKILL a build mid-way; rerunning the same command completes it with the same bytes as a clean build."""
     args = ["source=synthetic", "synthetic.num_train=3000", "synthetic.num_test=10", "synthetic.size=32",
             "shard_size=100", "workers=0", "splits=[train]"]
     ref = tmp_path / "ref"
-    subprocess.run([sys.executable, "-m", "uedist.cli", "shards", "build", "--no-progress", f"out={ref}", *args],
+    subprocess.run([sys.executable, "-m", "uedist.app.cli", "shards", "build", "--no-progress", f"out={ref}", *args],
                    cwd=REPO, check=True, capture_output=True, timeout=300)
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "uedist.cli", "shards", "build", "--no-progress", f"out={out}", *args]
+    cmd = [sys.executable, "-m", "uedist.app.cli", "shards", "build", "--no-progress", f"out={out}", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = out / "train" / "_progress"
     deadline = time.time() + 120

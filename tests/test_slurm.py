@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from uedist.data.manifest import load_manifest
-from uedist.slurm import expand_nodelist, launch_args
+from uedist.app.slurm import expand_nodelist, launch_args
 from test_multiprocess import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +58,7 @@ rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done; exit $rc
 """
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_multi_node_sbatch_runs_two_nodes(synth_sets, tmp_path):
     """launch/slurm/multi_node.sbatch as SLURM would run it on 2 nodes x 1 process: a real 2-rank job (gloo)
@@ -75,7 +76,7 @@ def test_multi_node_sbatch_runs_two_nodes(synth_sets, tmp_path):
     r = subprocess.run(["bash", str(REPO / "launch/slurm/multi_node.sbatch"), "tests/scripts/two_rank_pass.py",
                         str(synth_sets / "train"), str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert r.stdout.count("uedist.slurm: ") == 2 and "--machine_rank 1" in r.stdout
+    assert r.stdout.count("uedist.app.slurm: ") == 2 and "--machine_rank 1" in r.stdout
     res = json.loads(out.read_text())
     assert res["world"] == 2 and res["backend"] == "gloo"
     keys = [k for rank in res["ranks"] for k in rank["keys"]]
@@ -83,8 +84,9 @@ def test_multi_node_sbatch_runs_two_nodes(synth_sets, tmp_path):
     assert all(rank["keys"] for rank in res["ranks"])
 
 
+@pytest.mark.slow
 def test_sbatch_templates_parse():
     for f in (REPO / "launch/slurm").glob("*.sbatch"):
         assert subprocess.run(["bash", "-n", str(f)]).returncode == 0, f
         text = f.read_text()
-        assert "#SBATCH --requeue" in text and "python -m uedist.slurm" in text
+        assert "#SBATCH --requeue" in text and "python -m uedist.app.slurm" in text

@@ -39,6 +39,7 @@ def _final_weights(run_dir: Path):
     return torch.load(ckpts[-1] / "state.pt", weights_only=True)["model"]
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_process_ddp_in_sync_and_eval_counts_once(data, tmp_path):
     r = accelerate_launch(VICTIM, *_args(data, tmp_path, "ddp", "steps=12", "data.workers=1"))
@@ -50,6 +51,7 @@ def test_two_process_ddp_in_sync_and_eval_counts_once(data, tmp_path):
     assert (tmp_path / "ddp" / "logs" / "rank1.log").is_file()
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_identical_weights(data, tmp_path):
     args = ["steps=40", "ckpt_every=10", "adv.enabled=true", "adv.steps=2", "adv.step_size=2", "defense.mixup=1.0"]
     ref = _run(_args(data, tmp_path, "ref", *args))
@@ -74,6 +76,7 @@ def test_kill_and_resume_gives_identical_weights(data, tmp_path):
     assert ma["test_top1"] == mb["test_top1"] and ma["per_class_top1"] == mb["per_class_top1"]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path):
     # lr 0.1 for 10 steps, then x1e35 (a step schedule with a huge gamma): diverges right after step 10
     r = _run(_args(data, tmp_path, "nan", "steps=20", "ckpt_every=5", "optim.schedule=step", "optim.milestones=[0.5]",
@@ -86,6 +89,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_bad_input_errors(data, tmp_path):
     other = build(tmp_path / "other", "synthetic.num_classes=3", "synthetic.size=16", "synthetic.num_train=30",
                   "synthetic.num_test=30", "splits=[test]")
@@ -99,6 +103,7 @@ def test_bad_input_errors(data, tmp_path):
     assert r.returncode != 0 and "set exactly one of steps or epochs" in r.stderr
 
 
+@pytest.mark.slow
 def test_rebuilt_training_set_refuses_old_checkpoints(tmp_path):
     """Checkpoints record their data's content digest: after the training set is rebuilt in place (e.g. by a newer
     synthetic generator) the run refuses to resume a model trained on the old pictures."""

@@ -8,7 +8,14 @@
 - Nested dataclasses are nested YAML mappings; overrides address them with dots (``source.size=64``).
 - ``Literal[...]`` fields accept only their choices; ``Optional[X]`` accepts ``null``.
 - A schema may define ``validate(self)`` (called after loading, recursively) for range checks.
+- ``base: other.yaml`` at the top of a YAML (a path relative to that file) loads the other file first and merges
+  this one over it, so a variant holds only what differs. Bases chain; a cycle is an error.
 - ``save_config`` writes the resolved config as YAML; ``config_hash`` is a stable hash of it.
+
+Config identity: a field declared with :func:`runtime` (``progress``, ``data.workers``, ``ckpt_every`` ...) or
+:func:`location` (``name``, ``run_root``, ``out``) does not change a result. :func:`identity` is the config without
+them; the checkpoint guard, the map-pass fingerprint and the study's stage hash are all taken over it, so a job
+killed and rerun with ``progress=false`` or other ``data.workers`` resumes instead of being refused.
 """
 from __future__ import annotations
 
@@ -33,6 +40,38 @@ _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 class ConfigError(ValueError):
     """A config that does not match its schema; the message names the offending key."""
+
+
+RUNTIME, LOCATION = "uedist_runtime", "uedist_location"
+
+
+def runtime(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field that changes how a job runs (progress bars, workers, checkpoint cadence), never what it
+    computes: left out of :func:`identity`, so it may differ between a run and its resumption."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={RUNTIME: True})
+
+
+def location(default: Any = "") -> Any:
+    """A dataclass field that says where a job's outputs go (``name``, ``run_root``, ``out``): left out of
+    :func:`identity` (the outputs' place is not part of what they are)."""
+    return dataclasses.field(default=default, metadata={LOCATION: True})
+
+
+def identity(cfg: Any) -> Dict[str, Any]:
+    """The resolved config without its runtime and location fields (recursively): what determines a result.
+    The one source of the checkpoint guard, the map-pass fingerprint and the study stage hash."""
+
+    def strip(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            return {f.name: strip(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                    if not (f.metadata.get(RUNTIME) or f.metadata.get(LOCATION))}
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [strip(v) for v in obj]
+        return obj
+
+    return json.loads(json.dumps(strip(cfg), default=str))
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -176,10 +215,14 @@ def parse_override(text: str) -> Tuple[List[str], Any]:
     return key.split("."), value
 
 
-def _read_yaml(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+def _read_yaml(path: Union[str, os.PathLike], _seen: Tuple[Path, ...] = ()) -> Dict[str, Any]:
+    """The mapping of one YAML file, with its ``base:`` chain merged under it."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+        where = f" (base of {_seen[-1]})" if _seen else ""
+        raise ConfigError(f"config file not found: {p}{where}")
+    if p.resolve() in _seen:
+        raise ConfigError(f"{p}: base chain loops: {' -> '.join(map(str, (*_seen, p.resolve())))}")
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
@@ -188,7 +231,12 @@ def _read_yaml(path: Union[str, os.PathLike]) -> Dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping, got {type(data).__name__}")
-    return data
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{p}: base: expected a YAML path (relative to this file), got {base!r}")
+    return _merge(_read_yaml(p.parent / base, (*_seen, p.resolve())), data)
 
 
 def config_from_dict(cls: Type[C], data: Mapping[str, Any]) -> C:

@@ -1,4 +1,4 @@
-"""A small name -> builder registry (models, datasets/sources, noise types, purifiers).
+"""A small name -> builder registry (models, dataset sources, stages).
 
     MODELS = Registry("model")
 
@@ -13,7 +13,8 @@ so two modules can never silently shadow each other.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 T = TypeVar("T", bound=Callable[..., Any])
 
@@ -73,5 +74,69 @@ class Registry:
 
 MODELS = Registry("model")
 SOURCES = Registry("dataset source")
-NOISES = Registry("noise type")
-PURIFIERS = Registry("purifier")
+
+
+# ----------------------------------------------------------------------------------------------------------- stages
+STAGE_KINDS = ("noise", "purify", "victim", "ddpm")
+
+
+@dataclass(frozen=True)
+class StageDef:
+    """One stage of uedist: everything the launch scripts, the study pipeline, the CLI and the report need to know
+    about it, declared once where the stage is written (``@stage(...)`` on its entry function).
+
+    ``fn(cfg, accelerator, run_dir) -> summary`` runs it. ``inputs`` are the dotted config keys of the shard sets
+    (or runs) it reads, each named by its last part, the *role* (``data.train`` -> ``train``, ``data.src`` ->
+    ``src``, ``ddpm`` -> ``ddpm``). ``output`` is the summary key (and folder name) of the set it writes: "" for a
+    stage that writes none, ``"run"`` for one whose output is its run folder (a trained DDPM). ``summary(s, run_dir)``
+    renders the end-of-job text. ``fixed`` are overrides every run of the stage gets (the method name: several
+    stages may share one schema). ``input_errors`` are exception types meaning bad input (exit code 2);
+    ``check(cfg)`` may return a message that refuses a config before the job starts (a launch-time requirement)."""
+
+    name: str
+    kind: str
+    schema: type
+    fn: Callable[..., Dict[str, Any]]
+    inputs: Tuple[str, ...]
+    output: str = ""
+    summary: Optional[Callable[[Dict[str, Any], Any], str]] = None
+    fixed: Tuple[Tuple[str, Any], ...] = ()
+    input_errors: Tuple[type, ...] = ()
+    check: Optional[Callable[[Any], Optional[str]]] = None
+    doc: str = ""
+
+    @property
+    def roles(self) -> Dict[str, str]:
+        """role -> dotted config key."""
+        return {k.rsplit(".", 1)[-1]: k for k in self.inputs}
+
+    def __call__(self, cfg: Any, accelerator: Any, run_dir: Any) -> Dict[str, Any]:
+        return self.fn(cfg, accelerator, run_dir)
+
+
+STAGES = Registry("stage")
+
+
+def stage(name: str, *, kind: str, schema: type, inputs: Sequence[str], output: str = "",
+          summary: Optional[Callable[[Dict[str, Any], Any], str]] = None, fixed: Optional[Mapping[str, Any]] = None,
+          input_errors: Sequence[type] = (), check: Optional[Callable[[Any], Optional[str]]] = None) -> Callable[[T], T]:
+    """Register the decorated entry function ``fn(cfg, accelerator, run_dir) -> summary`` as stage ``name``.
+    A schema with a ``method`` field gets ``method=<name>`` fixed, so one schema may serve several stages."""
+    if kind not in STAGE_KINDS:
+        raise RegistryError(f"stage {name!r}: kind must be one of {STAGE_KINDS}, got {kind!r}")
+    fix = dict(fixed or {})
+    if "method" in getattr(schema, "__dataclass_fields__", {}):
+        fix.setdefault("method", name)
+
+    def deco(fn: T) -> T:
+        doc = (fn.__doc__ or "").strip().split("\n")[0]
+        STAGES.register(name)(StageDef(name, kind, schema, fn, tuple(inputs), output, summary,  # type: ignore[arg-type]
+                                       tuple(fix.items()), tuple(input_errors), check, doc))
+        return fn
+
+    return deco
+
+
+def stages_of(kind: str) -> List[str]:
+    """The registered stage names of one kind, sorted."""
+    return [n for n in STAGES.names() if STAGES.get(n).kind == kind]

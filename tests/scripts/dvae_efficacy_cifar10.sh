@@ -16,7 +16,7 @@ victim() {  # victim <run name> <train set>
 }
 for noise in "$@"; do
   case $noise in sem) P=runs/sem_c10/poisoned;; em) P=runs/em_cw_c10/poisoned;; esac
-  python launch/dvae.py --config configs/dvae/cifar10_cpu.yaml data.train=$P data.clean=$CLEAN \
+  python launch/dvae.py --config configs/dvae/cifar10_cpu.yaml data.src=$P data.clean=$CLEAN \
     name=dvae_${noise}_c10 progress=false > "$LOG/dvae_${noise}_c10.log" 2>&1 || echo "FAILED dvae_$noise" >> "$LOG/failed.txt"
   victim dvae_${noise}_c10_victim runs/dvae_${noise}_c10/purified
 done

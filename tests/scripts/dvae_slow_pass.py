@@ -2,13 +2,10 @@
 reliably in the middle of a shard map pass. Usage: python tests/scripts/dvae_slow_pass.py <launch/dvae.py args>"""
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "launch"))
+import torch
 
-import torch  # noqa: E402
-
-from uedist.models.dvae import DVAE  # noqa: E402
+from uedist.models.dvae import DVAE
 
 _forward = DVAE.forward
 
@@ -22,6 +19,6 @@ def _slow_forward(self, *args, **kwargs):
 DVAE.forward = _slow_forward
 
 if __name__ == "__main__":
-    from dvae import main  # launch/dvae.py
+    from uedist.app.jobs import run_stage_main  # what launch/dvae.py runs
 
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_stage_main("purify", sys.argv[1:], method="dvae"))

@@ -6,6 +6,7 @@
     uedist shards to-ffcv SHARD_SET [--out data.beton]
     uedist facescrub download --meta A.txt B.txt --out data/facescrub_crops
     uedist report runs/<study> [--out DIR]
+    uedist stages                      # every registered stage: kind, config schema, inputs, output
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import List, Optional
 from uedist.config import ConfigError, load_config, save_config
 from uedist.dist import setup_logging
 
-log = logging.getLogger("uedist.cli")
+log = logging.getLogger("uedist.app.cli")
 
 
 def _output(text: str) -> None:
@@ -78,14 +79,13 @@ def _to_ffcv(args: argparse.Namespace) -> int:
 
 
 def _facescrub_download(args: argparse.Namespace) -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
-    from facescrub_download import main as fs_main  # type: ignore[import-not-found]
+    from uedist.app.facescrub import main as fs_main
 
     return fs_main(args.rest)
 
 
 def _report(args: argparse.Namespace) -> int:
-    from uedist.report import write_report
+    from uedist.app.report import write_report
 
     written = write_report(args.study, args.out)
     _output(written.pop("markdown"))
@@ -94,8 +94,19 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stages(args: argparse.Namespace) -> int:
+    from uedist.app.stages import stage_table
+
+    rows = stage_table()
+    head = ["stage", "kind", "config schema", "inputs", "output", "what it does"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    _output("\n".join(lines))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="uedist", description="unlearnable examples at scale: data tools")
+    p = argparse.ArgumentParser(prog="uedist", description="unlearnable examples at scale: data tools, reports, the stage registry")
     sub = p.add_subparsers(dest="group", required=True)
     shards = sub.add_parser("shards", help="build, verify and inspect shard sets").add_subparsers(dest="cmd", required=True)
 
@@ -132,6 +143,9 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("study", type=Path, help="runs/<study> (written by launch/pipeline.py)")
     r.add_argument("--out", type=Path, help="default: <study>/report")
     r.set_defaults(fn=_report)
+
+    st = sub.add_parser("stages", help="list every registered stage (noise methods, purifiers, victim, DDPM)")
+    st.set_defaults(fn=_stages)
     return p
 
 

@@ -1,4 +1,4 @@
-"""Download the FaceScrub photos listed in the official metadata files and save the face crops (needs internet).
+"""``uedist facescrub download`` (and launch/facescrub_download.py): download the FaceScrub photos listed in the official metadata files and save the face crops (needs internet).
 
     python launch/facescrub_download.py --meta facescrub_actors.txt facescrub_actresses.txt \\
         --out data/facescrub_crops [--workers 16 --timeout 10 --retries 3 --format jpg --skip-bad-rows --min-images 50]
@@ -18,11 +18,6 @@ import logging
 import sys
 from pathlib import Path
 from typing import List, Optional
-
-try:
-    import uedist  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from uedist.data.facescrub_download import download_facescrub
 from uedist.data.facescrub_meta import FacescrubMetadataError, read_facescrub_meta, write_bad_rows_tsv

@@ -1,38 +1,55 @@
-"""The common start of every launch script: parse ``--config FILE key=value ...`` against a config schema, make the
-Accelerator, set up per-rank logging in the run folder and save the resolved config there.
+"""The common start of every launch script, and the one runner of any registered stage.
 
-    cfg, accelerator, run_dir = start_job(VictimConfig, __doc__, "configs/victim/", "model.width=0.5", argv)
-    rc = guarded(lambda: train_victim(cfg, accelerator, run_dir), log)
+    sys.exit(run_stage_main("noise", argv, doc=__doc__))                          # launch/noise.py: any noise
+    sys.exit(run_stage_main("noise", argv, doc=__doc__, method="sem",
+                            default_config="configs/sem/demo.yaml"))              # launch/sem.py: the main job
 
-Exit codes shared by all scripts: 2 = bad config or input (argparse's convention), 3 = a non-finite loss stopped
-training (the last good checkpoint is kept).
+``run_stage_main`` parses ``--config FILE key=value ...``, picks the stage (``method`` of the config, or the one
+the script fixes) from the registry (:mod:`uedist.app.stages`), loads the config strictly against that stage's
+schema, makes the Accelerator, sets up per-rank logging in the run folder, saves the resolved config there, runs
+the stage and prints its summary. Exit codes shared by all scripts: 2 = bad config or input (argparse's
+convention), 3 = a non-finite loss stopped training (the last good checkpoint is kept).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Tuple, Type, TypeVar
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Type, TypeVar
 
-from uedist.config import ConfigError, load_config, save_config
-from uedist.dist import make_accelerator, setup_logging
+from uedist.config import ConfigError, _read_yaml, load_config, parse_override, save_config
+from uedist.dist import get_logger, make_accelerator, setup_logging
+from uedist.registry import RegistryError, StageDef, stages_of
 
 C = TypeVar("C")
+REPO = Path(__file__).resolve().parents[2]
+log = get_logger("uedist.app.jobs")
 
 
-def start_job(schema: Type[C], doc: Optional[str], config_dir: str, example: str, argv: Optional[List[str]] = None,
-              default_config: Optional[str] = None, fixed: Tuple[str, ...] = (),
-              check: Optional[Callable[[C], Optional[str]]] = None) -> Tuple[C, Any, Path]:
-    """Parse the command line into a ``schema`` config (``fixed`` overrides come first), then start the job.
-    ``check(cfg)`` may return an error message that stops the script like a config error."""
+def start_job(schema: Type[C], argv: Optional[List[str]] = None, *, doc: Optional[str] = None,
+              config_dir: str = "configs/", example: str = "key=value", default_config: Optional[str] = None,
+              fixed: Sequence[str] = (), check: Optional[Callable[[C], Optional[str]]] = None) -> Tuple[C, Any, Path]:
+    """Parse the command line into a ``schema`` config (``fixed`` overrides come last: a script's fixed method
+    wins), then start the job. ``check(cfg)`` may return an error message that stops the script like a config
+    error."""
+    p, args = _parse(argv, doc=doc, config_dir=config_dir, example=example, default_config=default_config)
+    try:
+        cfg = load_config(schema, args.config or default_config, [*args.overrides, *fixed])
+    except ConfigError as e:
+        p.error(str(e))
+    return _start(cfg, p, check)
+
+
+def _parse(argv: Optional[List[str]], *, doc: Optional[str], config_dir: str, example: str,
+           default_config: Optional[str]) -> Tuple[argparse.ArgumentParser, argparse.Namespace]:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help=f"YAML ({config_dir})" + (f"; default {default_config}" if default_config else ""))
     p.add_argument("overrides", nargs="*", help=f"key=value, e.g. {example}")
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(schema, args.config or default_config, [*fixed, *args.overrides])
-    except ConfigError as e:
-        p.error(str(e))
+    return p, p.parse_args(argv)
+
+
+def _start(cfg: C, p: argparse.ArgumentParser, check: Optional[Callable[[C], Optional[str]]]) -> Tuple[C, Any, Path]:
     problem = check(cfg) if check else None
     if problem:
         p.error(problem)
@@ -61,3 +78,77 @@ def guarded(fn: Callable[[], Any], log: logging.Logger, input_errors: Tuple[Type
     except input_errors as e:  # type: ignore[misc]
         log.error("%s", e)
         return 2
+
+
+def stage_method(config: Optional[str], overrides: Sequence[str]) -> str:
+    """The ``method`` a command line asks for: the last ``method=`` override, else the config file's (bases
+    included), else ""."""
+    for text in reversed(overrides):
+        keys, value = parse_override(text)
+        if keys == ["method"]:
+            return str(value)
+    return str(_read_yaml(config).get("method", "")) if config else ""
+
+
+def run_stage_main(kind: str, argv: Optional[List[str]] = None, *, doc: Optional[str] = None,
+                   method: Optional[str] = None, default_method: str = "", default_config: Optional[str] = None) -> int:
+    """Run one registered stage of ``kind`` from a command line; returns the exit code. A ``method=`` override
+    picks the stage; else ``method`` (``launch/sem.py``); else the config's ``method`` (``launch/noise.py``, ``launch/purify.py``),
+    else ``default_method`` (the one stage of a kind such as ``victim``)."""
+    from uedist.app.stages import get_stage, load_stages
+
+    load_stages()
+    default = str(REPO / default_config) if default_config and not Path(default_config).is_file() else default_config
+    p, args = _parse(argv, doc=doc, config_dir=f"configs/{method or '<method>'}/", example="name=my_run",
+                     default_config=default)
+    path = args.config or default
+    try:
+        # an explicit method=... on the command line wins, then the script's own, then the config's
+        name = stage_method(None, args.overrides) or method or stage_method(path, []) or default_method
+        if not name:
+            p.error(f"say which {kind} method: `method: <name>` in the YAML or method=<name>; "
+                    f"{kind} methods: {', '.join(stages_of(kind))}")
+        st = get_stage(name, kind)
+        fixed = [f"{k}={v}" for k, v in st.fixed]
+        cfg = load_config(st.schema, path, [*args.overrides, *fixed])
+    except (ConfigError, RegistryError) as e:
+        p.error(str(e))
+    cfg, accelerator, run_dir = _start(cfg, p, st.check)
+    return _run(st, cfg, accelerator, run_dir)
+
+
+def _run(st: StageDef, cfg: Any, accelerator: Any, run_dir: Path) -> int:
+    t0 = time.time()
+    rc = prepare_inputs(cfg, accelerator)
+    if rc:
+        return rc
+    s = guarded(lambda: st(cfg, accelerator, run_dir), get_logger(f"uedist.{st.kind}.{st.name}"), st.input_errors)
+    if isinstance(s, int):
+        return s
+    if accelerator.is_main_process and st.summary is not None:
+        print(st.summary({**s, "wall_s": time.time() - t0}, run_dir), flush=True)
+    return 0
+
+
+def prepare_inputs(cfg: Any, accelerator: Any) -> int:
+    """A config with ``data.build`` (the main job's synthetic set): build ``data.train`` from it when it is
+    missing; when it exists, check it is what ``data.build`` builds now (a set left by an older synthetic
+    generator is refused, not silently used). Returns an exit code (0 = go on)."""
+    build = getattr(getattr(cfg, "data", None), "build", "")
+    if not build:
+        return 0
+    from uedist.data.build import BuildConfig, build_shard_sets, stale_message
+
+    build_cfg = load_config(BuildConfig, build if Path(build).is_file() else REPO / build)
+    if Path(cfg.data.train, "manifest.json").is_file():
+        msg = stale_message(build_cfg, build)  # every rank decides alike, so all exit together
+        if msg and accelerator.is_main_process:
+            log.error("%s", msg)
+        return 2 if msg else 0
+    if accelerator.is_main_process:
+        log.info("%s is missing: building it from %s", cfg.data.train, build)
+        build_shard_sets(build_cfg)
+    accelerator.wait_for_everyone()
+    if not Path(cfg.data.train, "manifest.json").is_file():
+        raise FileNotFoundError(f"{build} did not produce {cfg.data.train} (check its `out`)")
+    return 0

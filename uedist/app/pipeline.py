@@ -13,28 +13,27 @@ outputs, wall time), and a later run with the same resolved config reuses it. A 
 ``stage.json`` and is simply run again, which resumes from its own checkpoints and finished shards. Change a
 setting and exactly the stages downstream of it get new hashes and run; nothing else does.
 
-At the end the report (``uedist report``) is written: see :mod:`uedist.report`.
+At the end the report (``uedist report``) is written: see :mod:`uedist.app.report`.
 """
 from __future__ import annotations
 
 import fnmatch
 import hashlib
-import importlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
+from typing import Any, Callable, Dict, List, Literal, Optional
 
-from uedist.config import ConfigError, config_to_dict, load_config, require
+from uedist.config import ConfigError, config_to_dict, identity, load_config, require
 from uedist.dist import get_logger
 from uedist.io import atomic_write_json
+from uedist.registry import StageDef, stages_of
 
 log = get_logger(__name__)
 
-BASELINES = ("grayscale", "jpeg", "bit_depth", "mean", "median", "gaussian")
-NOISE_METHODS = ("clean", "sem", "rem", "em", "random")
-PURIFY_METHODS = ("none", "dvae", "jcdp", "diffusion") + BASELINES
+# Study-only pseudo-methods: the clean row (no noise) and the unpurified column (no purifier).
+NO_NOISE, NO_PURIFIER = "clean", "none"
 
 
 @dataclass
@@ -69,6 +68,10 @@ class StudyConfig:
     report: bool = True
 
     def validate(self) -> None:
+        from uedist.app.stages import load_stages
+
+        load_stages()
+        noises, purifiers = [NO_NOISE, *stages_of("noise")], [NO_PURIFIER, *stages_of("purify")]
         require(bool(self.datasets), "datasets: at least one")
         require(bool(self.noises), "noises: at least one (method clean for the clean row)")
         require(bool(self.victims), "victims: at least one")
@@ -76,12 +79,10 @@ class StudyConfig:
         for d, s in self.datasets.items():
             require(bool(s.train and s.test), f"datasets.{d}: train and test are required")
         for k, s in self.noises.items():
-            require(s.method in NOISE_METHODS, f"noises.{k}.method: one of {list(NOISE_METHODS)}, got {s.method!r}")
-            require(s.method == "clean" or bool(s.config) or s.method == "random",
-                    f"noises.{k}: config (a configs/{s.method}/*.yaml) is required")
+            require(s.method in noises, f"noises.{k}.method: one of {noises}, got {s.method!r}")
         for k, s in self.purifiers.items():
-            require(s.method in PURIFY_METHODS, f"purifiers.{k}.method: one of {list(PURIFY_METHODS)}, got {s.method!r}")
-            if s.method in ("jcdp", "diffusion"):
+            require(s.method in purifiers, f"purifiers.{k}.method: one of {purifiers}, got {s.method!r}")
+            if needs_ddpm(s.method):
                 for d in self.datasets:
                     require(d in self.ddpm, f"purifiers.{k} ({s.method}) needs ddpm.{d}: the DDPM to purify with")
         for k, s in self.victims.items():
@@ -90,43 +91,16 @@ class StudyConfig:
             require("/" not in k and k.strip() == k and k != "", f"bad name {k!r}: no slashes or spaces")
 
 
-# --------------------------------------------------------------------------------------------------- stage kinds
-@dataclass
-class Kind:
-    """How to run one stage method: its schema, its stage function, and where its inputs go in the schema."""
+# -------------------------------------------------------------------------------------------------- stage lookup
+def _stage(name: str) -> StageDef:
+    from uedist.app.stages import get_stage
 
-    module: str
-    schema: str
-    fn: str
-    inputs: Dict[str, str]  # role -> dotted key in the schema ("train" -> "data.train")
-    output: str  # summary key of the output shard set ("" for victims)
-    fixed: Dict[str, Any] = field(default_factory=dict)
-
-    def load(self) -> Tuple[type, Callable[..., Dict[str, Any]]]:
-        mod = importlib.import_module(self.module)
-        return getattr(mod, self.schema), getattr(mod, self.fn)
+    return get_stage(name)
 
 
-def _noise_kind(method: str) -> Kind:
-    module, fn = ("uedist.engine.em", "generate_em") if method == "em" else ("uedist.engine.noise", "generate_noise")
-    return Kind(module, "NoiseConfig", fn, {"train": "data.train", "test": "data.test"}, "poisoned",
-                {"method": method, "data.build": ""})
-
-
-def _purify_kind(method: str) -> Kind:
-    if method == "dvae":
-        return Kind("uedist.engine.dvae", "DVAEConfig", "purify_dvae", {"src": "data.train", "clean": "data.clean"},
-                    "purified")
-    if method in ("jcdp", "diffusion"):
-        return Kind("uedist.engine.jcdp", "JCDPConfig", "purify_jcdp",
-                    {"src": "data.poisoned", "clean": "data.clean", "ddpm": "ddpm"}, "purified",
-                    {"method": "jcdp" if method == "jcdp" else "plain"})
-    return Kind("uedist.engine.purify", "PurifyConfig", "purify_baseline", {"src": "data.src", "clean": "data.clean"},
-                "purified", {"method": method})
-
-
-VICTIM = Kind("uedist.engine.victim", "VictimConfig", "train_victim", {"train": "data.train", "test": "data.test"}, "")
-DDPM = Kind("uedist.engine.ddpm", "DDPMConfig", "train_ddpm", {"train": "data.train"}, "checkpoint")
+def needs_ddpm(method: str) -> bool:
+    """Whether a purifier reads a trained DDPM (its stage has a ``ddpm`` input)."""
+    return method != NO_PURIFIER and "ddpm" in _stage(method).roles
 
 
 # --------------------------------------------------------------------------------------------------------- stages
@@ -135,7 +109,7 @@ class Stage:
     kind: str  # noise | purify | victim | ddpm
     label: str  # e.g. "synthetic.sem" (dataset.noise[.purifier[.victim.mode]])
     spec: StageSpec
-    runner: Kind
+    runner: StageDef
     inputs: Dict[str, Any]  # role -> path (or a Stage whose output it is)
     tags: Dict[str, str]  # dataset / noise / purifier / victim / mode, for the report
     origin: str = ""  # where in the study config the stage comes from (for errors)
@@ -148,9 +122,7 @@ class Stage:
 
 
 def _stage_hash(kind: str, cfg: Any, inputs: Dict[str, Any]) -> str:
-    d = config_to_dict(cfg)
-    for k in ("name", "run_root", "out", "progress"):
-        d.pop(k, None)
+    d = identity(cfg)
     ins = {r: (v.hash if isinstance(v, Stage) else _data_id(v)) for r, v in sorted(inputs.items())}
     blob = json.dumps({"kind": kind, "config": d, "inputs": ins}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
@@ -181,51 +153,55 @@ class Study:
         return any(fnmatch.fnmatchcase(path, pat) or fnmatch.fnmatchcase(path + "/*", pat) for pat in self.cfg.skip)
 
     def _expand(self) -> None:
+        """datasets × noises × purifiers × victims × modes -> stages, in dependency order."""
         c = self.cfg
         if not c.purifiers:
-            c.purifiers = {"none": StageSpec(method="none")}
+            c.purifiers = {NO_PURIFIER: StageSpec(method=NO_PURIFIER)}
         for dname, ds in c.datasets.items():
             ddpm = None
-            if any(p.method in ("jcdp", "diffusion") for p in c.purifiers.values()):
+            if any(needs_ddpm(p.method) for p in c.purifiers.values()):
                 # the paper's setting by default: a DDPM trained on the unprotected clean test split
                 own = "data.train" in _flatten(c.ddpm[dname].set)
-                ddpm = self._add("ddpm", f"{dname}.ddpm", c.ddpm[dname], DDPM, {} if own else {"train": ds.test},
-                                 {"dataset": dname}, dname, f"ddpm.{dname}")
+                ddpm = self._add("ddpm", f"{dname}.ddpm", c.ddpm[dname], {} if own else {"train": ds.test},
+                                 tags={"dataset": dname}, dataset=dname, origin=f"ddpm.{dname}")
             for nname, nspec in c.noises.items():
                 if self._skipped(dname, nname):
                     continue
-                if nspec.method == "clean":
-                    poisoned: Any = Path(ds.train)
-                else:
-                    poisoned = self._add("noise", f"{dname}.{nname}", nspec, _noise_kind(nspec.method),
-                                         {"train": ds.train, "test": ds.test}, {"dataset": dname, "noise": nname},
-                                         dname, f"noises.{nname}")
+                poisoned: Any = Path(ds.train)
+                if nspec.method != NO_NOISE:
+                    poisoned = self._add("noise", f"{dname}.{nname}", nspec, {"train": ds.train, "test": ds.test},
+                                         tags={"dataset": dname, "noise": nname}, dataset=dname,
+                                         origin=f"noises.{nname}")
                 for pname, pspec in c.purifiers.items():
-                    if self._skipped(dname, nname, pname):
-                        continue
-                    if pspec.method == "none":
-                        purified: Any = poisoned
-                    else:
-                        ins: Dict[str, Any] = {"src": poisoned, "clean": ds.train}
-                        if pspec.method in ("jcdp", "diffusion"):
-                            ins["ddpm"] = ddpm
-                        purified = self._add("purify", f"{dname}.{nname}.{pname}", pspec, _purify_kind(pspec.method),
-                                             ins, {"dataset": dname, "noise": nname, "purifier": pname}, dname,
-                                             f"purifiers.{pname}")
-                    for vname, vspec in c.victims.items():
-                        for mode in c.modes:
-                            if self._skipped(dname, nname, pname, vname, mode):
-                                continue
-                            spec = vspec
-                            if mode == "adversarial":
-                                spec = StageSpec(vspec.method, vspec.config, {**vspec.set, **c.adversarial})
-                            self._add("victim", f"{dname}.{nname}.{pname}.{vname}.{mode}", spec, VICTIM,
-                                      {"train": purified, "test": ds.test},
-                                      {"dataset": dname, "noise": nname, "purifier": pname, "victim": vname,
-                                       "mode": mode}, dname, f"victims.{vname}")
+                    if not self._skipped(dname, nname, pname):
+                        self._expand_purifier(dname, nname, pname, poisoned=poisoned, ddpm=ddpm)
 
-    def _add(self, kind: str, label: str, spec: StageSpec, runner: Kind, inputs: Dict[str, Any],
-             tags: Dict[str, str], dataset: str, origin: str) -> Stage:
+    def _expand_purifier(self, dname: str, nname: str, pname: str, *, poisoned: Any, ddpm: Optional[Stage]) -> None:
+        """One purifier column of one noise row (or the set itself for ``none``), then its victims."""
+        c, ds, pspec = self.cfg, self.cfg.datasets[dname], self.cfg.purifiers[pname]
+        tags = {"dataset": dname, "noise": nname, "purifier": pname}
+        purified: Any = poisoned
+        if pspec.method != NO_PURIFIER:
+            ins: Dict[str, Any] = {"src": poisoned, "clean": ds.train}
+            if needs_ddpm(pspec.method):
+                ins["ddpm"] = ddpm
+            purified = self._add("purify", f"{dname}.{nname}.{pname}", pspec, ins, tags=tags, dataset=dname,
+                                 origin=f"purifiers.{pname}")
+        for vname, vspec in c.victims.items():
+            for mode in c.modes:
+                if self._skipped(dname, nname, pname, vname, mode):
+                    continue
+                spec = vspec
+                if mode == "adversarial":
+                    spec = StageSpec(vspec.method, vspec.config, {**vspec.set, **c.adversarial})
+                self._add("victim", f"{dname}.{nname}.{pname}.{vname}.{mode}", spec,
+                          {"train": purified, "test": ds.test}, tags={**tags, "victim": vname, "mode": mode},
+                          dataset=dname, origin=f"victims.{vname}")
+
+    def _add(self, kind: str, label: str, spec: StageSpec, inputs: Dict[str, Any], *, tags: Dict[str, str],
+             dataset: str, origin: str) -> Stage:
+        """Resolve one stage (the registry's stage named by ``spec.method``, or the kind's one stage) and append it."""
+        runner = _stage(spec.method if kind in ("noise", "purify") else kind)
         st = Stage(kind, label, spec, runner, inputs, tags, origin)
         st.cfg = self._resolve(st, dataset)
         st.hash = _stage_hash(kind, st.cfg, inputs)
@@ -236,17 +212,19 @@ class Study:
         return st
 
     def _resolve(self, st: Stage, dataset: str, final: bool = False) -> Any:
-        schema, _ = st.runner.load()
+        schema = st.runner.schema
         path = st.spec.config.replace("{dataset}", dataset) if st.spec.config else None
-        over = {**st.runner.fixed, **st.spec.set}
-        for role, key in st.runner.inputs.items():
+        over = {**st.spec.set, **dict(st.runner.fixed)}
+        if st.kind == "noise" and "build" in _fields(schema, "data"):
+            over["data.build"] = ""  # a study builds its datasets itself (run() below)
+        for role, key in st.runner.roles.items():
             if role in st.inputs and st.inputs[role] is not None:
                 over[key] = self._output_path(st.inputs[role]) if isinstance(st.inputs[role], Stage) else str(st.inputs[role])
         over["progress"] = False
         if final:
             assert st.dir is not None
             over["name"], over["run_root"] = st.dir.name, str(st.dir.parent)
-            if st.runner.output not in ("", "checkpoint"):
+            if st.runner.output not in ("", "run"):
                 over["out"] = self._output_path(st)  # whatever the YAML says, the output lives in the stage folder
         try:
             return load_config(schema, path, [f"{k}={json.dumps(v)}" for k, v in _flatten(over).items()])
@@ -256,7 +234,7 @@ class Study:
     @staticmethod
     def _output_path(st: Stage) -> str:
         assert st.dir is not None
-        return str(st.dir / st.runner.output) if st.runner.output != "checkpoint" else str(st.dir)
+        return str(st.dir / st.runner.output) if st.runner.output != "run" else str(st.dir)
 
     # ----------------------------------------------------------------------------------------------------- running
     def record(self, st: Stage) -> Optional[Dict[str, Any]]:
@@ -309,7 +287,7 @@ class Study:
     def _run_stage(self, st: Stage, accelerator: Any) -> Dict[str, Any]:
         from uedist.config import save_config
 
-        _, fn = st.runner.load()
+        fn = st.runner.fn
         assert st.dir is not None
         if accelerator.is_main_process:
             save_config(st.cfg, st.dir / "config.yaml")
@@ -337,6 +315,15 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def _fields(schema: type, section: str) -> List[str]:
+    """The field names of one nested section of a schema (``[]`` when there is none)."""
+    import dataclasses
+
+    f = {x.name: x for x in dataclasses.fields(schema)}.get(section)
+    sub = f.default_factory() if f is not None and f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+    return [x.name for x in dataclasses.fields(sub)] if dataclasses.is_dataclass(sub) else []
 
 
 def _jsonable(x: Any) -> Any:

@@ -2,7 +2,7 @@
 
 One task per node runs
 
-    python -m uedist.slurm [--accelerate-config configs/accelerate/multi_node.yaml] launch/<script>.py [args ...]
+    python -m uedist.app.slurm [--accelerate-config configs/accelerate/multi_node.yaml] launch/<script>.py [args ...]
 
 which reads the allocation from SLURM's environment and ``exec``s
 
@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "configs" / "accelerate" / "multi_node.yaml"
 
 
@@ -143,7 +143,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(str(e))
     # Every node writes its own line (its command, machine rank included) to its own job log, so not the rank-aware
     # logger, which would silence nodes 1..N-1 (their SLURM_PROCID is their rank); with --dry-run it is the product.
-    sys.stdout.write("uedist.slurm: " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+    sys.stdout.write("uedist.app.slurm: " + " ".join(shlex.quote(c) for c in cmd) + "\n")
     sys.stdout.flush()  # before execv replaces the process
     if args.dry_run:
         return 0

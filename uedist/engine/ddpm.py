@@ -24,18 +24,20 @@ import torch
 import torch.nn.functional as F
 
 from uedist.checkpoint import latest_checkpoint, load_state
-from uedist.config import config_to_dict, require
+from uedist.config import config_to_dict, location, require, runtime
 from uedist.data.loaders import make_train_loader
 from uedist.dist import get_logger
 from uedist.diffusion.ema import EMA
 from uedist.diffusion.purify import sample
 from uedist.diffusion.schedule import Schedule
 from uedist.engine.loop import (
-    Checkpointer, OptimConfig, check_finite, make_scheduler, prepare_training, progress_bar, report_row, save_training,
+    Checkpointer, OptimConfig, check_finite, config_state, make_scheduler, prepare_training, progress_bar, report_row,
+    save_training,
     write_curve,
 )
 from uedist.engine.victim import ranks_in_sync
 from uedist.io import atomic_write, atomic_write_json
+from uedist.registry import stage
 from uedist.models.unet import UNETS, UNet
 from uedist.ops import augment
 from uedist.ops.images import to_uint8, to_unit
@@ -47,7 +49,7 @@ log = get_logger(__name__)
 class DDPMData:
     train: str = "shards/cifar10_jpg/test"  # unprotected images (the paper: the unlabeled clean test split)
     batch_size: int = 128  # global, split across ranks
-    workers: int = 2
+    workers: int = runtime(2)
     shuffle_buffer: int = 2000
     flip: bool = True  # random horizontal flips (DDPM CIFAR-10)
 
@@ -77,8 +79,8 @@ class DiffusionSpec:
 class DDPMConfig:
     """Defaults: DDPM's CIFAR-10 reference (800k steps of batch 128, Adam 2e-4, warmup 5000, clip 1, EMA 0.9999)."""
 
-    name: str = "ddpm"
-    run_root: str = "runs"
+    name: str = location("ddpm")
+    run_root: str = location("runs")
     seed: int = 0
     data: DDPMData = field(default_factory=DDPMData)
     unet: UNetSpec = field(default_factory=UNetSpec)
@@ -96,10 +98,10 @@ class DDPMConfig:
     bf16: bool = False
     num_samples: int = 64  # samples in the final PNG grid (0 = none)
     sample_steps: int = 0  # reverse steps for the grid (0 = all T; fewer: a strided chain)
-    ckpt_every: int = 5000
-    log_every: int = 100
-    resume: bool = True
-    progress: bool = True
+    ckpt_every: int = runtime(5000)
+    log_every: int = runtime(100)
+    resume: bool = runtime(True)
+    progress: bool = runtime(True)
 
     def validate(self) -> None:
         require(self.steps >= 0 and self.data.batch_size >= 1 and self.lr > 0, "steps >= 0, batch_size >= 1, lr > 0")
@@ -159,6 +161,16 @@ def ddpm_batch_loss(net: torch.nn.Module, s: Schedule, x_u8: torch.Tensor, *, t_
     return F.mse_loss(eps, noise)
 
 
+def ddpm_summary(m: Dict[str, Any], run_dir: Path) -> str:
+    """The end-of-job text of a DDPM training run and the next command (a purifier that uses it)."""
+    return (f"\n{run_dir.name}: DDPM ({m['params'] / 1e6:.2f} M parameters), {m['steps']} steps; final loss "
+            f"{m['final_loss']}; {m['images_per_s']:.1f} img/s on {m['world_size']} process(es)\n"
+            f"wrote {run_dir / 'metrics.json'}, {run_dir / 'curve.csv'}" + (f", {m['samples']}" if m.get("samples") else "")
+            + f", checkpoints in {run_dir / 'checkpoints'}\n"
+            f"next: accelerate launch launch/purify.py --config configs/jcdp/<name>.yaml ddpm={run_dir}")
+
+
+@stage("ddpm", kind="ddpm", schema=DDPMConfig, inputs=("data.train",), output="run", summary=ddpm_summary)
 def train_ddpm(cfg: DDPMConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """Train or fine-tune (resumable); writes checkpoints, curve.csv, samples.png and metrics.json; returns metrics.
     With ``cfg.deepspeed`` set, the DeepSpeed path (``train_ddpm_deepspeed``) runs instead of DDP."""
@@ -174,7 +186,7 @@ def train_ddpm(cfg: DDPMConfig, accelerator: Any, run_dir: Path) -> Dict[str, An
         log.info("fine-tuning from %s (%s weights)", cfg.init, "EMA" if cfg.init_ema else "raw")
     optim = OptimConfig(lr=cfg.lr, schedule="constant", warmup_steps=cfg.warmup_steps, weight_decay=0.0)
     p = prepare_training(net, optim, cfg.steps, accelerator=accelerator, ckpt_root=run_dir, seed=cfg.seed,
-                         config=config_to_dict(cfg), ckpt_every=cfg.ckpt_every, resume=cfg.resume, gen_name="ddpm",
+                         config=cfg, ckpt_every=cfg.ckpt_every, resume=cfg.resume, gen_name="ddpm",
                          make_opt=lambda params: torch.optim.Adam(params, lr=cfg.lr))
     ema = EMA(p.model, cfg.ema_decay, cfg.ema_warmup)
     if p.start > 0:
@@ -293,7 +305,7 @@ def train_ddpm_deepspeed(cfg: DDPMConfig, accelerator: Any, run_dir: Path) -> Di
         adam["step"] = torch.as_tensor(steps[0]).clone() if steps else torch.tensor(0.0)
         ckpt.save(step, {"model": {k: v.float() for k, v in engine.module.state_dict().items()}, "master": master,
                          "adam": adam, "scheduler": sched.state_dict(), "ema": ema.state_dict(), "curve": curve,
-                         "elapsed": elapsed, "config": config_to_dict(cfg)})
+                         "elapsed": elapsed, **config_state(cfg)})
 
     s = cfg.diffusion.schedule()
     bf16 = bool(ds.get("bf16", {}).get("enabled", False))

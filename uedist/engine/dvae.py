@@ -1,6 +1,6 @@
 """Purify: D-VAE two-stage purification (Yu et al., ICML 2024, Algorithm 1; REFERENCE.md "Purifiers").
 
-    accelerate launch launch/dvae.py --config configs/dvae/cifar10.yaml data.train=runs/sem_c10/poisoned
+    accelerate launch launch/dvae.py --config configs/dvae/cifar10.yaml data.src=runs/sem_c10/poisoned
 
 Stage 1 trains a D-VAE (``uedist.models.dvae``) afresh on the poisoned set P⁰ with the small kld limit, then a
 shard map pass writes P¹ = x⁰ − p̂⁰. Stage 2 trains another afresh on P¹ with the larger limit; a pass writes
@@ -26,31 +26,32 @@ from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import torch
 
-from uedist.config import config_to_dict, require
+from uedist.config import identity, location, require, runtime
 from uedist.data.loaders import make_train_loader
 from uedist.data.manifest import Manifest, load_manifest
 from uedist.engine.loop import (
     OptimConfig, check_finite, prepare_training, progress_bar, report_row, save_training, write_curve,
 )
 from uedist.engine.map_pass import run_map_pass
-from uedist.engine.purify import PSNRStats, check_clean, check_input, comparison_grid, diff_column, read_columns
+from uedist.engine.purify import PSNRStats, PurifyInputError, check_clean, check_input, comparison_grid, diff_column, read_columns
 from uedist.engine.victim import ranks_in_sync
 from uedist.io import atomic_write_json
 from uedist.models.dvae import DVAE, dvae_loss
 from uedist.ops.images import to_uint8, to_unit
-from uedist.registry import PURIFIERS
+from uedist.data.manifest import ManifestError
+from uedist.registry import stage
 
 
 @dataclass
 class DVAEData:
-    train: str = ""  # the poisoned shard set P⁰
+    src: str = ""  # the poisoned shard set P⁰
     clean: str = ""  # optional clean set of the same samples (sharded alike): PSNR, the grid's clean column
     num_classes: int = 0  # expected; 0 = any (a mismatch is an error naming both)
     image_size: int = 0  # expected side in px; 0 = any
     num_samples: int = 0  # expected; 0 = any
     batch_size: int = 128  # global, split across ranks
     infer_batch_size: int = 256
-    workers: int = 2
+    workers: int = runtime(2)
     shuffle_buffer: int = 2000
 
 
@@ -81,9 +82,10 @@ class AdamConfig:
 
 @dataclass
 class DVAEConfig:
-    name: str = "dvae"
-    run_root: str = "runs"
-    out: str = ""  # the purified set P³; default <run_root>/<name>/purified
+    method: Literal["dvae"] = "dvae"
+    name: str = location("dvae")
+    run_root: str = location("runs")
+    out: str = location("")  # the purified set P³; default <run_root>/<name>/purified
     seed: int = 0
     data: DVAEData = field(default_factory=DVAEData)
     model: DVAEModelSpec = field(default_factory=DVAEModelSpec)
@@ -99,14 +101,14 @@ class DVAEConfig:
     sample_latent: bool = True  # inference samples z ~ N(μ, σ²) (reference); false: z = μ
     bf16: bool = False
     channels_last: bool = False
-    grid_samples: int = 8
-    ckpt_every: int = 500
-    log_every: int = 50
-    resume: bool = True
-    progress: bool = True
+    grid_samples: int = runtime(8)
+    ckpt_every: int = runtime(500)
+    log_every: int = runtime(50)
+    resume: bool = runtime(True)
+    progress: bool = runtime(True)
 
     def validate(self) -> None:
-        require(bool(self.data.train), "data.train (the poisoned shard set) is required")
+        require(bool(self.data.src), "data.src (the poisoned shard set) is required")
         require(self.steps > 0 or self.epochs > 0, "set steps or epochs (> 0)")
         require(len(self.kld_limits) == 2 and all(k >= 0 for k in self.kld_limits), "kld_limits: two values >= 0")
         require(self.data.batch_size > 0 and self.grad_clip > 0, "data.batch_size > 0, grad_clip > 0")
@@ -119,15 +121,6 @@ def build_dvae(cfg: DVAEConfig, m: Manifest) -> DVAE:
     s = cfg.model
     return DVAE(m.num_classes, latent_dim=s.latent_dim, width=s.width, stem_blocks=s.stem_blocks,
                 latent_blocks=s.latent_blocks, emb_grid=s.emb_grid)
-
-
-def _train_view(cfg: DVAEConfig, stage: int) -> Dict[str, Any]:
-    """What determines a stage's weights (the checkpoint and pass fingerprints): not out/grid/inference keys."""
-    d = config_to_dict(cfg)
-    data = {k: d["data"][k] for k in ("batch_size", "shuffle_buffer")}
-    keep = ("seed", "model", "optim", "epochs", "steps", "kld_limits", "kld_weight", "kld_weight_small", "p_floor",
-            "p_floor_epoch", "grad_clip", "bf16")
-    return {"stage": stage, "data": data, **{k: d[k] for k in keep}}
 
 
 def train_dvae_stage(cfg: DVAEConfig, stage: int, src: Path, accelerator: Any, run_dir: Path) -> Tuple[DVAE, Dict[str, Any]]:
@@ -147,7 +140,7 @@ def train_dvae_stage(cfg: DVAEConfig, stage: int, src: Path, accelerator: Any, r
         build_dvae(cfg, m), OptimConfig(lr=o.lr, weight_decay=o.weight_decay, schedule=o.schedule,
                                         warmup_steps=o.warmup_steps), total,
         accelerator=accelerator, ckpt_root=run_dir / f"stage{stage}", seed=cfg.seed * 10 + stage,
-        config=_train_view(cfg, stage), ckpt_every=cfg.ckpt_every, resume=cfg.resume,
+        config=cfg, ckpt_every=cfg.ckpt_every, resume=cfg.resume,
         channels_last=cfg.channels_last, gen_name="dvae",
         make_opt=lambda ps: torch.optim.Adam(ps, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay))
     step, t0, window = p.start, time.time(), []
@@ -248,7 +241,7 @@ def dvae_pass(cfg: DVAEConfig, model: DVAE, *, stage: int, what: Literal["x_minu
     done_before = (dst / "manifest.json").is_file() and record.is_file()
     t0 = time.time()
     run_map_pass(src, dst, fn, accelerator=accelerator, stage=f"purify:dvae:{dst.name}",
-                 config={**_train_view(cfg, stage), "pass": what, "sample_latent": cfg.sample_latent},
+                 config={**identity(cfg), "stage": stage, "pass": what},
                  batch_size=cfg.data.infer_batch_size, num_workers=cfg.data.workers, aux=clean, progress=cfg.progress,
                  extra={"purify": {"method": "dvae", "stage": stage, "output": what}})
     res = {"time_s": time.time() - t0, **stats.result(accelerator), **psnr.result(accelerator)}
@@ -260,10 +253,29 @@ def dvae_pass(cfg: DVAEConfig, model: DVAE, *, stage: int, what: Literal["x_minu
     return res
 
 
-@PURIFIERS.register("dvae")
+def dvae_summary(s: Dict[str, Any], run_dir: Path) -> str:
+    """The end-of-job text of a D-VAE purification: each set's KLD and PSNR, the times, the next command."""
+    lines = ["", f"D-VAE purification: {s['name']}  (kld limits {s['kld_limits'][0]} / {s['kld_limits'][1]})"]
+    for key, label in (("p1", "P1 = x0 - p0"), ("p2", "P2 = x1 - p1"), ("purified_stats", "P3 = rec(P2)")):
+        r = s[key]
+        row = f"  {label:14s} KLD {r.get('kld', float('nan')):.3f}/pos, rec PSNR {r.get('rec_psnr', float('nan')):.2f} dB"
+        if "psnr_output_vs_clean" in r:
+            row += f", vs clean {r['psnr_input_vs_clean']:.2f} -> {r['psnr_output_vs_clean']:.2f} dB"
+        lines.append(row + (" (reused)" if r.get("reused") else ""))
+    lines.append(f"  purified set   {s['purified']}")
+    lines.append("  time           " + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in s["timings"].items())
+                 + (f", total {s['wall_s']:.0f}s" if "wall_s" in s else ""))
+    lines.append(f"  wrote          {run_dir / 'metrics.json'}, {s['grid']}")
+    lines.append(f"  next           accelerate launch launch/victim.py --config <victim config> "
+                 f"data.train={s['purified']} name={s['name']}_victim")
+    return "\n".join(lines)
+
+
+@stage("dvae", kind="purify", schema=DVAEConfig, inputs=("data.src", "data.clean"), output="purified",
+       summary=dvae_summary, input_errors=(PurifyInputError, ManifestError))
 def purify_dvae(cfg: DVAEConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """Algorithm 1: two stages of training and inference; writes P¹, P², P³, grid.png, metrics.json."""
-    p0, clean = Path(cfg.data.train), Path(cfg.data.clean) if cfg.data.clean else None
+    p0, clean = Path(cfg.data.src), Path(cfg.data.clean) if cfg.data.clean else None
     m = load_manifest(p0)
     check_input(m, f"poisoned set {p0}", num_classes=cfg.data.num_classes, image_size=cfg.data.image_size,
                 num_samples=cfg.data.num_samples)

@@ -22,14 +22,14 @@ from typing import Any, Dict, List
 import torch
 import torch.nn.functional as F
 
-from uedist.config import config_to_dict
+from uedist.config import identity
 from uedist.data.loaders import make_train_loader
 from uedist.data.manifest import load_manifest
 from uedist.dist import get_logger
 from uedist.engine.evaluate import evaluate
-from uedist.engine.loop import Checkpointer, data_digests, make_optimizer, make_scheduler
-from uedist.engine.noise import NoiseConfig, _batch_gen, _set_grad, make_eot, surrogate_for, write_poisoned
-from uedist.engine.loop import sync_buffers
+from uedist.engine.loop import Checkpointer, config_state, data_digests, make_optimizer, make_scheduler, sync_buffers
+from uedist.engine.noise import NoiseConfig, _batch_gen, _set_grad, make_eot, noise_summary, surrogate_for, write_poisoned
+from uedist.registry import stage
 from uedist.io import atomic_write_json
 from uedist.ops.images import to_unit
 from uedist.ops.noise import min_min_noise
@@ -37,6 +37,8 @@ from uedist.ops.noise import min_min_noise
 log = get_logger(__name__)
 
 
+@stage("em", kind="noise", schema=NoiseConfig, inputs=("data.train", "data.test"), output="poisoned",
+       summary=noise_summary)
 def generate_em(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """Run EM rounds to the stop criterion, write the poisoned set; returns the summary (also metrics.json)."""
     m = load_manifest(cfg.data.train)
@@ -48,8 +50,8 @@ def generate_em(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[str, 
     sched = make_scheduler(opt, cfg.optim, total_steps)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     ckpt = Checkpointer(run_dir / "surrogate", accelerator, every=0, gens={"noise": gen},
-                        data=data_digests(config_to_dict(cfg)))
-    state = ckpt.resume(model, opt, sched, config=config_to_dict(cfg)) if cfg.resume else None
+                        data=data_digests(cfg))
+    state = ckpt.resume(model, opt, sched, config=cfg) if cfg.resume else None
     rnd = state["round"] if state else 0
     classwise = state["classwise"].to(device) if state and state.get("classwise") is not None else None
     history: List[Dict[str, Any]] = list(state.get("history", [])) if state else []
@@ -72,7 +74,7 @@ def generate_em(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[str, 
         history.append({"round": rnd, "error": error, "time_s": time.time() - t0})
         log.info("EM round %d: surrogate error on x+δ %.4f (stop below %.4f)", rnd, error, cfg.em.stop_error)
         ckpt.save(rnd, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "round": rnd, "history": history, "config": config_to_dict(cfg),
+                        "round": rnd, "history": history, **config_state(cfg),
                         "classwise": classwise.cpu() if classwise is not None else None})
         if accelerator.is_main_process and current != Path(cfg.data.train):
             shutil.rmtree(current, ignore_errors=True)  # keep only the newest round on disk
@@ -135,7 +137,7 @@ def _write_round(cfg: NoiseConfig, model: torch.nn.Module, m: Any, current: Path
             return quantize_noise(x_u8, _delta(cfg, model, x, y, start, keys), eps_u8)
         aux = current if current != Path(cfg.data.train) else None
     run_map_pass(Path(cfg.data.train), nxt, fn, accelerator=accelerator, stage=f"em:round{rnd}",
-                 config={**config_to_dict(cfg), "round": rnd}, batch_size=cfg.final_batch_size,
+                 config={**identity(cfg), "round": rnd}, batch_size=cfg.final_batch_size,
                  num_workers=cfg.data.workers, aux=aux, progress=cfg.progress)
 
 

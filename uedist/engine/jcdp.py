@@ -7,7 +7,7 @@ purified by ``uedist.diffusion.purify.purify`` — N rounds of diffuse-to-T_p-an
 shifted by σ_t²(d₁ + d₂) toward the equally-noised unlearnable image (MSE on the steps in ``mse_t``, LPIPS on
 those in ``lpips_t``) — and written losslessly with the same keys and labels. Every random draw of a batch comes
 from a generator seeded by the run seed and the batch's first key, so a resumed pass writes what an
-uninterrupted one would. ``method: plain`` drops the guidance (AVATAR-style diffuse to t* and denoise).
+uninterrupted one would. ``method: diffusion`` drops the guidance (AVATAR-style diffuse to t* and denoise).
 Ends with a PNG grid (alternating lines: poisoned | purified) and metrics.json (timing, distances).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Literal, Optional, Tuple
 import numpy as np
 import torch
 
-from uedist.config import config_to_dict, require
+from uedist.config import identity, location, require, runtime
 from uedist.data.loaders import make_map_loader
 from uedist.diffusion.purify import jcdp_guidance, purify
 from uedist.diffusion.schedule import Schedule
@@ -30,7 +30,7 @@ from uedist.engine.map_pass import run_map_pass
 from uedist.io import atomic_write_json
 from uedist.models.lpips import build_lpips
 from uedist.ops.images import to_uint8, to_unit
-from uedist.registry import PURIFIERS
+from uedist.registry import stage
 
 log = get_logger(__name__)
 
@@ -43,10 +43,10 @@ class LPIPSSpec:
 
 @dataclass
 class PurifyData:
-    poisoned: str = "runs/sem_c10/poisoned"  # the unlearnable shard set
+    src: str = "runs/sem_c10/poisoned"  # the unlearnable shard set to purify
     clean: str = ""  # optional: the clean originals (sharded alike) -> PSNR to clean in metrics.json
     batch_size: int = 256
-    workers: int = 2
+    workers: int = runtime(2)
 
 
 @dataclass
@@ -54,10 +54,10 @@ class JCDPConfig:
     """Defaults: the LE reference (T_p 20, N 4, MSE for t > 10, LPIPS-AlexNet for t ≤ 10, full reverse chain).
     λ₁, λ₂ are not given in REFERENCE.md; ours are stated in the configs."""
 
-    method: Literal["jcdp", "plain"] = "jcdp"
-    name: str = "jcdp"
-    run_root: str = "runs"
-    out: str = ""  # the purified shard set; default <run_root>/<name>/purified
+    method: Literal["jcdp", "diffusion"] = "jcdp"  # diffusion: plain diffusion purification, no guidance
+    name: str = location("jcdp")
+    run_root: str = location("runs")
+    out: str = location("")  # the purified shard set; default <run_root>/<name>/purified
     seed: int = 0
     ddpm: str = ""  # a DDPM run folder (launch/ddpm.py) or checkpoint folder
     use_ema: bool = True
@@ -73,9 +73,9 @@ class JCDPConfig:
     lpips_t: Tuple[int, int] = (1, 10)  # paper steps t (inclusive) guided by LPIPS
     lpips: LPIPSSpec = field(default_factory=LPIPSSpec)
     bf16: bool = False  # autocast for the UNet (guidance gradients stay fp32)
-    grid: int = 16  # images in the poisoned | purified grid (0 = none)
+    grid: int = runtime(16)  # images in the poisoned | purified grid (0 = none)
     overwrite: bool = False
-    progress: bool = True
+    progress: bool = runtime(True)
 
     def validate(self) -> None:
         require(self.t_p >= 1 and self.rounds >= 1 and self.stride >= 1, "t_p, rounds, stride must be >= 1")
@@ -171,15 +171,15 @@ def purify_shards(cfg: JCDPConfig, accelerator: Any, run_dir: Path) -> Dict[str,
         return r
 
     t0 = time.time()
-    m = run_map_pass(Path(cfg.data.poisoned), out, map_fn, accelerator=accelerator, stage=f"purify:{cfg.method}",
-                     config=config_to_dict(cfg), batch_size=cfg.data.batch_size, num_workers=cfg.data.workers,
+    m = run_map_pass(Path(cfg.data.src), out, map_fn, accelerator=accelerator, stage=f"purify:{cfg.method}",
+                     config=identity(cfg), batch_size=cfg.data.batch_size, num_workers=cfg.data.workers,
                      extra={"purifier": {"method": cfg.method, "t_p": cfg.t_p, "rounds": cfg.rounds,
                                          "stride": cfg.stride, "ddpm": cfg.ddpm}},
                      overwrite=cfg.overwrite, parents=[cfg.ddpm], progress=cfg.progress, aux=clean)
     dt = time.time() - t0
     res = dist.result(accelerator, clean is not None)
     metrics: Dict[str, Any] = {
-        "name": cfg.name, "method": cfg.method, "purified": str(out), "poisoned": cfg.data.poisoned,
+        "name": cfg.name, "method": cfg.method, "purified": str(out), "poisoned": cfg.data.src,
         "ddpm": cfg.ddpm, "t_p": cfg.t_p, "rounds": cfg.rounds, "stride": cfg.stride,
         "denoising_steps_per_image": cfg.rounds * cfg.t_p // cfg.stride, "guided": cfg.guided,
         "lam_mse": cfg.lam_mse if cfg.guided else 0.0, "lam_lpips": cfg.lam_lpips if cfg.guided else 0.0,
@@ -189,7 +189,7 @@ def purify_shards(cfg: JCDPConfig, accelerator: Any, run_dir: Path) -> Dict[str,
     }
     if accelerator.is_main_process:
         if cfg.grid:
-            metrics["grid"] = str(comparison_grid(Path(cfg.data.poisoned), out, cfg.grid, run_dir / "grid.png"))
+            metrics["grid"] = str(comparison_grid(Path(cfg.data.src), out, cfg.grid, run_dir / "grid.png"))
         atomic_write_json(run_dir / "metrics.json", metrics)
     accelerator.wait_for_everyone()
     return metrics
@@ -205,12 +205,31 @@ def comparison_grid(poisoned: Path, purified: Path, n: int, path: Path) -> Path:
     return write_grid(rows, path)
 
 
-@PURIFIERS.register("jcdp")
+def jcdp_summary(m: Dict[str, Any], run_dir: Path) -> str:
+    """The end-of-job text of a JCDP / plain diffusion purification."""
+    guide = (f"λ₁ {m['lam_mse']:g} (MSE), λ₂ {m['lam_lpips']:g} (LPIPS {m['lpips']})" if m["guided"] else "no guidance")
+    lines = ["", f"{m['name']}: {m['method']} purification, N {m['rounds']} x T_p {m['t_p']} (stride {m['stride']}), "
+             f"{guide}", f"  purified shard set  {m['purified']}  ({m['num_samples']} samples; {m['samples']} written "
+             "in this run)"]
+    if m["samples"]:
+        extra = (f", to clean {m['psnr_to_clean']:.2f} dB (poisoned to clean {m['psnr_poisoned_to_clean']:.2f} dB)"
+                 if "psnr_to_clean" in m else "")
+        lines += [f"  PSNR                to poisoned {m['psnr_to_poisoned']:.2f} dB{extra}",
+                  f"  time                {m['time_s']:.1f} s, {m['images_per_s']:.2f} img/s on {m['world_size']} "
+                  "process(es)"]
+    lines += [f"  wrote               {run_dir / 'metrics.json'}" + (f", {m['grid']}" if m.get("grid") else ""),
+              f"  next                accelerate launch launch/victim.py --config configs/victim/cifar10_quick.yaml "
+              f"data.train={m['purified']} name={m['name']}_victim"]
+    return "\n".join(lines)
+
+
+_DIFFUSION_STAGE = dict(kind="purify", schema=JCDPConfig, inputs=("data.src", "data.clean", "ddpm"),
+                        output="purified", summary=jcdp_summary,
+                        check=lambda c: None if c.ddpm else "ddpm=<DDPM run folder> is required (launch/ddpm.py)")
+
+
+@stage("jcdp", **_DIFFUSION_STAGE)
+@stage("diffusion", **_DIFFUSION_STAGE)
 def purify_jcdp(cfg: JCDPConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
+    """JCDP (LE Algorithm 1) or plain diffusion purification (method diffusion, the baseline JCDP improves on)."""
     return purify_shards(cfg, accelerator, run_dir)
-
-
-@PURIFIERS.register("diffusion")
-def purify_diffusion(cfg: JCDPConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
-    """Plain diffusion purification (no guidance), the baseline JCDP improves on."""
-    return purify_shards(replace(cfg, method="plain"), accelerator, run_dir)

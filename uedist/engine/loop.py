@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterable, List, Literal, Optional
 import torch
 
 from uedist.checkpoint import latest_checkpoint, load_state, restore_rng, save_checkpoint
-from uedist.config import require
+from uedist.config import config_to_dict, identity, require
 from uedist.dist import get_logger
 from uedist.io import atomic_open
 
@@ -105,14 +105,15 @@ class Checkpointer:
         self.data = data
 
     def resume(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-               scheduler: Any = None, *, config: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
+               scheduler: Any = None, *, config: Any = None) -> Optional[Dict[str, Any]]:
         """Load the newest checkpoint into the (unwrapped) model, optimizer and scheduler; return its state or
-        None. A checkpoint written with a different training config is refused, never silently mixed."""
+        None. A checkpoint written with a different config (:func:`uedist.config.identity`: runtime fields such as
+        ``progress`` or ``data.workers`` may differ) is refused, never silently mixed."""
         path = latest_checkpoint(self.dir)
         if path is None:
             return None
         state = load_state(path, map_location="cpu")
-        if config is not None and state.get("config") is not None and _train_keys(state["config"]) != _train_keys(config):
+        if config is not None and state.get("identity") is not None and state["identity"] != identity(config):
             raise CheckpointMismatch(
                 f"{path} was written with a different config; use a new run name, or resume=false to start over"
             )
@@ -142,16 +143,6 @@ class Checkpointer:
                                gens=self.gens, keep=self.keep)
 
 
-_RUNTIME_KEYS = {"ckpt_every", "log_every", "eval_every", "resume", "workers", "eval_batch_size", "progress"}
-
-
-def _train_keys(cfg: Any) -> Any:
-    """The config without keys that may change between a run and its resumption."""
-    if isinstance(cfg, dict):
-        return {k: _train_keys(v) for k, v in cfg.items() if k not in _RUNTIME_KEYS}
-    return cfg
-
-
 def write_curve(path: Path, rows: List[Dict[str, Any]]) -> None:
     """Write training-curve rows as CSV atomically (the union of keys as columns)."""
     if not rows:
@@ -179,14 +170,14 @@ class Prepared:
     start: int
     curve: List[Dict[str, Any]]
     elapsed: float  # training seconds before this process started
-    config: Dict[str, Any]
+    config: Any  # the run's config (a schema dataclass): saved in full with every checkpoint, guarded by identity
 
 
-def data_digests(config: Dict[str, Any]) -> Dict[str, str]:
+def data_digests(config: Any) -> Dict[str, str]:
     """The content digest of every finished shard set that ``config``'s ``data`` section names ({key: digest})."""
     from uedist.data.manifest import content_digest
 
-    data = config.get("data")
+    data = config_to_dict(config).get("data") if not isinstance(config, dict) else config.get("data")
     if not isinstance(data, dict):
         return {}
     return {k: d for k, v in sorted(data.items()) if isinstance(v, str) and v and (d := content_digest(v))}
@@ -194,7 +185,7 @@ def data_digests(config: Dict[str, Any]) -> Dict[str, str]:
 
 def prepare_training(
     model: torch.nn.Module, optim: OptimConfig, total_steps: int, *, accelerator: Any, ckpt_root: Path, seed: int,
-    config: Dict[str, Any], ckpt_every: int, resume: bool = True, channels_last: bool = False, gen_name: str = "augment",
+    config: Any, ckpt_every: int, resume: bool = True, channels_last: bool = False, gen_name: str = "augment",
     make_opt: Optional[Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]] = None,
 ) -> Prepared:
     """Move ``model`` to the device, build SGD (or ``make_opt(params)``, e.g. Adam) and the schedule of ``optim``,
@@ -219,7 +210,13 @@ def save_training(p: Prepared, step: int, elapsed: float, **extra: Any) -> None:
     sync_buffers(p.model, p.ckpt.acc)
     check_finite_params(p.model, step, p.ckpt.dir)
     p.ckpt.save(step, {"model": p.model.state_dict(), "optimizer": p.opt.state_dict(), "scheduler": p.sched.state_dict(),
-                       "curve": p.curve, "elapsed": elapsed, "config": p.config, **extra})
+                       "curve": p.curve, "elapsed": elapsed, **config_state(p.config), **extra})
+
+
+def config_state(config: Any) -> Dict[str, Any]:
+    """What a checkpoint records of its config: the whole of it (to rebuild the model) and its identity (to
+    guard a resumption)."""
+    return {"config": config_to_dict(config), "identity": identity(config)}
 
 
 def sync_buffers(model: torch.nn.Module, accelerator: Any) -> None:

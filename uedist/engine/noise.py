@@ -14,13 +14,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Literal, Optional
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from uedist.config import config_to_dict, require
+from uedist.config import identity, location, require, runtime
 from uedist.data.loaders import make_train_loader
 from uedist.data.manifest import Manifest, load_manifest
 from uedist.engine.evaluate import evaluate
@@ -35,7 +35,7 @@ from uedist.ops import augment
 from uedist.ops.images import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, to_unit
 from uedist.ops.noise import min_min_noise, quantize_noise
 from uedist.ops.pgd import pgd
-from uedist.registry import MODELS
+from uedist.registry import MODELS, stage
 
 
 @dataclass
@@ -44,7 +44,7 @@ class NoiseData:
     test: str = ""  # optional clean test set: the surrogate's clean accuracy is reported
     build: str = ""  # shard-build YAML used to create `train` when it does not exist (the main job's synthetic set)
     batch_size: int = 128  # global, split across ranks
-    workers: int = 2
+    workers: int = runtime(2)
     shuffle_buffer: int = 2000
 
 
@@ -60,10 +60,10 @@ class EMConfig:
 class NoiseConfig:
     """Settings of REFERENCE.md, in /255 units. Defaults: the CIFAR-10 SEM reference."""
 
-    method: Literal["sem", "rem", "em", "random"] = "sem"
-    name: str = "sem"
-    run_root: str = "runs"
-    out: str = ""  # the poisoned shard set; default <run_root>/<name>/poisoned
+    method: str = "sem"  # the stage: sem, rem, em, random (fixed by the registry; see uedist stages)
+    name: str = location("sem")
+    run_root: str = location("runs")
+    out: str = location("")  # the poisoned shard set; default <run_root>/<name>/poisoned
     seed: int = 0
     data: NoiseData = field(default_factory=NoiseData)
     eps: float = 8.0  # ρ_u
@@ -85,10 +85,10 @@ class NoiseConfig:
     random_mode: Literal["samplewise", "classwise"] = "samplewise"
     bf16: bool = False
     channels_last: bool = False
-    ckpt_every: int = 500
-    log_every: int = 50
-    resume: bool = True
-    progress: bool = True
+    ckpt_every: int = runtime(500)
+    log_every: int = runtime(50)
+    resume: bool = runtime(True)
+    progress: bool = runtime(True)
 
     def validate(self) -> None:
         require(0 < self.eps <= 64, f"eps must be in (0, 64] (/255), got {self.eps}")
@@ -158,7 +158,7 @@ def train_surrogate(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[s
         raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by {world} processes")
     torch.manual_seed(cfg.seed)
     p = prepare_training(surrogate_for(cfg, m), cfg.optim, cfg.steps, accelerator=accelerator,
-                         ckpt_root=run_dir / "surrogate", seed=cfg.seed, config=config_to_dict(cfg),
+                         ckpt_root=run_dir / "surrogate", seed=cfg.seed, config=cfg,
                          ckpt_every=cfg.ckpt_every, resume=cfg.resume, channels_last=cfg.channels_last, gen_name="noise")
     model, ddp, opt, sched, gen, ckpt = p.model, p.ddp, p.opt, p.sched, p.gen, p.ckpt
     start, curve, t_before = p.start, p.curve, p.elapsed
@@ -177,8 +177,8 @@ def train_surrogate(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[s
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             delta = noise_for_batch(cfg, model, x, y, eot, gen, amp)
-            loss, acc = _surrogate_step(cfg, ddp, model, opt, x + delta, y, eot, gen, amp, accelerator, step + 1,
-                                        ckpt.dir)
+            loss, acc = surrogate_step(cfg, x + delta, y, ddp=ddp, model=model, opt=opt, eot=eot, gen=gen, amp=amp,
+                                       accelerator=accelerator, step=step + 1, ckpt_dir=ckpt.dir)
             step += 1
             sched.step()
             window.append((loss, acc))
@@ -197,10 +197,14 @@ def train_surrogate(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[s
     return {"steps": cfg.steps, "time_s": t_before + time.time() - t0, "curve": curve}
 
 
-def _surrogate_step(cfg: NoiseConfig, ddp: torch.nn.Module, model: Normalized, opt: torch.optim.Optimizer,
-                    xp: torch.Tensor, y: torch.Tensor, eot: Callable, gen: torch.Generator, amp: Dict[str, Any],
-                    accelerator: Any, step: int, ckpt_dir: Path):
-    """One SGD step of the surrogate on PGD(ρ_a, K_a, α_a)-attacked t(x + δ) (adversarial training)."""
+def surrogate_step(cfg: NoiseConfig, xp: torch.Tensor, y: torch.Tensor, *, ddp: torch.nn.Module, model: Normalized,
+                   opt: torch.optim.Optimizer, eot: Callable, gen: torch.Generator, amp: Dict[str, Any],
+                   accelerator: Any, step: int, ckpt_dir: Path) -> Tuple[float, float]:
+    """One SGD step of the surrogate on PGD(ρ_a, K_a, α_a)-attacked t(x + δ) (adversarial training).
+
+    ``xp`` (B, C, H, W) in [0, 1] is the perturbed batch x + δ, ``y`` (B,) its labels; ``ddp`` is the (possibly
+    DDP-wrapped) model that takes the update, ``model`` the bare one the PGD attack runs on (eval mode). Returns
+    the batch's loss and accuracy on the attacked images."""
     with torch.no_grad():
         xa = eot(xp)
     if cfg.adv_steps > 0 and cfg.adv_eps > 0:
@@ -282,7 +286,7 @@ def write_poisoned(cfg: NoiseConfig, accelerator: Any, run_dir: Path, make_delta
         return [{"noise.npy": npy_bytes(a)} for a in d]
 
     t0 = time.time()
-    m = run_map_pass(Path(cfg.data.train), out, fn, accelerator=accelerator, stage=stage, config=config_to_dict(cfg),
+    m = run_map_pass(Path(cfg.data.train), out, fn, accelerator=accelerator, stage=stage, config=identity(cfg),
                      batch_size=cfg.final_batch_size, num_workers=cfg.data.workers, extras_fn=extras,
                      extra={"noise": {"method": cfg.method, "eps": cfg.eps, **(extra or {})}}, progress=cfg.progress,
                      aux=aux)
@@ -309,6 +313,41 @@ def random_delta(cfg: NoiseConfig) -> Callable:
     return make
 
 
+def noise_summary(s: Dict[str, Any], run_dir: Path) -> str:
+    """The end-of-job text of a noise stage: where the poisoned set is, its noise, the surrogate, the times, and
+    the next command (a victim on the poisoned set)."""
+    n = s["noise"]
+    lines = ["", f"{s['method'].upper()} noise: {s['name']}",
+             f"  poisoned shard set   {s['poisoned']}  ({n['samples']} samples written in this run)",
+             f"  noise                L∞ max {n['linf_max']:.0f}/255 (ε = {s['eps']:.0f}/255, 0 violations), "
+             f"mean L2 {n['l2_mean']:.1f}/255 per image"]
+    if "surrogate_acc_poisoned" in s:
+        clean = s.get("surrogate_acc_clean_test")
+        lines.append(f"  surrogate            {s['surrogate_acc_poisoned']:.2f}% on the poisoned train set"
+                     + (f", {clean:.2f}% on the clean test set" if clean is not None else ""))
+    if "rounds" in s:
+        lines.append(f"  EM rounds            {s['rounds']} (surrogate error on x+δ {s['final_error']:.4f})")
+    t = s["timings"]
+    lines.append("  time                 " + ", ".join(f"{k.replace('_s', '')} {v:.1f}s" for k, v in t.items())
+                 + (f", total {s['wall_s']:.1f}s" if "wall_s" in s else ""))
+    lines.append(f"  wrote                {run_dir / 'metrics.json'}, {run_dir / 'config.yaml'}")
+    train = Path(str(s["train"]))
+    victim, test = "<victim config>", ""
+    if train.parent.name.startswith("synthetic"):  # the built-in sets: the synthetic victim, on the set's own test
+        victim = "synthetic"
+        test = "" if train.parent.name == "synthetic" else f" data.test={train.parent / 'test'}"
+    lines.append(f"  next                 accelerate launch launch/victim.py --config configs/victim/{victim}.yaml "
+                 f"data.train={s['poisoned']}{test} name={s['name']}_victim")
+    return "\n".join(lines)
+
+
+_NOISE_STAGE = dict(kind="noise", schema=NoiseConfig, inputs=("data.train", "data.test"), output="poisoned",
+                    summary=noise_summary)
+
+
+@stage("sem", **_NOISE_STAGE)
+@stage("rem", **_NOISE_STAGE)
+@stage("random", **_NOISE_STAGE)
 def generate_noise(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """SEM / REM / random: phase 1 (surrogate) then phase 2 (final pass); writes metrics.json; returns the summary."""
     m = load_manifest(cfg.data.train)

@@ -3,8 +3,8 @@ low-pass filters (mean, median, Gaussian), each one shard map pass from a poison
 
     accelerate launch launch/purify.py --config configs/purify/jpeg10.yaml data.src=runs/sem_c10/poisoned
 
-Every purifier in ``uedist.registry.PURIFIERS`` is an engine entry ``fn(cfg, accelerator, run_dir) -> summary``:
-the baselines below (one ``PurifyConfig``, ``method`` picks the op) and ``dvae`` (``uedist.engine.dvae``). The
+Every purifier is a registered stage (``uedist.registry.stage``) whose entry is ``fn(cfg, accelerator, run_dir) ->
+summary``: the baselines below (one ``PurifyConfig``, ``method`` picks the op), ``dvae``, ``jcdp``, ``diffusion``. The
 purified set keeps keys and labels, is stored losslessly (PNG), and records its parents and config. With
 ``data.clean`` (the clean set the poisoned one was made from, sharded alike) the pass also reports PSNR of the
 poisoned and the purified images against the clean ones. Also the shared parts of the purifiers: the input
@@ -22,16 +22,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from uedist.config import config_to_dict, require
+from uedist.config import identity, location, require, runtime
 from uedist.data.images import decode_image
-from uedist.data.manifest import Manifest, load_manifest
+from uedist.data.manifest import Manifest, ManifestError, load_manifest
 from uedist.data.shards import read_shard
 from uedist.dist import get_logger
 from uedist.engine.map_pass import run_map_pass
 from uedist.io import atomic_write, atomic_write_json
 from uedist.ops import iss
 from uedist.ops.images import to_uint8, to_unit
-from uedist.registry import PURIFIERS
+from uedist.registry import stage
 
 log = get_logger(__name__)
 
@@ -50,7 +50,7 @@ class PurifyData:
     image_size: int = 0  # expected image side in px; 0 = any
     num_samples: int = 0  # expected number of samples; 0 = any
     batch_size: int = 256
-    workers: int = 2
+    workers: int = runtime(2)
 
 
 @dataclass
@@ -58,16 +58,16 @@ class PurifyConfig:
     """One baseline pass. Parameters in the units of the papers: JPEG quality 1..100, bits 1..8, kernel px."""
 
     method: Literal["grayscale", "jpeg", "bit_depth", "mean", "median", "gaussian"] = "jpeg"
-    name: str = "purify"
-    run_root: str = "runs"
-    out: str = ""  # default <run_root>/<name>/purified
+    name: str = location("purify")
+    run_root: str = location("runs")
+    out: str = location("")  # default <run_root>/<name>/purified
     data: PurifyData = field(default_factory=PurifyData)
     quality: int = 10  # jpeg (ISS: 10)
     bits: int = 2  # bit_depth (ISS: 2)
     kernel: int = 3  # mean / median / gaussian
     sigma: float = 0.8  # gaussian (OpenCV's rule for 3×3)
-    grid_samples: int = 8
-    progress: bool = True
+    grid_samples: int = runtime(8)
+    progress: bool = runtime(True)
 
     def validate(self) -> None:
         require(bool(self.data.src), "data.src (the poisoned shard set) is required")
@@ -152,8 +152,7 @@ def purify_baseline(cfg: PurifyConfig, accelerator: Any, run_dir: Path) -> Dict[
         return res
 
     t0 = time.time()
-    pass_cfg = {k: v for k, v in config_to_dict(cfg).items() if k not in ("progress", "grid_samples", "name", "run_root")}
-    run_map_pass(src, out, fn, accelerator=accelerator, stage=f"purify:{cfg.method}", config=pass_cfg,
+    run_map_pass(src, out, fn, accelerator=accelerator, stage=f"purify:{cfg.method}", config=identity(cfg),
                  batch_size=cfg.data.batch_size, num_workers=cfg.data.workers, aux=clean, progress=cfg.progress,
                  extra={"purify": {"method": cfg.method, **_params(cfg)}})
     seconds = time.time() - t0
@@ -173,8 +172,18 @@ def _params(cfg: PurifyConfig) -> Dict[str, Any]:
             "median": {"kernel": cfg.kernel}, "gaussian": {"kernel": cfg.kernel, "sigma": cfg.sigma}}.get(cfg.method, {})
 
 
-for _name in BASELINES:
-    PURIFIERS.register(_name)(purify_baseline)
+def baseline_summary(s: Dict[str, Any], run_dir: Path) -> str:
+    """The end-of-job text of a baseline purification."""
+    psnr = (f"; PSNR vs clean {s['psnr_input_vs_clean']:.2f} -> {s['psnr_output_vs_clean']:.2f} dB"
+            if "psnr_output_vs_clean" in s else "")
+    params = f" {s['params']}" if s["params"] else ""
+    return (f"\n{s['method']}{params}: {s['samples']} images -> {s['purified']} in {s['time_s']:.1f}s "
+            f"({s['samples'] / max(s['time_s'], 1e-9):.0f} img/s){psnr}\nwrote {run_dir / 'metrics.json'}, {s['grid']}")
+
+
+for _name in BASELINES:  # one schema, one function, six stages (``method`` picks the op)
+    stage(_name, kind="purify", schema=PurifyConfig, inputs=("data.src", "data.clean"), output="purified",
+          summary=baseline_summary, input_errors=(PurifyInputError, ManifestError))(purify_baseline)
 
 
 def read_columns(sets: Sequence[Tuple[str, Optional[Path]]], n: int) -> List[Tuple[str, np.ndarray]]:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from uedist.config import config_to_dict, require
+from uedist.config import config_to_dict, location, require, runtime
 from uedist.data.loaders import make_train_loader
 from uedist.data.manifest import Manifest, load_manifest
 from uedist.engine.evaluate import evaluate
@@ -30,7 +30,7 @@ from uedist.models.wrappers import Normalized
 from uedist.ops import augment, iss
 from uedist.ops.images import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, to_unit
 from uedist.ops.pgd import pgd
-from uedist.registry import MODELS
+from uedist.registry import MODELS, stage
 
 
 @dataclass
@@ -38,9 +38,9 @@ class VictimData:
     train: str = "shards/synthetic/train"
     test: str = "shards/synthetic/test"
     batch_size: int = 128  # global; each of N ranks takes batch_size / N
-    workers: int = 2
+    workers: int = runtime(2)
     shuffle_buffer: int = 2000
-    eval_batch_size: int = 256
+    eval_batch_size: int = runtime(256)
     augment: Literal["auto", "crop_flip", "rrc_flip", "flip", "none"] = "auto"  # auto: crop_flip <= 64 px, else rrc_flip
     crop_pad: int = 4
     train_size: int = 0  # rrc output size; 0 = 7/8 of the stored size (224 for 256)
@@ -87,8 +87,8 @@ class DefenseConfig:
 
 @dataclass
 class VictimConfig:
-    name: str = "victim"  # the run lives in <run_root>/<name>
-    run_root: str = "runs"
+    name: str = location("victim")  # the run lives in <run_root>/<name>
+    run_root: str = location("runs")
     seed: int = 0
     steps: int = 0  # training steps; or set epochs
     epochs: float = 0.0  # converted to steps with the train set size and the global batch
@@ -99,11 +99,11 @@ class VictimConfig:
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     bf16: bool = False  # autocast to bfloat16
     channels_last: bool = False
-    ckpt_every: int = 500
-    eval_every: int = 0  # 0: evaluate at the end only
-    log_every: int = 50
-    resume: bool = True
-    progress: bool = True
+    ckpt_every: int = runtime(500)
+    eval_every: int = runtime(0)  # 0: evaluate at the end only
+    log_every: int = runtime(50)
+    resume: bool = runtime(True)
+    progress: bool = runtime(True)
 
     def validate(self) -> None:
         require((self.steps > 0) != (self.epochs > 0), "set exactly one of steps or epochs")
@@ -168,6 +168,15 @@ def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
 
 
+def victim_summary(m: Dict[str, Any], run_dir: Path) -> str:
+    """The end-of-job text of a victim run: clean test accuracy, length, speed, what was written."""
+    return (f"\n{run_dir.name}: clean test top-1 {m['test_top1']:.2f}%  top-5 {m['test_top5']:.2f}%  "
+            f"({m['test_samples']} test images; {m['steps']} steps = {m['epochs']:.1f} epochs; "
+            f"{m['images_per_s']:.0f} img/s; {m['train_time_s']:.0f} s training on {m['world_size']} process(es))\n"
+            f"wrote {run_dir / 'metrics.json'}, {run_dir / 'curve.csv'}, checkpoints in {run_dir / 'checkpoints'}")
+
+
+@stage("victim", kind="victim", schema=VictimConfig, inputs=("data.train", "data.test"), summary=victim_summary)
 def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """Train and evaluate one victim; writes checkpoints, curves and metrics.json under ``run_dir``."""
     train_m, test_m = load_manifest(cfg.data.train), load_manifest(cfg.data.test)
@@ -178,7 +187,7 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
     total = cfg.total_steps(train_m.num_samples)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     p = prepare_training(build_victim(cfg, train_m), cfg.optim, total, accelerator=accelerator, ckpt_root=run_dir,
-                         seed=cfg.seed, config=config_to_dict(cfg), ckpt_every=cfg.ckpt_every, resume=cfg.resume,
+                         seed=cfg.seed, config=cfg, ckpt_every=cfg.ckpt_every, resume=cfg.resume,
                          channels_last=cfg.channels_last)
     model, ddp_model, opt, sched, gen, ckpt = p.model, p.ddp, p.opt, p.sched, p.gen, p.ckpt
     start, curve, elapsed_before = p.start, p.curve, p.elapsed

@@ -1,0 +1,42 @@
+"""Running float64 sums and maxima of a pass, kept per rank on its device and combined across ranks at the end."""
+from __future__ import annotations
+
+from typing import Any, Dict, Sequence
+
+import torch
+
+
+class RunningSums:
+    """Named float64 sums (``add``) and maxima (``maximum``) on ``device``; ``result`` combines them over ranks.
+
+    >>> s = RunningSums(device, sums=("n", "l2"), maxima=("linf",))
+    >>> s.add(n=b, l2=norms.sum()); s.maximum(linf=linf.max())
+    >>> s.result(accelerator)  # {"n": ..., "l2": ..., "linf": ...}: sums summed, maxima maxed over ranks
+    """
+
+    def __init__(self, device: torch.device, *, sums: Sequence[str] = (), maxima: Sequence[str] = ()) -> None:
+        self.sum_names, self.max_names = list(sums), list(maxima)
+        self.sums = torch.zeros(len(self.sum_names), dtype=torch.float64, device=device)
+        self.maxima = torch.full((len(self.max_names),), float("-inf"), dtype=torch.float64, device=device)
+
+    def add(self, **values: Any) -> None:
+        """Add numbers or 0-d tensors to the named sums."""
+        for k, v in values.items():
+            self.sums[self.sum_names.index(k)] += torch.as_tensor(v, dtype=torch.float64, device=self.sums.device)
+
+    def maximum(self, **values: Any) -> None:
+        """Raise the named maxima to ``values`` where larger."""
+        for k, v in values.items():
+            i = self.max_names.index(k)
+            v = torch.as_tensor(v, dtype=torch.float64, device=self.maxima.device)
+            self.maxima[i] = torch.maximum(self.maxima[i], v)
+
+    def result(self, accelerator: Any) -> Dict[str, float]:
+        """Collective (every rank calls it): the sums summed and the maxima maxed over all ranks."""
+        sums, maxima = self.sums.clone(), self.maxima.clone()
+        if accelerator.num_processes > 1:
+            if len(sums):
+                sums = accelerator.reduce(sums, reduction="sum")
+            if len(maxima):
+                maxima = accelerator.gather(maxima[None]).amax(0)
+        return {**dict(zip(self.sum_names, sums.tolist())), **dict(zip(self.max_names, maxima.tolist()))}
