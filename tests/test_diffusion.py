@@ -110,8 +110,8 @@ def test_purify_is_deterministic_per_generator_and_in_range():
     c = purify(_eps_fn(net), s, x, t_p=6, rounds=2, gen=torch.Generator().manual_seed(4))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape == x.shape and a.min() >= -1 and a.max() <= 1
-    g = sample(_eps_fn(net), s.respaced(range(99, 1000, 100)), (2, 3, 16, 16), torch.Generator().manual_seed(0),
-               torch.device("cpu"))
+    g = sample(_eps_fn(net), s.respaced(range(99, 1000, 100)), (2, 3, 16, 16), gen=torch.Generator().manual_seed(0),
+               device=torch.device("cpu"))
     assert g.shape == (2, 3, 16, 16) and torch.isfinite(g).all()
 
 
@@ -132,7 +132,7 @@ def test_guidance_applies_by_step():
     seen = []
     rec = lambda x, ref, t: seen.append(t) or torch.zeros_like(x)  # noqa: E731
     net, s = tiny_unet().eval(), Schedule.linear(1000).respaced(range(3, 1000, 4))
-    reverse_chain(_eps_fn(net), s, torch.zeros(1, 3, 16, 16), start_index(s, 20), torch.Generator().manual_seed(0),
+    reverse_chain(_eps_fn(net), s, torch.zeros(1, 3, 16, 16), k0=start_index(s, 20), gen=torch.Generator().manual_seed(0),
                   ref=torch.zeros(1, 3, 16, 16), guide=rec)
     assert seen == [20, 16, 12, 8, 4]  # paper steps of the strided chain, T_p first
 

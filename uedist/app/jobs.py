@@ -114,10 +114,10 @@ def run_stage_main(kind: str, argv: Optional[List[str]] = None, *, doc: Optional
     except (ConfigError, RegistryError) as e:
         p.error(str(e))
     cfg, accelerator, run_dir = _start(cfg, p, st.check)
-    return _run(st, cfg, accelerator, run_dir)
+    return _run(st, cfg, accelerator=accelerator, run_dir=run_dir)
 
 
-def _run(st: StageDef, cfg: Any, accelerator: Any, run_dir: Path) -> int:
+def _run(st: StageDef, cfg: Any, *, accelerator: Any, run_dir: Path) -> int:
     t0 = time.time()
     rc = prepare_inputs(cfg, accelerator)
     if rc:

@@ -162,14 +162,14 @@ class Study:
             if any(needs_ddpm(p.method) for p in c.purifiers.values()):
                 # the paper's setting by default: a DDPM trained on the unprotected clean test split
                 own = "data.train" in _flatten(c.ddpm[dname].set)
-                ddpm = self._add("ddpm", f"{dname}.ddpm", c.ddpm[dname], {} if own else {"train": ds.test},
+                ddpm = self._add("ddpm", f"{dname}.ddpm", c.ddpm[dname], inputs={} if own else {"train": ds.test},
                                  tags={"dataset": dname}, dataset=dname, origin=f"ddpm.{dname}")
             for nname, nspec in c.noises.items():
                 if self._skipped(dname, nname):
                     continue
                 poisoned: Any = Path(ds.train)
                 if nspec.method != NO_NOISE:
-                    poisoned = self._add("noise", f"{dname}.{nname}", nspec, {"train": ds.train, "test": ds.test},
+                    poisoned = self._add("noise", f"{dname}.{nname}", nspec, inputs={"train": ds.train, "test": ds.test},
                                          tags={"dataset": dname, "noise": nname}, dataset=dname,
                                          origin=f"noises.{nname}")
                 for pname, pspec in c.purifiers.items():
@@ -185,7 +185,7 @@ class Study:
             ins: Dict[str, Any] = {"src": poisoned, "clean": ds.train}
             if needs_ddpm(pspec.method):
                 ins["ddpm"] = ddpm
-            purified = self._add("purify", f"{dname}.{nname}.{pname}", pspec, ins, tags=tags, dataset=dname,
+            purified = self._add("purify", f"{dname}.{nname}.{pname}", pspec, inputs=ins, tags=tags, dataset=dname,
                                  origin=f"purifiers.{pname}")
         for vname, vspec in c.victims.items():
             for mode in c.modes:
@@ -195,10 +195,10 @@ class Study:
                 if mode == "adversarial":
                     spec = StageSpec(vspec.method, vspec.config, {**vspec.set, **c.adversarial})
                 self._add("victim", f"{dname}.{nname}.{pname}.{vname}.{mode}", spec,
-                          {"train": purified, "test": ds.test}, tags={**tags, "victim": vname, "mode": mode},
+                          inputs={"train": purified, "test": ds.test}, tags={**tags, "victim": vname, "mode": mode},
                           dataset=dname, origin=f"victims.{vname}")
 
-    def _add(self, kind: str, label: str, spec: StageSpec, inputs: Dict[str, Any], *, tags: Dict[str, str],
+    def _add(self, kind: str, label: str, spec: StageSpec, *, inputs: Dict[str, Any], tags: Dict[str, str],
              dataset: str, origin: str) -> Stage:
         """Resolve one stage (the registry's stage named by ``spec.method``, or the kind's one stage) and append it."""
         runner = _stage(spec.method if kind in ("noise", "purify") else kind)

@@ -89,7 +89,7 @@ def _fingerprint(cfg: BuildConfig, split: str, items: Sequence[Item]) -> str:
 
 
 def _write_one(
-    source: Source, folder: str, fingerprint: str, index: int, items: List[Tuple[int, Item]],
+    source: Source, folder: str, fingerprint: str, *, index: int, items: List[Tuple[int, Item]],
     encoding: str, jpeg_quality: int, keep_source_bytes: bool, skip_corrupt: bool,
 ) -> Dict[str, Any]:
     """Build shard ``index`` from (global index, item) pairs. Runs in a worker process."""
@@ -144,17 +144,18 @@ def build_split(cfg: BuildConfig, split: str, out_dir: Path, *, progress: bool =
             todo.append(i)
     if records:
         log.info("%s: resuming, %d of %d shards already complete", out_dir, len(records), len(chunks))
-    args = (encoding, cfg.jpeg_quality, cfg.keep_source_bytes, cfg.skip_corrupt)
+    args = dict(encoding=encoding, jpeg_quality=cfg.jpeg_quality, keep_source_bytes=cfg.keep_source_bytes,
+                skip_corrupt=cfg.skip_corrupt)
     t0 = time.time()
-    bar = _progress_bar(len(chunks), len(records), f"{source.name}/{split}", progress)
+    bar = _progress_bar(len(chunks), len(records), f"{source.name}/{split}", enabled=progress)
     try:
         if cfg.workers <= 1 or len(todo) <= 1:
             for i in todo:
-                records[i] = _write_one(source, str(out_dir), fingerprint, i, chunks[i], *args)
+                records[i] = _write_one(source, str(out_dir), fingerprint, index=i, items=chunks[i], **args)
                 bar.update(1)
         else:
             with ProcessPoolExecutor(max_workers=min(cfg.workers, len(todo)), mp_context=get_context("spawn")) as ex:
-                futs = {ex.submit(_write_one, source, str(out_dir), fingerprint, i, chunks[i], *args): i for i in todo}
+                futs = {ex.submit(_write_one, source, str(out_dir), fingerprint, index=i, items=chunks[i], **args): i for i in todo}
                 for fut in as_completed(futs):
                     records[futs[fut]] = fut.result()
                     bar.update(1)
@@ -223,7 +224,7 @@ class _NoBar:
         pass
 
 
-def _progress_bar(total: int, initial: int, desc: str, enabled: bool) -> Any:
+def _progress_bar(total: int, initial: int, desc: str, *, enabled: bool) -> Any:
     if not enabled:
         return _NoBar()
     from tqdm import tqdm

@@ -330,7 +330,7 @@ def _process(task: _Task, cfg: _Config) -> Optional[Failure]:
     return None
 
 
-def _run_tasks(tasks: List[_Task], cfg: _Config, workers: int, progress: bool) -> List[Tuple[int, Failure]]:
+def _run_tasks(tasks: List[_Task], cfg: _Config, workers: int, *, progress: bool) -> List[Tuple[int, Failure]]:
     """Run all tasks on a thread pool; returns the failures (index, failure)."""
     failures: List[Tuple[int, Failure]] = []
     bar = tqdm(total=len(tasks), disable=not progress, unit="img", desc="facescrub", dynamic_ncols=True)
@@ -419,7 +419,7 @@ def download_facescrub(
     logger.info("%d rows: %d already present, %d to fetch, %d refused", len(rows), skipped, len(tasks), len(failures))
     cfg = _Config(out_root, _http_only_opener(), timeout, retries, backoff, deadline or 6.0 * timeout, max_bytes,
                   _PIL_FORMATS[ext], jpeg_quality, verify_sha256)
-    run_failures = _run_tasks(tasks, cfg, workers, progress)
+    run_failures = _run_tasks(tasks, cfg, workers, progress=progress)
     failures = sorted(failures + run_failures, key=lambda item: item[0])
     summary = DownloadSummary(
         out_dir=out_root, image_format=ext, total=len(rows), downloaded=len(tasks) - len(run_failures),

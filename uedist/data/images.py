@@ -105,7 +105,7 @@ def encode_image(arr: np.ndarray, encoding: str, jpeg_quality: int = 95) -> byte
     return buf.getvalue()
 
 
-def decode_image(data: bytes, ext: str, size: Optional[Tuple[int, int]] = None, name: str = "<sample>") -> np.ndarray:
+def decode_image(data: bytes, ext: str, size: Optional[Tuple[int, int]] = None, *, name: str = "<sample>") -> np.ndarray:
     """Sample bytes (``ext`` in jpg/png/npy) -> uint8 (H, W, 3); checks the size when given. Never unpickles."""
     if ext == "npy":
         try:

@@ -39,7 +39,7 @@ def start_index(s: Schedule, t_p: int) -> int:
 
 
 @torch.no_grad()
-def reverse_chain(eps_fn: EpsFn, s: Schedule, x: torch.Tensor, k0: int, gen: torch.Generator, *,
+def reverse_chain(eps_fn: EpsFn, s: Schedule, x: torch.Tensor, *, k0: int, gen: torch.Generator,
                   ref: Optional[torch.Tensor] = None, guide: Optional[GuideFn] = None) -> torch.Tensor:
     """Run p(x_{k−1} | x_k) from chain index k0 down to 0; with ``guide``, shift each mean by σ_k²·guide(x_k,
     x̃_k, t) where x̃_k is ``ref`` noised to the same step with fresh noise. Returns x̂_0 clamped to [-1, 1]."""
@@ -63,14 +63,14 @@ def purify(eps_fn: EpsFn, s: Schedule, x_u: torch.Tensor, *, t_p: int, rounds: i
     i0 = torch.full((x.shape[0],), k0, dtype=torch.int64, device=x.device)
     for _ in range(rounds):
         x = s.q_sample(x, i0, randn(x.shape, gen, x))
-        x = reverse_chain(eps_fn, s, x, k0, gen, ref=x_u, guide=guide)
+        x = reverse_chain(eps_fn, s, x, k0=k0, gen=gen, ref=x_u, guide=guide)
     return x
 
 
-def sample(eps_fn: EpsFn, s: Schedule, shape: Sequence[int], gen: torch.Generator, device: torch.device) -> torch.Tensor:
+def sample(eps_fn: EpsFn, s: Schedule, shape: Sequence[int], *, gen: torch.Generator, device: torch.device) -> torch.Tensor:
     """Ancestral sampling from pure noise over the whole chain -> (B, C, H, W) in [-1, 1]."""
     x = torch.randn(tuple(shape), generator=gen, device=gen.device).to(device)
-    return reverse_chain(eps_fn, s, x, len(s.steps) - 1, gen)
+    return reverse_chain(eps_fn, s, x, k0=len(s.steps) - 1, gen=gen)
 
 
 def jcdp_guidance(lpips_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]], *, lam_mse: float,

@@ -60,7 +60,7 @@ class Schedule:
         """Chain indices -> the model's timesteps (identical unless respaced)."""
         return self.steps.to(i.device)[i]
 
-    def p_mean_var(self, eps: torch.Tensor, x_t: torch.Tensor, i: torch.Tensor,
+    def p_mean_var(self, eps: torch.Tensor, x_t: torch.Tensor, i: torch.Tensor, *,
                    clip: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The reverse step p(x_{i-1} | x_i) from ε̂: (mean μ_θ, variance σ_i² broadcastable, x̂0)."""
         x0 = (x_t - self._at((1 - self.ac).sqrt(), i, x_t) * eps) / self._at(self.ac.sqrt(), i, x_t)

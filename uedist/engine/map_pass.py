@@ -51,7 +51,7 @@ def run_map_pass(
     if encoding not in LOSSLESS:
         raise ValueError(f"map passes write perturbed images: encoding must be lossless {LOSSLESS}, got {encoding!r}")
     src_m = load_manifest(src)
-    fp = _fingerprint(stage, config, src_m, encoding, load_manifest(aux) if aux is not None else None)
+    fp = _fingerprint(stage, config, src_m, encoding=encoding, aux=load_manifest(aux) if aux is not None else None)
     rank, world = accelerator.process_index, accelerator.num_processes
     done_m = _finished(dst, fp)
     if done_m is not None and not overwrite:
@@ -65,7 +65,8 @@ def run_map_pass(
     todo = [i for i in mine if writer.done(i) is None]
     if len(todo) < len(mine):
         log.info("%s: rank %d resumes, %d of its %d shards already written", dst, rank, len(mine) - len(todo), len(mine))
-    _process(src, src_m, writer, fn, todo, accelerator, batch_size, encoding, num_workers, extras_fn, progress, aux)
+    _process(src, src_m, writer, fn=fn, todo=todo, accelerator=accelerator, batch_size=batch_size, encoding=encoding,
+             num_workers=num_workers, extras_fn=extras_fn, progress=progress, aux=aux)
     accelerator.wait_for_everyone()
     if rank == 0:
         records = [writer.done(i) for i in range(len(src_m.shards))]
@@ -89,7 +90,7 @@ def run_map_pass(
     return load_manifest(dst)
 
 
-def _process(src: Path, m: Manifest, writer: ShardSetWriter, fn: MapFn, todo: List[int], accelerator: Any,
+def _process(src: Path, m: Manifest, writer: ShardSetWriter, *, fn: MapFn, todo: List[int], accelerator: Any,
              batch_size: int, encoding: str, num_workers: int, extras_fn: Optional[ExtrasFn], progress: bool,
              aux: Optional[Path]) -> None:
     if not todo:
@@ -147,7 +148,7 @@ def _finished(dst: Path, fp: str) -> Optional[Manifest]:
     return m
 
 
-def _fingerprint(stage: str, config: Dict[str, Any], src: Manifest, encoding: str, aux: Optional[Manifest]) -> str:
+def _fingerprint(stage: str, config: Dict[str, Any], src: Manifest, *, encoding: str, aux: Optional[Manifest]) -> str:
     blob = json.dumps({"stage": stage, "config": config, "encoding": encoding, "src": [s.sha256 for s in src.shards],
                        "aux": [s.sha256 for s in aux.shards] if aux else None}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()

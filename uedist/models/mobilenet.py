@@ -23,7 +23,7 @@ SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 
 
 
 
-def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
+def _conv_bn(cin: int, cout: int, kernel: int, *, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
     layers: List[nn.Module] = [
         nn.Conv2d(cin, cout, kernel, stride=stride, padding=(kernel - 1) // 2, groups=groups, bias=False),
         nn.BatchNorm2d(cout),
@@ -42,7 +42,7 @@ class InvertedResidual(nn.Module):
         layers: List[nn.Module] = []
         if expand != 1:
             layers.append(_conv_bn(cin, hidden, 1))
-        layers += [_conv_bn(hidden, hidden, 3, stride, groups=hidden), _conv_bn(hidden, cout, 1, act=False)]
+        layers += [_conv_bn(hidden, hidden, 3, stride=stride, groups=hidden), _conv_bn(hidden, cout, 1, act=False)]
         self.conv = nn.Sequential(*layers)
         self.use_residual = stride == 1 and cin == cout
 

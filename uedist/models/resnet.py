@@ -90,7 +90,7 @@ class ResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def _stage(self, block: Type[Union[BasicBlock, Bottleneck]], planes: int, n: int, stride: int) -> nn.Sequential:
+    def _stage(self, block: Type[Union[BasicBlock, Bottleneck]], planes: int, n: int, *, stride: int) -> nn.Sequential:
         blocks = []
         for s in [stride] + [1] * (n - 1):
             blocks.append(block(self.in_planes, planes, s))

@@ -101,7 +101,7 @@ class UNet(nn.Module):
         chans, cur, res = [ch], ch, image_size
         for i, m in enumerate(ch_mult):
             for _ in range(num_res_blocks):
-                self.down.append(self._level(cur, ch * m, temb, dropout, res in attn_resolutions))
+                self.down.append(self._level(cur, ch * m, temb, dropout=dropout, attn=res in attn_resolutions))
                 cur = ch * m
                 chans.append(cur)
             if i != len(ch_mult) - 1:
@@ -112,7 +112,7 @@ class UNet(nn.Module):
         self.up = nn.ModuleList()
         for i, m in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res_blocks + 1):
-                self.up.append(self._level(cur + chans.pop(), ch * m, temb, dropout, res in attn_resolutions))
+                self.up.append(self._level(cur + chans.pop(), ch * m, temb, dropout=dropout, attn=res in attn_resolutions))
                 cur = ch * m
             if i != 0:
                 self.up.append(Up(cur))
@@ -120,7 +120,7 @@ class UNet(nn.Module):
         self.norm_out, self.conv_out = _norm(cur), nn.Conv2d(cur, in_channels, 3, padding=1)
 
     @staticmethod
-    def _level(cin: int, cout: int, temb: int, dropout: float, attn: bool) -> nn.ModuleList:
+    def _level(cin: int, cout: int, temb: int, *, dropout: float, attn: bool) -> nn.ModuleList:
         return nn.ModuleList([ResBlock(cin, cout, temb, dropout), *([AttnBlock(cout)] if attn else [])])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ def random_crop_flip(x: torch.Tensor, *, pad: int = 4, flip: bool = True, gen: O
     return out.gather(3, idx_c)
 
 
-def _rrc_boxes(b: int, h: int, w: int, scale: Tuple[float, float], ratio: Tuple[float, float],
+def _rrc_boxes(b: int, h: int, w: int, *, scale: Tuple[float, float], ratio: Tuple[float, float],
                gen: Optional[torch.Generator]) -> torch.Tensor:
     """(B, 4) boxes (cy, cx, hh, hw) in [-1, 1] units, torchvision's RandomResizedCrop rule with 10 tries."""
     area = h * w
@@ -65,7 +65,7 @@ def random_resized_crop_flip(
 ) -> torch.Tensor:
     """RandomResizedCrop(size) + horizontal flip, batched via one ``grid_sample`` (bilinear). (B,C,H,W) -> (B,C,size,size)."""
     b, c, h, w = x.shape
-    boxes = _rrc_boxes(b, h, w, scale, ratio, gen)
+    boxes = _rrc_boxes(b, h, w, scale=scale, ratio=ratio, gen=gen)
     sign = torch.where(_rand(gen, b) < 0.5, -1.0, 1.0) if flip else torch.ones(b)
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0] = boxes[:, 3] * sign  # x scale (negative = flip)
