@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install uedist on a fresh machine, everything included (the README's two commands and .ci/run call this).
+#   bash tools/setup.sh run    # what `accelerate launch launch/sem.py` needs
+#   bash tools/setup.sh test   # + the test tools, FFCV (and the system libraries it builds against), DeepSpeed
+# Idempotent: a second run installs nothing new. Works as root or with sudo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+profile="${1:-run}"
+case "$profile" in run|test) ;; *) echo "usage: bash tools/setup.sh [run|test]" >&2; exit 2 ;; esac
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+PY="${PYTHON:-python}"
+
+if [ "$profile" = test ]; then
+  # FFCV builds against these system libraries (../shared/ENVIRONMENT.md).
+  need=()
+  for pkg in pkg-config libturbojpeg0-dev libopencv-dev; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+  done
+  if [ ${#need[@]} -gt 0 ]; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
+  fi
+fi
+
+# torch first: anything asking for plain `torch` before it would pull several GB of CUDA packages.
+"$PY" -m pip install -q torch==2.13.0
+# lpips imports torchvision at import time (which fails on these CPU machines): only its files are used.
+"$PY" -m pip install -q --no-deps lpips==0.1.4
+if [ "$profile" = test ]; then
+  DS_BUILD_OPS=0 "$PY" -m pip install -q -c constraints.txt -e ".[test,ffcv,deepspeed]"
+else
+  "$PY" -m pip install -q -c constraints.txt -e .
+fi
