@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 profile="${1:-run}"
 case "$profile" in run|test) ;; *) echo "usage: bash tools/setup.sh [run|test]" >&2; exit 2 ;; esac
-export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PIP_ROOT_USER_ACTION=ignore
 PY="${PYTHON:-python}"
 
 if [ "$profile" = test ]; then
@@ -17,6 +17,10 @@ if [ "$profile" = test ]; then
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
   done
   if [ ${#need[@]} -gt 0 ]; then
+    if ! command -v apt-get >/dev/null 2>&1; then
+      echo "tools/setup.sh: FFCV needs ${need[*]} (Debian names); install them with your package manager" >&2
+      exit 1
+    fi
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -q
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
