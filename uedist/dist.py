@@ -46,10 +46,6 @@ def world_size() -> int:
     return _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
 
 
-def local_rank() -> int:
-    return _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
-
-
 def is_main_process() -> bool:
     return rank() == 0
 

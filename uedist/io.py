@@ -64,11 +64,3 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
             h.update(block)
     return h.hexdigest()
 
-
-def safe_join(root: PathLike, *parts: str) -> Path:
-    """``root/parts...``, refusing any result outside ``root`` (``..``, absolute parts, symlink tricks)."""
-    root_r = Path(root).resolve()
-    target = root_r.joinpath(*parts).resolve()
-    if os.path.commonpath([str(root_r), str(target)]) != str(root_r):
-        raise ValueError(f"path {os.path.join(*parts)!r} escapes its folder {root_r}")
-    return target

@@ -201,7 +201,7 @@ def curves_plot(records: Sequence[Dict[str, Any]], path: Path) -> Optional[Path]
 
 def image_grids(records: Sequence[Dict[str, Any]], out_dir: Path, n: int = 6) -> List[Path]:
     """Per (dataset, noise): clean | poisoned | noise ×8 | each purifier's output (same keys)."""
-    from uedist.engine.purify import comparison_grid, diff_column, read_columns
+    from uedist.engine.purify_common import comparison_grid, diff_column, read_columns
 
     clean_of: Dict[str, str] = {}
     poisoned: Dict[Tuple[str, str], str] = OrderedDict()

@@ -1,18 +1,16 @@
 """``uedist shards inspect``: a text summary of a shard set and a PNG grid of samples per class."""
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 import numpy as np
-from PIL import Image, ImageDraw
 
+from uedist.data.grids import write_image_grid
 from uedist.data.images import decode_image
 from uedist.data.manifest import Manifest, load_manifest
 from uedist.data.shards import read_shard
-from uedist.io import atomic_write
 
 PathLike = Union[str, os.PathLike]
 
@@ -56,18 +54,8 @@ def sample_grid(
         if all(len(v) >= per_class or (m.class_counts and len(v) >= m.class_counts[c]) for c, v in picked.items()):
             break
     names = m.extra.get("class_names") or m.classes
-    label_w = 110
-    h = max(16, thumb)
-    grid = Image.new("RGB", (label_w + per_class * (thumb + 2), n_cls * (h + 2) + 2), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    for row, c in enumerate(range(n_cls)):
-        y = 2 + row * (h + 2)
-        draw.text((4, y + h // 2 - 6), f"{c}: {str(names[c])[:14]}", fill=(0, 0, 0))
-        for j, arr in enumerate(picked[c]):
-            tile = Image.fromarray(arr).resize((thumb, thumb), Image.NEAREST if arr.shape[0] < thumb else Image.BICUBIC)
-            grid.paste(tile, (label_w + j * (thumb + 2), y))
     out_path = Path(out) if out else folder / "samples.png"
-    buf = io.BytesIO()
-    grid.save(buf, format="PNG")
-    atomic_write(out_path, lambda f: f.write(buf.getvalue()))
+    rows = [picked[c] for c in range(n_cls)]
+    labels = [f"{c}: {str(names[c])[:14]}" for c in range(n_cls)]
+    write_image_grid(rows, out_path, row_labels=labels, thumb=thumb, label_width=110)
     return out_path

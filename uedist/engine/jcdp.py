@@ -21,12 +21,14 @@ import numpy as np
 import torch
 
 from uedist.config import identity, location, require, runtime
+from uedist.data.grids import write_image_grid
 from uedist.data.loaders import make_map_loader
 from uedist.diffusion.purify import jcdp_guidance, purify
 from uedist.diffusion.schedule import Schedule
 from uedist.dist import get_logger
-from uedist.engine.ddpm import load_ddpm, write_grid
+from uedist.engine.ddpm import load_ddpm
 from uedist.engine.map_pass import run_map_pass
+from uedist.engine.stats import RunningSums
 from uedist.io import atomic_write_json
 from uedist.models.lpips import build_lpips
 from uedist.ops.images import to_uint8, to_unit
@@ -42,7 +44,7 @@ class LPIPSSpec:
 
 
 @dataclass
-class PurifyData:
+class JCDPData:
     src: str = "runs/sem_c10/poisoned"  # the unlearnable shard set to purify
     clean: str = ""  # optional: the clean originals (sharded alike) -> PSNR to clean in metrics.json
     batch_size: int = 256
@@ -61,7 +63,7 @@ class JCDPConfig:
     seed: int = 0
     ddpm: str = ""  # a DDPM run folder (launch/ddpm.py) or checkpoint folder
     use_ema: bool = True
-    data: PurifyData = field(default_factory=PurifyData)
+    data: JCDPData = field(default_factory=JCDPData)
     t_p: int = 20  # T_p (plain: t*), a paper step in [1, T]
     rounds: int = 4  # N (plain: 1 in the reference baseline)
     stride: int = 1  # reverse chain visits every stride-th step (1 = the full chain; >1 a strided-chain deviation)
@@ -138,22 +140,22 @@ class Distances:
     """Per-rank sums of squared error (purified vs poisoned, and vs clean when given), reduced at the end."""
 
     def __init__(self, device: torch.device) -> None:
-        self.t = torch.zeros(4, dtype=torch.float64, device=device)  # n, mse to poisoned, mse to clean, mse poisoned-clean
+        # n, Σ mse(out, poisoned), Σ mse(out, clean), Σ mse(poisoned, clean), in uint8 units
+        self.sums = RunningSums(device, sums=("n", "to_poisoned", "to_clean", "poisoned_to_clean"))
 
     def update(self, poisoned: torch.Tensor, out: torch.Tensor, clean: Optional[torch.Tensor]) -> None:
         mse = lambda a, b: (a.double() - b.double()).pow(2).flatten(1).mean(1).sum()  # noqa: E731 (uint8 units)
-        self.t[0] += poisoned.shape[0]
-        self.t[1] += mse(out, poisoned)
+        self.sums.add(n=poisoned.shape[0], to_poisoned=mse(out, poisoned))
         if clean is not None:
-            self.t[2] += mse(out, clean)
-            self.t[3] += mse(poisoned, clean)
+            self.sums.add(to_clean=mse(out, clean), poisoned_to_clean=mse(poisoned, clean))
 
     def result(self, accelerator: Any, with_clean: bool) -> Dict[str, float]:
-        n, a, b, c = (accelerator.reduce(self.t.clone(), reduction="sum") if accelerator.num_processes > 1 else self.t).tolist()
+        r = self.sums.result(accelerator)
+        n = r["n"]
         psnr = lambda m: float(10 * np.log10(255.0 ** 2 / max(m / max(n, 1), 1e-12)))  # noqa: E731
-        res = {"samples": int(n), "psnr_to_poisoned": psnr(a)}
+        res = {"samples": int(n), "psnr_to_poisoned": psnr(r["to_poisoned"])}
         if with_clean:
-            res.update(psnr_to_clean=psnr(b), psnr_poisoned_to_clean=psnr(c))
+            res.update(psnr_to_clean=psnr(r["to_clean"]), psnr_poisoned_to_clean=psnr(r["poisoned_to_clean"]))
         return res
 
 
@@ -189,20 +191,20 @@ def purify_shards(cfg: JCDPConfig, accelerator: Any, run_dir: Path) -> Dict[str,
     }
     if accelerator.is_main_process:
         if cfg.grid:
-            metrics["grid"] = str(comparison_grid(Path(cfg.data.src), out, cfg.grid, run_dir / "grid.png"))
+            metrics["grid"] = str(purification_grid(Path(cfg.data.src), out, cfg.grid, run_dir / "grid.png"))
         atomic_write_json(run_dir / "metrics.json", metrics)
     accelerator.wait_for_everyone()
     return metrics
 
 
-def comparison_grid(poisoned: Path, purified: Path, n: int, path: Path) -> Path:
+def purification_grid(poisoned: Path, purified: Path, n: int, path: Path) -> Path:
     """The first ``n`` samples of shard 0: alternating lines of 8, poisoned above purified."""
     a = next(iter(make_map_loader(poisoned, batch_size=n, shards=[0])))["image"]
     b = next(iter(make_map_loader(purified, batch_size=n, shards=[0])))["image"]
     rows = []
     for j in range(0, a.shape[0], 8):
         rows += [a[j : j + 8], b[j : j + 8]]
-    return write_grid(rows, path)
+    return write_image_grid([r.permute(0, 2, 3, 1).cpu().numpy() for r in rows], path)
 
 
 def jcdp_summary(m: Dict[str, Any], run_dir: Path) -> str:

@@ -7,43 +7,44 @@ Every purifier is a registered stage (``uedist.registry.stage``) whose entry is 
 summary``: the baselines below (one ``PurifyConfig``, ``method`` picks the op), ``dvae``, ``jcdp``, ``diffusion``. The
 purified set keeps keys and labels, is stored losslessly (PNG), and records its parents and config. With
 ``data.clean`` (the clean set the poisoned one was made from, sharded alike) the pass also reports PSNR of the
-poisoned and the purified images against the clean ones. Also the shared parts of the purifiers: the input
-check, the PSNR statistics and the comparison grid.
+poisoned and the purified images against the clean ones. The shared parts of the purifiers (input checks,
+PSNR statistics, comparison grid) are in ``uedist.engine.purify_common``.
 """
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Literal, Optional
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from uedist.config import identity, location, require, runtime
-from uedist.data.images import decode_image
-from uedist.data.manifest import Manifest, ManifestError, load_manifest
-from uedist.data.shards import read_shard
+from uedist.data.manifest import ManifestError, load_manifest
 from uedist.dist import get_logger
 from uedist.engine.map_pass import run_map_pass
-from uedist.io import atomic_write, atomic_write_json
+from uedist.engine.purify_common import (
+    PSNRStats,
+    PurifyInputError,
+    check_clean,
+    check_input,
+    comparison_grid,
+    read_columns,
+)
+from uedist.io import atomic_write_json
 from uedist.ops import iss
 from uedist.ops.images import to_uint8, to_unit
 from uedist.registry import stage
 
 log = get_logger(__name__)
 
-class PurifyInputError(ValueError):
-    """The input (or clean) set does not match the config or each other: a user error, reported plainly."""
 
 
 BASELINES = ("grayscale", "jpeg", "bit_depth", "mean", "median", "gaussian")
 
 
 @dataclass
-class PurifyData:
+class BaselineData:
     src: str = ""  # the poisoned shard set
     clean: str = ""  # optional: the clean set it was made from (same keys, sharded alike): PSNR, grid column
     num_classes: int = 0  # expected number of classes; 0 = any
@@ -61,7 +62,7 @@ class PurifyConfig:
     name: str = location("purify")
     run_root: str = location("runs")
     out: str = location("")  # default <run_root>/<name>/purified
-    data: PurifyData = field(default_factory=PurifyData)
+    data: BaselineData = field(default_factory=BaselineData)
     quality: int = 10  # jpeg (ISS: 10)
     bits: int = 2  # bit_depth (ISS: 2)
     kernel: int = 3  # mean / median / gaussian
@@ -90,50 +91,6 @@ def baseline_op(cfg: PurifyConfig) -> Callable[[torch.Tensor], torch.Tensor]:
     return ops[cfg.method]
 
 
-def check_input(m: Manifest, where: str, *, num_classes: int = 0, image_size: int = 0, num_samples: int = 0) -> None:
-    """A clear error when a set does not match what the config expects (0 = no expectation)."""
-    got = {"classes": m.num_classes, "image size": max(m.image_size), "samples": m.num_samples}
-    want = {"classes": num_classes, "image size": image_size, "samples": num_samples}
-    bad = [f"{k} {got[k]} (config expects {v})" for k, v in want.items() if v and got[k] != v]
-    if bad:
-        raise PurifyInputError(f"{where} does not match the config: " + "; ".join(bad) +
-                         ". Point data.* at the right set, or fix data.num_classes / data.image_size / data.num_samples")
-    if m.image_size[0] != m.image_size[1] and image_size:
-        raise PurifyInputError(f"{where}: non-square images {m.image_size}; data.image_size expects a square side")
-
-
-def check_clean(src: Path, clean: Path) -> None:
-    """The clean set must hold the same samples, sharded alike (the poisoned set is a map pass output of it)."""
-    a, b = load_manifest(src), load_manifest(clean)
-    a.check_compatible(b, what=f"poisoned set {src} vs clean set {clean}: ")
-    if [s.count for s in a.shards] != [s.count for s in b.shards]:
-        raise PurifyInputError(f"clean set {clean} is not sharded like {src}: give the set the poisoned one was made from")
-
-
-class PSNRStats:
-    """Running per-image PSNR (dB, uint8 peak 255) of the input and the output against the clean images."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.t = torch.zeros(3, dtype=torch.float64, device=device)  # n, Σ psnr(input), Σ psnr(output)
-
-    def update(self, x_u8: torch.Tensor, out_u8: torch.Tensor, clean_u8: torch.Tensor) -> None:
-        self.t += torch.stack([torch.tensor(float(x_u8.shape[0]), dtype=torch.float64, device=self.t.device),
-                               psnr(x_u8, clean_u8).sum(), psnr(out_u8, clean_u8).sum()])
-
-    def result(self, accelerator: Any) -> Dict[str, float]:
-        """Collective. Covers the samples processed by this run (shards finished before a resume are not re-read)."""
-        n, a, b = accelerator.reduce(self.t.clone(), reduction="sum").tolist()
-        if not n:
-            return {}
-        return {"psnr_samples": int(n), "psnr_input_vs_clean": a / n, "psnr_output_vs_clean": b / n}
-
-
-def psnr(a_u8: torch.Tensor, b_u8: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of uint8 (B, C, H, W) batches (float64 (B,); identical images give 100 dB)."""
-    mse = (a_u8.double() - b_u8.double()).pow(2).flatten(1).mean(1)
-    return (10 * torch.log10(255.0**2 / mse.clamp_min(1e-10))).clamp_max(100.0)
-
-
 def purify_baseline(cfg: PurifyConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """One map pass applying the baseline op; writes the purified set, grid.png and metrics.json."""
     src, clean = Path(cfg.data.src), Path(cfg.data.clean) if cfg.data.clean else None
@@ -145,7 +102,8 @@ def purify_baseline(cfg: PurifyConfig, accelerator: Any, run_dir: Path) -> Dict[
     out = Path(cfg.out) if cfg.out else run_dir / "purified"
     op, stats = baseline_op(cfg), PSNRStats(accelerator.device)
 
-    def fn(x_u8: torch.Tensor, y: torch.Tensor, keys: List[str], clean_u8: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def fn(x_u8: torch.Tensor, y: torch.Tensor, keys: List[str],
+           clean_u8: Optional[torch.Tensor] = None) -> torch.Tensor:
         res = to_uint8(op(to_unit(x_u8)))
         if clean_u8 is not None:
             stats.update(x_u8, res, clean_u8)
@@ -169,7 +127,8 @@ def purify_baseline(cfg: PurifyConfig, accelerator: Any, run_dir: Path) -> Dict[
 
 def _params(cfg: PurifyConfig) -> Dict[str, Any]:
     return {"jpeg": {"quality": cfg.quality}, "bit_depth": {"bits": cfg.bits}, "mean": {"kernel": cfg.kernel},
-            "median": {"kernel": cfg.kernel}, "gaussian": {"kernel": cfg.kernel, "sigma": cfg.sigma}}.get(cfg.method, {})
+            "median": {"kernel": cfg.kernel}, "gaussian": {"kernel": cfg.kernel, "sigma": cfg.sigma},
+            }.get(cfg.method, {})
 
 
 def baseline_summary(s: Dict[str, Any], run_dir: Path) -> str:
@@ -184,36 +143,3 @@ def baseline_summary(s: Dict[str, Any], run_dir: Path) -> str:
 for _name in BASELINES:  # one schema, one function, six stages (``method`` picks the op)
     stage(_name, kind="purify", schema=PurifyConfig, inputs=("data.src", "data.clean"), output="purified",
           summary=baseline_summary, input_errors=(PurifyInputError, ManifestError))(purify_baseline)
-
-
-def read_columns(sets: Sequence[Tuple[str, Optional[Path]]], n: int) -> List[Tuple[str, np.ndarray]]:
-    """The first ``n`` samples of shard 0 of each set, as (title, uint8 (n, H, W, 3)); sets share keys."""
-    cols = []
-    for title, folder in sets:
-        if folder is None:
-            continue
-        m = load_manifest(folder)
-        imgs = [decode_image(s.data, s.ext, m.image_size) for _, s in zip(range(n), read_shard(folder, m.shards[0]))]
-        cols.append((title, np.stack(imgs)))
-    return cols
-
-
-def diff_column(a: np.ndarray, b: np.ndarray, gain: float = 8.0) -> np.ndarray:
-    """Visualize a − b (uint8 images) as 128 + gain·(a − b): mid-grey where they agree."""
-    return np.clip(128 + gain * (a.astype(np.float32) - b.astype(np.float32)), 0, 255).astype(np.uint8)
-
-
-def comparison_grid(columns: Sequence[Tuple[str, np.ndarray]], out: Path, thumb: int = 64) -> Path:
-    """PNG: one titled column per entry, one row per sample (thumbnails ``thumb`` px, nearest-neighbour up)."""
-    n = min(len(c[1]) for c in columns)
-    w, top = thumb + 4, 16
-    grid = Image.new("RGB", (len(columns) * w + 2, top + n * (thumb + 2) + 2), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    for j, (title, imgs) in enumerate(columns):
-        draw.text((2 + j * w, 2), title[: thumb // 6 + 2], fill=(0, 0, 0))
-        for i in range(n):
-            tile = Image.fromarray(imgs[i]).resize((thumb, thumb), Image.NEAREST if imgs[i].shape[0] < thumb else Image.BICUBIC)
-            grid.paste(tile, (2 + j * w, top + i * (thumb + 2)))
-    buf = io.BytesIO()
-    grid.save(buf, format="PNG")
-    return atomic_write(out, lambda f: f.write(buf.getvalue()))

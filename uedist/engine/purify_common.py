@@ -1,0 +1,90 @@
+"""The shared parts of the purifiers (baselines, D-VAE, JCDP): the input checks, per-image PSNR and its running
+statistics, and the titled comparison grid of shard sets."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from uedist.data.grids import write_image_grid
+from uedist.data.images import decode_image
+from uedist.data.manifest import Manifest, load_manifest
+from uedist.data.shards import read_shard
+from uedist.engine.stats import RunningSums
+
+
+class PurifyInputError(ValueError):
+    """The input (or clean) set does not match the config or each other: a user error, reported plainly."""
+
+
+def check_input(m: Manifest, where: str, *, num_classes: int = 0, image_size: int = 0, num_samples: int = 0) -> None:
+    """A clear error when a set does not match what the config expects (0 = no expectation)."""
+    got = {"classes": m.num_classes, "image size": max(m.image_size), "samples": m.num_samples}
+    want = {"classes": num_classes, "image size": image_size, "samples": num_samples}
+    bad = [f"{k} {got[k]} (config expects {v})" for k, v in want.items() if v and got[k] != v]
+    if bad:
+        raise PurifyInputError(f"{where} does not match the config: " + "; ".join(bad) + ". Point data.* at the "
+                               "right set, or fix data.num_classes / data.image_size / data.num_samples")
+    if m.image_size[0] != m.image_size[1] and image_size:
+        raise PurifyInputError(f"{where}: non-square images {m.image_size}; data.image_size expects a square side")
+
+
+def check_clean(src: Path, clean: Path) -> None:
+    """The clean set must hold the same samples, sharded alike (the poisoned set is a map pass output of it)."""
+    a, b = load_manifest(src), load_manifest(clean)
+    a.check_compatible(b, what=f"poisoned set {src} vs clean set {clean}: ")
+    if [s.count for s in a.shards] != [s.count for s in b.shards]:
+        raise PurifyInputError(f"clean set {clean} is not sharded like {src}: "
+                               "give the set the poisoned one was made from")
+
+
+class PSNRStats:
+    """Running per-image PSNR (dB, uint8 peak 255) of the input and the output against the clean images."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = RunningSums(device, sums=("n", "input", "output"))  # n, Σ psnr(input), Σ psnr(output)
+
+    def update(self, x_u8: torch.Tensor, out_u8: torch.Tensor, clean_u8: torch.Tensor) -> None:
+        self.sums.add(n=x_u8.shape[0], input=psnr(x_u8, clean_u8).sum(), output=psnr(out_u8, clean_u8).sum())
+
+    def result(self, accelerator: Any) -> Dict[str, float]:
+        """Collective. Covers the samples processed by this run (shards finished before a resume are not re-read)."""
+        r = self.sums.result(accelerator)
+        n = r["n"]
+        if not n:
+            return {}
+        return {"psnr_samples": int(n), "psnr_input_vs_clean": r["input"] / n, "psnr_output_vs_clean": r["output"] / n}
+
+
+def psnr(a_u8: torch.Tensor, b_u8: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of uint8 (B, C, H, W) batches (float64 (B,); identical images give 100 dB)."""
+    mse = (a_u8.double() - b_u8.double()).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(255.0**2 / mse.clamp_min(1e-10))).clamp_max(100.0)
+
+
+
+
+def read_columns(sets: Sequence[Tuple[str, Optional[Path]]], n: int) -> List[Tuple[str, np.ndarray]]:
+    """The first ``n`` samples of shard 0 of each set, as (title, uint8 (n, H, W, 3)); sets share keys."""
+    cols = []
+    for title, folder in sets:
+        if folder is None:
+            continue
+        m = load_manifest(folder)
+        imgs = [decode_image(s.data, s.ext, m.image_size) for _, s in zip(range(n), read_shard(folder, m.shards[0]))]
+        cols.append((title, np.stack(imgs)))
+    return cols
+
+
+def diff_column(a: np.ndarray, b: np.ndarray, gain: float = 8.0) -> np.ndarray:
+    """Visualize a − b (uint8 images) as 128 + gain·(a − b): mid-grey where they agree."""
+    return np.clip(128 + gain * (a.astype(np.float32) - b.astype(np.float32)), 0, 255).astype(np.uint8)
+
+
+def comparison_grid(columns: Sequence[Tuple[str, np.ndarray]], out: Path, thumb: int = 64) -> Path:
+    """PNG: one titled column per (title, uint8 (n, H, W, 3)) entry, one row per sample (``thumb`` px tiles)."""
+    n = min(len(c[1]) for c in columns)
+    rows = [[imgs[i] for _, imgs in columns] for i in range(n)]
+    return write_image_grid(rows, out, titles=[t for t, _ in columns], thumb=thumb)
