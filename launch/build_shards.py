@@ -1,7 +1,8 @@
 """Build shard sets from a source dataset (same as ``uedist shards build``).
 
-    python launch/build_shards.py --config configs/shards/cifar10.yaml cifar.root=/data/cifar-10-batches-py
+python launch/build_shards.py --config configs/shards/cifar10.yaml cifar.root=/data/cifar-10-batches-py
 """
+
 import sys
 
 from uedist.app.cli import main

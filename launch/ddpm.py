@@ -10,6 +10,7 @@
 Writes runs/<name>/: config.yaml, logs/, checkpoints/ (model, EMA, optimizer, RNG, data position), curve.csv,
 samples.png (EMA samples), metrics.json. Resumes by default: rerun the same command after a kill.
 """
+
 import sys
 
 from uedist.app.jobs import run_stage_main

@@ -10,6 +10,7 @@ Writes runs/<name>/: config.yaml, logs/, stage1/ and stage2/ checkpoints, the sh
 reconstruction error, PSNR against the clean set when `data.clean` is given). Resumes by default: rerun the same
 command after a kill. Exit code 2: bad config or input; 3: non-finite loss.
 """
+
 import sys
 
 from uedist.app.jobs import run_stage_main

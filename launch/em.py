@@ -1,8 +1,9 @@
 """Generate EM noise and write the poisoned shard set (launch/noise.py with the method fixed to em).
 
-    accelerate launch launch/em.py --config configs/em/cifar10.yaml [key=value ...]
-    accelerate launch launch/em.py        # demo scale on the built-in synthetic set
+accelerate launch launch/em.py --config configs/em/cifar10.yaml [key=value ...]
+accelerate launch launch/em.py        # demo scale on the built-in synthetic set
 """
+
 import sys
 
 from uedist.app.jobs import run_stage_main

@@ -3,6 +3,7 @@ the same as ``uedist facescrub download``, see :mod:`uedist.app.facescrub`.
 
     python launch/facescrub_download.py --meta facescrub_actors.txt facescrub_actresses.txt --out data/facescrub_crops
 """
+
 import sys
 
 from uedist.app.facescrub import main

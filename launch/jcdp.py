@@ -11,6 +11,7 @@ metrics.json (time, images/s, PSNR to the poisoned and, with data.clean, to the 
 shard: rerun the same command after a kill. Then train a victim on it:
     accelerate launch launch/victim.py --config configs/victim/cifar10_quick.yaml data.train=runs/<name>/purified
 """
+
 import sys
 
 from uedist.app.jobs import run_stage_main

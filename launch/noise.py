@@ -7,6 +7,7 @@
 The config's ``method`` picks the stage (``uedist stages`` lists them). Prints where the poisoned shard set is and
 a summary (noise L∞/L2, surrogate accuracy, time per phase). Resumes by default: rerun the same command after a kill.
 """
+
 import sys
 
 from uedist.app.jobs import run_stage_main

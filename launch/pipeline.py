@@ -6,19 +6,20 @@
 Writes runs/<study>/: study.yaml (resolved), study.json (the stage list), <kind>/<label>-<hash>/ per stage (its
 config.yaml, outputs, stage.json when finished), logs/, and report/ (results table, plots, grids, timing).
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import List, Optional
 
+import uedist.models  # noqa: F401  (registers the model zoo)
+from uedist.app.pipeline import Study, load_study
+from uedist.app.report import write_report
 from uedist.config import ConfigError, save_config
 from uedist.dist import get_logger, make_accelerator, setup_logging
 from uedist.engine.loop import CheckpointMismatch, NonFiniteLoss
 from uedist.io import atomic_write_json
-from uedist.app.pipeline import Study, load_study
-from uedist.app.report import write_report
-import uedist.models  # noqa: F401  (registers the model zoo)
 
 log = get_logger("uedist.launch.pipeline")
 
@@ -40,10 +41,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     accelerator = make_accelerator()
     setup_logging(study.dir)
+
     def write_stage_list() -> None:
         if accelerator.is_main_process:
-            atomic_write_json(study.dir / "study.json", {"name": cfg.name, "stages": [
-                str(st.dir.relative_to(study.dir)) for st in study.stages]})  # type: ignore[union-attr]
+            atomic_write_json(
+                study.dir / "study.json",
+                {"name": cfg.name, "stages": [str(st.dir.relative_to(study.dir)) for st in study.stages]},
+            )  # type: ignore[union-attr]
 
     if accelerator.is_main_process:
         save_config(cfg, study.dir / "study.yaml")

@@ -9,6 +9,7 @@ The config's ``method`` picks the purifier (dvae, jcdp, diffusion, jpeg, graysca
 gaussian, ...; ``uedist stages`` lists them). Writes runs/<name>/: config.yaml, logs/, purified/ (or ``out``),
 grid.png, metrics.json (time; PSNR against the clean set when ``data.clean`` is given). Resumes after a kill.
 """
+
 import sys
 
 from uedist.app.jobs import run_stage_main

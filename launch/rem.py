@@ -1,8 +1,9 @@
 """Generate REM noise and write the poisoned shard set (launch/noise.py with the method fixed to rem).
 
-    accelerate launch launch/rem.py --config configs/rem/cifar10.yaml [key=value ...]
-    accelerate launch launch/rem.py        # demo scale on the built-in synthetic set
+accelerate launch launch/rem.py --config configs/rem/cifar10.yaml [key=value ...]
+accelerate launch launch/rem.py        # demo scale on the built-in synthetic set
 """
+
 import sys
 
 from uedist.app.jobs import run_stage_main

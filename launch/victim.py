@@ -5,6 +5,7 @@
 
 Writes runs/<name>/: config.yaml, logs/rank*.log, checkpoints/, curve.csv, metrics.json. Resumes by default.
 """
+
 import sys
 
 from uedist.app.jobs import run_stage_main

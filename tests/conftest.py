@@ -1,4 +1,5 @@
 """Shared fixtures: small shard sets built once per session, and the real sample data beside the checkout."""
+
 from __future__ import annotations
 
 import os
@@ -39,13 +40,20 @@ def build(out: Path, *overrides: str, source: str = "synthetic") -> Path:
 def synth_sets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Synthetic 16 px, 4 classes: train 240 samples in 6 shards of 40, test 80 in 2 shards."""
     out = tmp_path_factory.mktemp("synth")
-    return build(out, "synthetic.num_classes=4", "synthetic.size=16", "synthetic.num_train=240",
-                 "synthetic.num_test=80", "shard_size=40")
+    return build(
+        out,
+        "synthetic.num_classes=4",
+        "synthetic.size=16",
+        "synthetic.num_train=240",
+        "synthetic.num_test=80",
+        "shard_size=40",
+    )
 
 
 def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "uedist.app.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "uedist.app.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def write_image(path: Path, mode: str = "RGB", size=(20, 24), fmt: str = "") -> Path:

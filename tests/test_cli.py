@@ -1,8 +1,9 @@
 """The commands users type: `uedist shards build|verify|inspect` and the main job under `accelerate launch`."""
-import pytest
+
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from tests.conftest import REPO, run_cli
@@ -31,12 +32,26 @@ def test_build_verify_inspect(tmp_path):
 @pytest.mark.slow
 def test_config_typo_is_a_clear_error(tmp_path):
     r = run_cli("shards", "build", f"out={tmp_path}", "synthetic.num_clases=3")
-    assert r.returncode == 2 and "unknown config key synthetic.'num_clases' (did you mean synthetic.'num_classes'?)" in r.stderr
+    assert (
+        r.returncode == 2
+        and "unknown config key synthetic.'num_clases' (did you mean synthetic.'num_classes'?)" in r.stderr
+    )
 
 
 @pytest.mark.slow
 def test_build_shards_script(tmp_path):
-    r = subprocess.run([sys.executable, str(REPO / "launch/build_shards.py"), "--no-progress", f"out={tmp_path}",
-                        "splits=[test]", *TINY], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch/build_shards.py"),
+            "--no-progress",
+            f"out={tmp_path}",
+            "splits=[test]",
+            *TINY,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert load_manifest(tmp_path / "test").num_samples == 40

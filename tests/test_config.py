@@ -36,19 +36,22 @@ def test_defaults_file_and_overrides(tmp_path):
     assert cfg.size == (8, 16) and cfg.tags == ["a", "b"] and cfg.maybe == 3 and cfg.flag and cfg.mode == "b"
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("nmae=z", "unknown config key 'nmae' (did you mean 'name'?)"),
-    ("inner.epz=3", "unknown config key inner.'epz'"),
-    ("inner.eps=8.5", "inner.eps: expected an int"),
-    ("inner.eps='8'", "inner.eps: expected an int"),
-    ("flag=1", "flag: expected a bool"),
-    ("mode=c", "mode: expected one of ['a', 'b']"),
-    ("size=[1,2,3]", "size: expected 2 items"),
-    ("inner.eps=0", "eps must be > 0"),
-    ("inner.step=abc", "inner.step: expected a number"),
-    ("inner.step=1e-3x", "inner.step: expected a number"),
-    ("noequals", "not of the form key=value"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("nmae=z", "unknown config key 'nmae' (did you mean 'name'?)"),
+        ("inner.epz=3", "unknown config key inner.'epz'"),
+        ("inner.eps=8.5", "inner.eps: expected an int"),
+        ("inner.eps='8'", "inner.eps: expected an int"),
+        ("flag=1", "flag: expected a bool"),
+        ("mode=c", "mode: expected one of ['a', 'b']"),
+        ("size=[1,2,3]", "size: expected 2 items"),
+        ("inner.eps=0", "eps must be > 0"),
+        ("inner.step=abc", "inner.step: expected a number"),
+        ("inner.step=1e-3x", "inner.step: expected a number"),
+        ("noequals", "not of the form key=value"),
+    ],
+)
 def test_errors_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config(Cfg, None, [override])
@@ -115,8 +118,12 @@ def test_shipped_purifier_and_ddpm_configs_load():
     from uedist.engine.jcdp import JCDPConfig
     from uedist.engine.purify import PurifyConfig
 
-    kinds = {"dvae": (DVAEConfig, []), "purify": (PurifyConfig, ["data.src=runs/x/poisoned"]),  # src: a CLI key
-             "ddpm": (DDPMConfig, []), "jcdp": (JCDPConfig, [])}
+    kinds = {
+        "dvae": (DVAEConfig, []),
+        "purify": (PurifyConfig, ["data.src=runs/x/poisoned"]),  # src: a CLI key
+        "ddpm": (DDPMConfig, []),
+        "jcdp": (JCDPConfig, []),
+    }
     for d, (cls, overrides) in kinds.items():
         files = sorted((REPO / "configs" / d).glob("*.yaml"))
         assert len(files) >= 4, d
@@ -136,10 +143,25 @@ def test_shipped_noise_configs_load_with_reference_settings():
         cfg = load_config(NoiseConfig, f)
         assert cfg.method == f.parent.name
     c = load_config(NoiseConfig, REPO / "configs/sem/cifar10.yaml")
-    assert (c.eps, c.noise_steps, c.noise_step_size, c.adv_eps, c.adv_steps, c.adv_step_size, c.eot_samples, c.steps) \
-        == (8, 10, 1.6, 4, 10, 0.8, 5, 5000)
+    assert (
+        c.eps,
+        c.noise_steps,
+        c.noise_step_size,
+        c.adv_eps,
+        c.adv_steps,
+        c.adv_step_size,
+        c.eot_samples,
+        c.steps,
+    ) == (8, 10, 1.6, 4, 10, 0.8, 5, 5000)
     i = load_config(NoiseConfig, REPO / "configs/rem/imagenet100.yaml")
-    assert (i.noise_steps, i.noise_step_size, i.adv_steps, i.adv_step_size, i.eot_samples, i.steps) == (7, 2, 7, 1, 4, 3000)
+    assert (i.noise_steps, i.noise_step_size, i.adv_steps, i.adv_step_size, i.eot_samples, i.steps) == (
+        7,
+        2,
+        7,
+        1,
+        4,
+        3000,
+    )
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The real launch scripts at toy scale: DDPM training (outputs, exact resume, fine-tuning, 2-process DDP,
 2-process DeepSpeed ZeRO-2 with exact resume) and JCDP / plain purification passes (invariants, SIGKILL + rerun
 gives byte-identical shards)."""
+
 import json
 import os
 import shutil
@@ -22,14 +23,29 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
 def ddpm_args(sets, root, name, *extra):
-    return [f"name={name}", f"run_root={root}", f"data.train={sets / 'test'}", "unet.name=unet", UNET,
-            "data.batch_size=8", "data.workers=0", "steps=6", "ckpt_every=3", "warmup_steps=2", "log_every=2",
-            "num_samples=4", "sample_steps=5", "progress=false", *extra]
+    return [
+        f"name={name}",
+        f"run_root={root}",
+        f"data.train={sets / 'test'}",
+        "unet.name=unet",
+        UNET,
+        "data.batch_size=8",
+        "data.workers=0",
+        "steps=6",
+        "ckpt_every=3",
+        "warmup_steps=2",
+        "log_every=2",
+        "num_samples=4",
+        "sample_steps=5",
+        "progress=false",
+        *extra,
+    ]
 
 
 def run(script, *args, timeout=300):
-    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV
+    )
 
 
 def state(run_dir, step):
@@ -93,8 +109,20 @@ def test_ddpm_resume_equals_uninterrupted(synth_sets, tmp_path):
 
 @pytest.mark.slow
 def test_finetune_starts_from_ema_weights(ddpm_run, synth_sets, tmp_path):
-    r = run("launch/ddpm.py", *ddpm_args(synth_sets, tmp_path, "ft", f"init={ddpm_run}", "steps=1", "ckpt_every=1",
-                                         "num_samples=0", "lr=1e-12", "warmup_steps=0"))
+    r = run(
+        "launch/ddpm.py",
+        *ddpm_args(
+            synth_sets,
+            tmp_path,
+            "ft",
+            f"init={ddpm_run}",
+            "steps=1",
+            "ckpt_every=1",
+            "num_samples=0",
+            "lr=1e-12",
+            "warmup_steps=0",
+        ),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "fine-tuning from" in r.stdout + r.stderr
     tuned, src = state(tmp_path / "ft", 1)["model"], state(ddpm_run, 6)["ema"]["shadow"]
@@ -104,8 +132,9 @@ def test_finetune_starts_from_ema_weights(ddpm_run, synth_sets, tmp_path):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_ddpm_two_process_ddp(synth_sets, tmp_path):
-    r = accelerate_launch(str(REPO / "launch/ddpm.py"), *ddpm_args(synth_sets, tmp_path, "ddp", "steps=3",
-                                                                    "num_samples=0"))
+    r = accelerate_launch(
+        str(REPO / "launch/ddpm.py"), *ddpm_args(synth_sets, tmp_path, "ddp", "steps=3", "num_samples=0")
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["wrapper"] == "DistributedDataParallel" and m["ranks_in_sync"]
@@ -122,16 +151,28 @@ def _have_deepspeed() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.skipif(not _have_deepspeed(), reason="deepspeed not importable (pip install 'deepspeed==0.19.8' with "
-                                                  "DS_BUILD_OPS=0)")
+@pytest.mark.skipif(
+    not _have_deepspeed(), reason="deepspeed not importable (pip install 'deepspeed==0.19.8' with DS_BUILD_OPS=0)"
+)
 def test_deepspeed_zero2_two_processes_resumes_exactly(synth_sets, tmp_path):
     """ZeRO-2 + bf16 under torchrun (gloo): trains, ranks agree, and a run rewound to step 3 ends identical."""
-    env = {**ENV, "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                         str(Path.home() / ".cache" / "torch_extensions"))}
+    env = {
+        **ENV,
+        "TORCH_EXTENSIONS_DIR": os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions")
+        ),
+    }
 
     def torchrun(root):
-        cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), str(REPO / "launch/ddpm.py"),
-               *ddpm_args(synth_sets, root, "ds", f"deepspeed={REPO / 'configs/deepspeed/zero2_bf16.json'}")]
+        cmd = [
+            "torchrun",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(REPO / "launch/ddpm.py"),
+            *ddpm_args(synth_sets, root, "ds", f"deepspeed={REPO / 'configs/deepspeed/zero2_bf16.json'}"),
+        ]
         return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 
     r = torchrun(tmp_path)
@@ -150,9 +191,23 @@ def test_deepspeed_zero2_two_processes_resumes_exactly(synth_sets, tmp_path):
 
 
 def jcdp_args(sets, ddpm, root, name, *extra):
-    return [f"ddpm={ddpm}", f"data.src={sets / 'train'}", f"data.clean={sets / 'train'}", f"run_root={root}",
-            f"name={name}", "lpips.net=vgg", "lpips.backbone=random", "t_p=4", "rounds=2", "stride=2",
-            "data.batch_size=20", "data.workers=0", "grid=8", "progress=false", *extra]
+    return [
+        f"ddpm={ddpm}",
+        f"data.src={sets / 'train'}",
+        f"data.clean={sets / 'train'}",
+        f"run_root={root}",
+        f"name={name}",
+        "lpips.net=vgg",
+        "lpips.backbone=random",
+        "t_p=4",
+        "rounds=2",
+        "stride=2",
+        "data.batch_size=20",
+        "data.workers=0",
+        "grid=8",
+        "progress=false",
+        *extra,
+    ]
 
 
 def _shards(folder):

@@ -1,5 +1,6 @@
 """Diffusion units: the DDPM schedule (equations), the UNet (reference sizes, shapes, gradients), EMA, and the
 purification chains (determinism, guidance schedule by step, guidance pulling toward the unlearnable image)."""
+
 import math
 
 import pytest
@@ -54,8 +55,18 @@ def test_unet_reference_parameter_counts():
 
 
 def tiny_unet(**kw):
-    return UNETS.build("unet", **{"ch": 16, "ch_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (8,),
-                                  "dropout": 0.0, "image_size": 16, **kw})
+    return UNETS.build(
+        "unet",
+        **{
+            "ch": 16,
+            "ch_mult": (1, 2),
+            "num_res_blocks": 1,
+            "attn_resolutions": (8,),
+            "dropout": 0.0,
+            "image_size": 16,
+            **kw,
+        },
+    )
 
 
 def test_unet_shapes_and_gradients():
@@ -98,6 +109,7 @@ def _eps_fn(net):
     def fn(x, t):
         with torch.no_grad():
             return net(x, t)
+
     return fn
 
 
@@ -110,8 +122,13 @@ def test_purify_is_deterministic_per_generator_and_in_range():
     c = purify(_eps_fn(net), s, x, t_p=6, rounds=2, gen=torch.Generator().manual_seed(4))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape == x.shape and a.min() >= -1 and a.max() <= 1
-    g = sample(_eps_fn(net), s.respaced(range(99, 1000, 100)), (2, 3, 16, 16), gen=torch.Generator().manual_seed(0),
-               device=torch.device("cpu"))
+    g = sample(
+        _eps_fn(net),
+        s.respaced(range(99, 1000, 100)),
+        (2, 3, 16, 16),
+        gen=torch.Generator().manual_seed(0),
+        device=torch.device("cpu"),
+    )
     assert g.shape == (2, 3, 16, 16) and torch.isfinite(g).all()
 
 
@@ -132,8 +149,15 @@ def test_guidance_applies_by_step():
     seen = []
     rec = lambda x, ref, t: seen.append(t) or torch.zeros_like(x)  # noqa: E731
     net, s = tiny_unet().eval(), Schedule.linear(1000).respaced(range(3, 1000, 4))
-    reverse_chain(_eps_fn(net), s, torch.zeros(1, 3, 16, 16), k0=start_index(s, 20), gen=torch.Generator().manual_seed(0),
-                  ref=torch.zeros(1, 3, 16, 16), guide=rec)
+    reverse_chain(
+        _eps_fn(net),
+        s,
+        torch.zeros(1, 3, 16, 16),
+        k0=start_index(s, 20),
+        gen=torch.Generator().manual_seed(0),
+        ref=torch.zeros(1, 3, 16, 16),
+        guide=rec,
+    )
     assert seen == [20, 16, 12, 8, 4]  # paper steps of the strided chain, T_p first
 
 

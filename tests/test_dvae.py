@@ -1,6 +1,7 @@
 """D-VAE: the model (shapes, reference layout, gradients, the loss of Eq. 14), the two-stage job end to end
 (P¹, P², P³ as verified shard sets with provenance, metrics, grid), bad input, SIGKILL in each training phase and
 in an inference pass (the rerun completes with the same bytes), and two CPU processes under DDP."""
+
 from __future__ import annotations
 
 import json
@@ -18,14 +19,31 @@ from uedist.data.shards import iter_samples, verify_shard_set
 from uedist.models.dvae import DVAE, DVAEOutput, dvae_loss, kld
 
 # A tiny D-VAE on the 16 px, 4-class synthetic set: seconds per run.
-TINY = ["model.width=0.125", "model.latent_dim=8", "data.batch_size=32", "data.infer_batch_size=40",
-        "data.workers=1", "log_every=2", "progress=false", "data.num_classes=4", "data.image_size=16"]
+TINY = [
+    "model.width=0.125",
+    "model.latent_dim=8",
+    "data.batch_size=32",
+    "data.infer_batch_size=40",
+    "data.workers=1",
+    "log_every=2",
+    "progress=false",
+    "data.num_classes=4",
+    "data.image_size=16",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
 def _cmd(sets, root, name, *extra, script="launch/dvae.py"):
-    return [sys.executable, str(REPO / script), f"name={name}", f"run_root={root}", f"data.src={sets / 'train'}",
-            f"data.clean={sets / 'train'}", *TINY, *extra]
+    return [
+        sys.executable,
+        str(REPO / script),
+        f"name={name}",
+        f"run_root={root}",
+        f"data.src={sets / 'train'}",
+        f"data.clean={sets / 'train'}",
+        *TINY,
+        *extra,
+    ]
 
 
 def _shards(folder):
@@ -74,8 +92,14 @@ def test_kld_and_loss_terms():
 @pytest.fixture(scope="module")
 def finished(synth_sets, tmp_path_factory):
     root = tmp_path_factory.mktemp("dvae")
-    r = subprocess.run(_cmd(synth_sets, root, "ref", "steps=16", "ckpt_every=4"), cwd=REPO, capture_output=True,
-                       text=True, timeout=300, env=ENV)
+    r = subprocess.run(
+        _cmd(synth_sets, root, "ref", "steps=16", "ckpt_every=4"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return root / "ref", r.stdout
 
@@ -109,18 +133,27 @@ def test_two_stages_write_three_sets_with_provenance(synth_sets, finished):
 def test_rerun_reuses_everything(synth_sets, finished):
     run, _ = finished
     before = _shards(run / "purified")
-    r = subprocess.run(_cmd(synth_sets, run.parent, "ref", "steps=16", "ckpt_every=4"), cwd=REPO,
-                       capture_output=True, text=True, timeout=300, env=ENV)
+    r = subprocess.run(
+        _cmd(synth_sets, run.parent, "ref", "steps=16", "ckpt_every=4"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(reused)" in r.stdout and "already complete" in r.stdout + r.stderr
     assert _shards(run / "purified") == before
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("data.num_classes=10", "classes 4 (config expects 10)"),
-    ("data.image_size=32", "image size 16 (config expects 32)"),
-    ("data.num_samples=999", "samples 240 (config expects 999)"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("data.num_classes=10", "classes 4 (config expects 10)"),
+        ("data.image_size=32", "image size 16 (config expects 32)"),
+        ("data.num_samples=999", "samples 240 (config expects 999)"),
+    ],
+)
 def test_input_that_differs_from_the_config_is_a_clear_error(synth_sets, tmp_path, override, needle):
     from uedist.config import load_config
     from uedist.dist import make_accelerator
@@ -135,8 +168,14 @@ def test_input_that_differs_from_the_config_is_a_clear_error(synth_sets, tmp_pat
 
 @pytest.mark.slow
 def test_clean_set_sharded_differently_is_refused(synth_sets, tmp_path):  # and the launcher exits 2
-    r = subprocess.run(_cmd(synth_sets, tmp_path, "bad", "steps=2", f"data.clean={synth_sets / 'test'}"), cwd=REPO,
-                       capture_output=True, text=True, timeout=120, env=ENV)
+    r = subprocess.run(
+        _cmd(synth_sets, tmp_path, "bad", "steps=2", f"data.clean={synth_sets / 'test'}"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
     assert r.returncode == 2 and "not sharded like" in r.stdout + r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
 
 
@@ -172,8 +211,14 @@ def test_killed_in_every_phase_resumes_to_identical_sets(synth_sets, tmp_path, f
 def test_two_processes_ddp(synth_sets, tmp_path):
     from tests.test_multiprocess import accelerate_launch
 
-    r = accelerate_launch(str(REPO / "launch/dvae.py"), "name=ddp", f"run_root={tmp_path}",
-                          f"data.src={synth_sets / 'train'}", *TINY, "steps=4")
+    r = accelerate_launch(
+        str(REPO / "launch/dvae.py"),
+        "name=ddp",
+        f"run_root={tmp_path}",
+        f"data.src={synth_sets / 'train'}",
+        *TINY,
+        "steps=4",
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     met = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     for st in ("stage1", "stage2"):

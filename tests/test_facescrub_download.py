@@ -3,6 +3,7 @@
 The server serves generated images from a temp folder; special paths give 404, 500-then-200 (``/flaky/<n>/...``
 fails its first n requests), a slow answer (``/slow/<seconds>/...``) and truncated bytes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -146,8 +147,9 @@ def _no_proxy(monkeypatch) -> None:
 
 
 def _row(name: str, face_id: int, url: str, bbox, data: bytes = b"", sha: str = "") -> FaceRow:
-    return FaceRow(name, 1000 + face_id, face_id, url, tuple(bbox), sha or hashlib.sha256(data).hexdigest(),
-                   f"test:{face_id}")
+    return FaceRow(
+        name, 1000 + face_id, face_id, url, tuple(bbox), sha or hashlib.sha256(data).hexdigest(), f"test:{face_id}"
+    )
 
 
 def _expected_rgb(data: bytes) -> np.ndarray:
@@ -165,7 +167,7 @@ def _expected_rgb(data: bytes) -> np.ndarray:
 
 def _crop(arr: np.ndarray, bbox) -> np.ndarray:
     x1, y1, x2, y2 = bbox
-    return arr[max(y1, 0):y2, max(x1, 0):x2]  # numpy slicing clips at the far edges
+    return arr[max(y1, 0) : y2, max(x1, 0) : x2]  # numpy slicing clips at the far edges
 
 
 def _read(path: Path) -> np.ndarray:
@@ -187,8 +189,9 @@ def _write(path: Path, lines: List[str], newline: str = "\n") -> Path:
     return path
 
 
-def _meta_line(name="Alec Baldwin", image_id="1", face_id="2", url="http://x.org/a.jpg", bbox="1,2,30,40",
-               sha="a" * 64) -> str:
+def _meta_line(
+    name="Alec Baldwin", image_id="1", face_id="2", url="http://x.org/a.jpg", bbox="1,2,30,40", sha="a" * 64
+) -> str:
     return "\t".join([name, image_id, face_id, url, bbox, sha])
 
 
@@ -259,9 +262,18 @@ def test_real_subset12_counts():
         pytest.skip(f"real FaceScrub metadata not present at {folder}")
     rows, bad = read_facescrub_meta([folder / "facescrub_actors.txt", folder / "facescrub_actresses.txt"])
     expected = {  # from its SOURCE.txt
-        "Alec Baldwin": 271, "Bill Hader": 269, "Daniel Radcliffe": 256, "Gerard Butler": 238, "Michael Vartan": 225,
-        "Steve Carell": 290, "America Ferrera": 286, "Angie Harmon": 256, "Fran Drescher": 289,
-        "Kristin Chenoweth": 318, "Lorraine Bracco": 211, "Peri Gilpin": 195,
+        "Alec Baldwin": 271,
+        "Bill Hader": 269,
+        "Daniel Radcliffe": 256,
+        "Gerard Butler": 238,
+        "Michael Vartan": 225,
+        "Steve Carell": 290,
+        "America Ferrera": 286,
+        "Angie Harmon": 256,
+        "Fran Drescher": 289,
+        "Kristin Chenoweth": 318,
+        "Lorraine Bracco": 211,
+        "Peri Gilpin": 195,
     }
     assert bad == [] and dict(Counter(r.name for r in rows)) == expected
     assert len({(safe_identity_dirname(r.name), r.face_id) for r in rows}) == len(rows)  # no two crops collide
@@ -297,8 +309,15 @@ def _main_rows(base: str, images: Dict[str, bytes], token: str) -> Dict[str, Fac
     }
 
 
-FIRST_RUN_FAILURES = {"404": "http 404", "slow": "timeout", "sha": "sha256 mismatch", "corrupt": "decode error",
-                      "outside": "bbox outside image", "scheme": "unsupported url scheme", "resume": "http 500"}
+FIRST_RUN_FAILURES = {
+    "404": "http 404",
+    "slow": "timeout",
+    "sha": "sha256 mismatch",
+    "corrupt": "decode error",
+    "outside": "bbox outside image",
+    "scheme": "unsupported url scheme",
+    "resume": "http 500",
+}
 
 
 def test_download_crops_failures_and_resume(server, tmp_path):
@@ -362,9 +381,12 @@ def test_nothing_written_outside_out_dir(server, tmp_path):
 def test_duplicates_redirects_and_size_limit(server, tmp_path):
     base, images = server
     url, data = f"{base}/img/rgb.png", images["rgb.png"]
-    rows = [_row("Delta", 1, url, (0, 0, 8, 8), data), _row("Delta", 1, url, (0, 0, 9, 9), data),
-            _row("Delta", 2, f"{base}/redirect/ok/rgb.png", (0, 0, 8, 8), data),
-            _row("Delta", 3, f"{base}/redirect/file/rgb.png", (0, 0, 8, 8), data)]
+    rows = [
+        _row("Delta", 1, url, (0, 0, 8, 8), data),
+        _row("Delta", 1, url, (0, 0, 9, 9), data),
+        _row("Delta", 2, f"{base}/redirect/ok/rgb.png", (0, 0, 8, 8), data),
+        _row("Delta", 3, f"{base}/redirect/file/rgb.png", (0, 0, 8, 8), data),
+    ]
     summary = download_facescrub(rows, tmp_path / "out", **FAST)
     assert summary.downloaded == 2 and (tmp_path / "out" / "Delta" / "2.jpg").is_file()
     assert [f.reason for f in summary.failures] == ["duplicate target", "http 302"]  # file: redirect refused
@@ -387,30 +409,48 @@ def test_jpeg_output_close_to_pil_crop(server, tmp_path):
 @pytest.mark.slow
 def test_launch_script_subprocess(server, tmp_path):
     base, images = server
-    rows = [_row("Zeta One", 1, f"{base}/img/rgb.png", (0, 0, 10, 12), images["rgb.png"]),
-            _row("Zeta One", 2, f"{base}/missing/x.png", (0, 0, 10, 12), images["rgb.png"]),
-            _row("Zeta Two", 3, f"{base}/img/gray.png", (1, 1, 11, 11), images["gray.png"])]
-    lines = ["\t".join([r.name, str(r.image_id), str(r.face_id), r.url, ",".join(map(str, r.bbox)), r.sha256])
-             for r in rows]
+    rows = [
+        _row("Zeta One", 1, f"{base}/img/rgb.png", (0, 0, 10, 12), images["rgb.png"]),
+        _row("Zeta One", 2, f"{base}/missing/x.png", (0, 0, 10, 12), images["rgb.png"]),
+        _row("Zeta Two", 3, f"{base}/img/gray.png", (1, 1, 11, 11), images["gray.png"]),
+    ]
+    lines = [
+        "\t".join([r.name, str(r.image_id), str(r.face_id), r.url, ",".join(map(str, r.bbox)), r.sha256]) for r in rows
+    ]
     meta = _write(tmp_path / "facescrub_actors.txt", [HEADER] + lines + [_meta_line(bbox="9,9,1,1")])
     out = tmp_path / "crops"
     env = {**os.environ, "PYTHONPATH": str(REPO), "no_proxy": "127.0.0.1,localhost"}
     env = {k: v for k, v in env.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
-    cmd = [sys.executable, str(REPO / "launch" / "facescrub_download.py"), "--meta", str(meta), "--out", str(out),
-           "--workers", "4", "--timeout", "2", "--retries", "0", "--no-progress"]
+    cmd = [
+        sys.executable,
+        str(REPO / "launch" / "facescrub_download.py"),
+        "--meta",
+        str(meta),
+        "--out",
+        str(out),
+        "--workers",
+        "4",
+        "--timeout",
+        "2",
+        "--retries",
+        "0",
+        "--no-progress",
+    ]
 
     strict = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert strict.returncode == 2 and f"{meta}:5: bad bbox" in strict.stderr
 
-    done = subprocess.run(cmd + ["--skip-bad-rows", "--min-images", "1"], env=env, capture_output=True, text=True,
-                          timeout=60, check=False)
+    done = subprocess.run(
+        cmd + ["--skip-bad-rows", "--min-images", "1"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
     assert done.returncode == 0, done.stderr
     assert (out / "Zeta_One" / "1.jpg").is_file() and (out / "Zeta_Two" / "3.jpg").is_file()
     assert str(out.resolve()) in done.stdout and "1 of 3 rows failed" in done.stdout
     assert [r["reason"] for r in _tsv(out / FAILED_TSV)] == ["http 404"]
     assert [r["source"] for r in _tsv(out / "bad_metadata_rows.tsv")] == [f"{meta}:5"]
 
-    again = subprocess.run(cmd + ["--skip-bad-rows", "--min-images", "2"], env=env, capture_output=True, text=True,
-                           timeout=60, check=False)
+    again = subprocess.run(
+        cmd + ["--skip-bad-rows", "--min-images", "2"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
     assert again.returncode == 1 and "Zeta_Two" in again.stderr
     assert json.loads((out / SUMMARY_JSON).read_text())["skipped_existing"] == 2

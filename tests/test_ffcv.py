@@ -1,4 +1,5 @@
 """FFCV betons: exact pixels/labels/keys against the WebDataset reader, epoch coverage, up-to-date skipping."""
+
 from __future__ import annotations
 
 import shutil
@@ -18,10 +19,20 @@ from uedist.data.shards import iter_samples  # noqa: E402
 
 
 def _build(out: Path, *extra: str) -> Path:
-    cfg = load_config(BuildConfig, None, [
-        f"out={out}", "splits=[train]", "synthetic.num_train=300", "synthetic.size=32", "shard_size=100",
-        "encoding=png", "workers=0", *extra,
-    ])
+    cfg = load_config(
+        BuildConfig,
+        None,
+        [
+            f"out={out}",
+            "splits=[train]",
+            "synthetic.num_train=300",
+            "synthetic.size=32",
+            "shard_size=100",
+            "encoding=png",
+            "workers=0",
+            *extra,
+        ],
+    )
     build_shard_sets(cfg, progress=False)
     return out / "train"
 

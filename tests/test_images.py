@@ -1,4 +1,5 @@
 """Any input mode becomes 8-bit RGB; corrupt and truncated files fail naming the file; encodings round-trip."""
+
 import io
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Training stream: fixed step count, exact resume, per-rank streams; map reader: each sample once, in order."""
+
 import pytest
 import torch
 
@@ -31,8 +32,11 @@ def test_ranks_get_different_streams_of_equal_length(synth_sets):
 
 
 def test_shuffle_mixes_shards(synth_sets):
-    keys = [k for b in make_train_loader(synth_sets / "train", batch_size=40, num_steps=1, num_workers=0,
-                                         shuffle_buffer=200) for k in b["key"]]
+    keys = [
+        k
+        for b in make_train_loader(synth_sets / "train", batch_size=40, num_steps=1, num_workers=0, shuffle_buffer=200)
+        for k in b["key"]
+    ]
     assert keys != sorted(keys)
 
 

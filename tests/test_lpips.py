@@ -1,10 +1,18 @@
 """LPIPS without torchvision: the lpips package's v0.1 heads load with matching shapes, a torchvision-format trunk
 file loads by key, a missing trunk is refused unless a random one is asked for, and the distance behaves."""
+
 import numpy as np
 import pytest
 import torch
 
-from uedist.models.lpips import CHANNELS, LPIPS, build_lpips, expected_linear_shapes, linear_state, lpips_package_weights
+from uedist.models.lpips import (
+    CHANNELS,
+    LPIPS,
+    build_lpips,
+    expected_linear_shapes,
+    linear_state,
+    lpips_package_weights,
+)
 
 NETS = sorted(CHANNELS)
 
@@ -22,7 +30,9 @@ def _have_lpips() -> bool:
         return False
 
 
-needs_pkg = pytest.mark.skipif(not _have_lpips(), reason="lpips package not installed (pip install --no-deps lpips==0.1.4)")
+needs_pkg = pytest.mark.skipif(
+    not _have_lpips(), reason="lpips package not installed (pip install --no-deps lpips==0.1.4)"
+)
 
 
 @needs_pkg
@@ -94,7 +104,9 @@ def test_example_images(shared_data):
     folder = shared_data / "lpips_example_images"
     if not folder.is_dir():
         pytest.skip("LPIPS example images not present")
-    load = lambda n: torch.from_numpy(np.array(Image.open(folder / n).convert("RGB"))).permute(2, 0, 1)[None].float() / 127.5 - 1  # noqa: E731
+    load = lambda n: (
+        torch.from_numpy(np.array(Image.open(folder / n).convert("RGB"))).permute(2, 0, 1)[None].float() / 127.5 - 1
+    )  # noqa: E731
     ref, p0, p1 = load("ex_ref.png"), load("ex_p0.png"), load("ex_p1.png")
     for net in NETS:
         m = build_lpips(net, backbone="random")

@@ -1,4 +1,5 @@
 """The shard map pass: keys, labels and order kept, lossless output, resume by shard, same bytes on 1 or 2 ranks."""
+
 import subprocess
 import sys
 
@@ -21,8 +22,9 @@ def _shards(folder):
 @pytest.mark.slow
 def test_map_pass_single_and_two_ranks(synth_sets, tmp_path):
     src = synth_sets / "train"
-    r = subprocess.run([sys.executable, SCRIPT, str(src), str(tmp_path / "one")], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, SCRIPT, str(src), str(tmp_path / "one")], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     out = tmp_path / "one"
     n_shards = len(load_manifest(src).shards)  # progress=False (a batch job): one log line per shard, no bar
@@ -75,5 +77,12 @@ def test_map_pass_refuses_lossy_output(synth_sets, tmp_path):
     from uedist.engine.map_pass import run_map_pass
 
     with pytest.raises(ValueError, match="must be lossless"):
-        run_map_pass(synth_sets / "train", tmp_path / "x", lambda x, y, k: x, accelerator=make_accelerator(),
-                     stage="t", config={}, encoding="jpg")
+        run_map_pass(
+            synth_sets / "train",
+            tmp_path / "x",
+            lambda x, y, k: x,
+            accelerator=make_accelerator(),
+            stage="t",
+            config={},
+            encoding="jpg",
+        )

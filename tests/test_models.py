@@ -4,6 +4,7 @@
 Forward passes run at width 1/8 on 32 px inputs; full-width models are only counted, built on the meta device
 (no memory, no init cost).
 """
+
 from __future__ import annotations
 
 import pytest

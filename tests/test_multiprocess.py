@@ -1,5 +1,6 @@
 """Two real processes (accelerate launch, gloo): every sample is seen exactly once per map pass across ranks and
 workers, and both ranks run the same number of training steps on different streams."""
+
 import json
 import os
 import socket
@@ -19,8 +20,15 @@ def free_port() -> int:
 
 def accelerate_launch(*args: str, timeout: int = 300, cwd=REPO) -> subprocess.CompletedProcess:
     """`accelerate launch` with the 2-process CPU config on a free port; returns the finished process."""
-    cmd = ["accelerate", "launch", "--config_file", str(REPO / "configs/accelerate/cpu2.yaml"),
-           "--main_process_port", str(free_port()), *args]
+    cmd = [
+        "accelerate",
+        "launch",
+        "--config_file",
+        str(REPO / "configs/accelerate/cpu2.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 

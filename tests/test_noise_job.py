@@ -1,6 +1,7 @@
 """Noise jobs end to end at toy scale: the per-pixel ε bound, keys and labels kept, class-wise noise constant
 within a class, 2-process SEM, EM rounds, building the missing synthetic set (and refusing a stale one), config
 validation."""
+
 import json
 import subprocess
 import sys
@@ -16,18 +17,36 @@ from uedist.data.images import decode_image
 from uedist.data.shards import iter_samples, verify_shard_set
 from uedist.engine.noise import NoiseConfig
 
-TOY = ["surrogate.width=0.125", "data.batch_size=16", "data.workers=0", "noise_steps=2", "eot_samples=2",
-       "adv_steps=1", "adv_step_size=2", "final_batch_size=64", "progress=false", "ckpt_every=2", "log_every=2"]
+TOY = [
+    "surrogate.width=0.125",
+    "data.batch_size=16",
+    "data.workers=0",
+    "noise_steps=2",
+    "eot_samples=2",
+    "adv_steps=1",
+    "adv_step_size=2",
+    "final_batch_size=64",
+    "progress=false",
+    "ckpt_every=2",
+    "log_every=2",
+]
 
 
 def _args(sets, tmp_path, name, *extra):
-    return [f"name={name}", f"run_root={tmp_path}", f"data.train={sets / 'train'}", f"data.test={sets / 'test'}",
-            *TOY, *extra]
+    return [
+        f"name={name}",
+        f"run_root={tmp_path}",
+        f"data.train={sets / 'train'}",
+        f"data.test={sets / 'test'}",
+        *TOY,
+        *extra,
+    ]
 
 
 def _run(script, args):
-    return subprocess.run([sys.executable, str(REPO / "launch" / script), *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch" / script), *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
 
 
 def check_poisoned(clean, poisoned, eps):
@@ -78,8 +97,19 @@ def test_rem_and_classwise_random(synth_sets, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["samplewise", "classwise"])
 def test_em_rounds(synth_sets, tmp_path, mode):
-    r = _run("em.py", _args(synth_sets, tmp_path, f"em_{mode}", f"em.mode={mode}", "em.max_rounds=2",
-                            "em.train_steps=3", "em.stop_error=0.0", "adv_steps=0"))
+    r = _run(
+        "em.py",
+        _args(
+            synth_sets,
+            tmp_path,
+            f"em_{mode}",
+            f"em.mode={mode}",
+            "em.max_rounds=2",
+            "em.train_steps=3",
+            "em.stop_error=0.0",
+            "adv_steps=0",
+        ),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / f"em_{mode}" / "metrics.json").read_text())
     assert m["rounds"] == 2 and len(m["history"]) == 2
@@ -90,10 +120,22 @@ def test_em_rounds(synth_sets, tmp_path, mode):
 @pytest.mark.slow
 def test_main_job_builds_missing_synthetic_set(tmp_path):
     build = tmp_path / "build.yaml"
-    build.write_text(f"source: synthetic\nout: {tmp_path / 'synth'}\nworkers: 0\nsynthetic:\n  num_classes: 3\n"
-                     "  size: 16\n  num_train: 48\n  num_test: 24\nshard_size: 16\n")
-    r = _run("sem.py", [f"data.build={build}", f"data.train={tmp_path / 'synth/train'}",
-                        f"data.test={tmp_path / 'synth/test'}", f"run_root={tmp_path}", "name=demo", "steps=2", *TOY])
+    build.write_text(
+        f"source: synthetic\nout: {tmp_path / 'synth'}\nworkers: 0\nsynthetic:\n  num_classes: 3\n"
+        "  size: 16\n  num_train: 48\n  num_test: 24\nshard_size: 16\n"
+    )
+    r = _run(
+        "sem.py",
+        [
+            f"data.build={build}",
+            f"data.train={tmp_path / 'synth/train'}",
+            f"data.test={tmp_path / 'synth/test'}",
+            f"run_root={tmp_path}",
+            "name=demo",
+            "steps=2",
+            *TOY,
+        ],
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "is missing: building it" in r.stdout and (tmp_path / "demo/poisoned/manifest.json").is_file()
 
@@ -106,40 +148,74 @@ def test_main_job_refuses_a_set_from_an_older_generator(tmp_path, monkeypatch):
     from uedist.data.build import BuildConfig, build_shard_sets, stale_splits
 
     build = tmp_path / "build.yaml"
-    build.write_text(f"source: synthetic\nout: {tmp_path / 'synth'}\nworkers: 0\nsynthetic:\n  num_classes: 3\n"
-                     "  size: 16\n  num_train: 12\n  num_test: 6\nshard_size: 6\n")
+    build.write_text(
+        f"source: synthetic\nout: {tmp_path / 'synth'}\nworkers: 0\nsynthetic:\n  num_classes: 3\n"
+        "  size: 16\n  num_train: 12\n  num_test: 6\nshard_size: 6\n"
+    )
     cfg = load_config(BuildConfig, build)
     with monkeypatch.context() as m:
         m.setattr(src, "GENERATOR_VERSION", src.GENERATOR_VERSION - 1)
         build_shard_sets(cfg, progress=False)
         assert stale_splits(cfg) == []
     assert stale_splits(cfg) == [tmp_path / "synth/train", tmp_path / "synth/test"]
-    r = _run("sem.py", [f"data.build={build}", f"data.train={tmp_path / 'synth/train'}",
-                        f"data.test={tmp_path / 'synth/test'}", f"run_root={tmp_path}", "name=demo", "steps=2", *TOY])
+    r = _run(
+        "sem.py",
+        [
+            f"data.build={build}",
+            f"data.train={tmp_path / 'synth/train'}",
+            f"data.test={tmp_path / 'synth/test'}",
+            f"run_root={tmp_path}",
+            "name=demo",
+            "steps=2",
+            *TOY,
+        ],
+    )
     assert r.returncode == 2, r.stderr[-3000:]
     assert "older generator" in r.stdout and "overwrite=true" in r.stdout
     assert not (tmp_path / "demo/poisoned").exists()
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("eps=0", "eps must be in (0, 64]"), ("eps=8.5", "whole number"), ("eot_samples=0", "eot_samples must be >= 1"),
-    ("noise_steps=0", "noise_steps >= 1"), ("method=rem adv_steps=0", "rem needs adv_steps >= 1"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("eps=0", "eps must be in (0, 64]"),
+        ("eps=8.5", "whole number"),
+        ("eot_samples=0", "eot_samples must be >= 1"),
+        ("noise_steps=0", "noise_steps >= 1"),
+        ("method=rem adv_steps=0", "rem needs adv_steps >= 1"),
+    ],
+)
 def test_noise_config_validation(override, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         load_config(NoiseConfig, None, override.split())
 
 
-@pytest.mark.parametrize("train, hint", [
-    ("shards/synthetic/train", "--config configs/victim/synthetic.yaml data.train=runs/x/poisoned name=x_victim"),
-    ("shards/synthetic_shapes/train", "--config configs/victim/synthetic.yaml data.train=runs/x/poisoned "
-                                      "data.test=shards/synthetic_shapes/test name=x_victim"),
-    ("shards/cifar10/train", "--config configs/victim/<victim config>.yaml data.train=runs/x/poisoned name=x_victim"),
-])
+@pytest.mark.parametrize(
+    "train, hint",
+    [
+        ("shards/synthetic/train", "--config configs/victim/synthetic.yaml data.train=runs/x/poisoned name=x_victim"),
+        (
+            "shards/synthetic_shapes/train",
+            "--config configs/victim/synthetic.yaml data.train=runs/x/poisoned "
+            "data.test=shards/synthetic_shapes/test name=x_victim",
+        ),
+        (
+            "shards/cifar10/train",
+            "--config configs/victim/<victim config>.yaml data.train=runs/x/poisoned name=x_victim",
+        ),
+    ],
+)
 def test_summary_names_the_victim_command(train, hint):
     """The summary's next step tests a built-in set's victim on that set's own test split."""
     from uedist.engine.noise import noise_summary
 
-    s = {"method": "em", "name": "x", "poisoned": "runs/x/poisoned", "eps": 8.0, "train": train, "timings": {},
-         "noise": {"samples": 10, "linf_max": 8.0, "l2_mean": 1.0}}
+    s = {
+        "method": "em",
+        "name": "x",
+        "poisoned": "runs/x/poisoned",
+        "eps": 8.0,
+        "train": train,
+        "timings": {},
+        "noise": {"samples": 10, "linf_max": 8.0, "l2_mean": 1.0},
+    }
     assert hint in noise_summary(s, Path("runs/x"))

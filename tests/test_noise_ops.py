@@ -1,4 +1,5 @@
 """Error-minimizing noise ops: radius, valid range, loss goes down, no parameter gradients, quantization."""
+
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -10,8 +11,9 @@ from uedist.ops.noise import forward_passes_per_image, min_min_noise, quantize_n
 
 def _model():
     torch.manual_seed(0)  # a model whose loss depends on the input strongly enough for 16/255 to matter
-    m = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 5, padding=2), torch.nn.ReLU(), torch.nn.Flatten(),
-                            torch.nn.Linear(16 * 16 * 16, 4))
+    m = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 5, padding=2), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(16 * 16 * 16, 4)
+    )
     for p in m.parameters():
         p.requires_grad_(False)
     return m
@@ -23,8 +25,21 @@ def test_min_min_lowers_loss_within_radius():
     g = torch.Generator().manual_seed(1)
     base = F.cross_entropy(m(x), y).item()
     for inner in ("uniform", "pgd", "none"):
-        d = min_min_noise(m, x, y, eps=16 / 255, alpha=4 / 255, steps=15, eot=lambda z: random_crop_flip(z, pad=2, gen=g),
-                          samples=2, inner=inner, inner_eps=4 / 255, inner_steps=2, inner_alpha=2 / 255, gen=g)
+        d = min_min_noise(
+            m,
+            x,
+            y,
+            eps=16 / 255,
+            alpha=4 / 255,
+            steps=15,
+            eot=lambda z: random_crop_flip(z, pad=2, gen=g),
+            samples=2,
+            inner=inner,
+            inner_eps=4 / 255,
+            inner_steps=2,
+            inner_alpha=2 / 255,
+            gen=g,
+        )
         assert d.abs().max() <= 16 / 255 + 1e-6 and (x + d).min() >= 0 and (x + d).max() <= 1
         assert F.cross_entropy(m(x + d), y).item() < base - 0.01, inner
     assert all(p.grad is None for p in m.parameters())

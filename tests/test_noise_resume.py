@@ -1,4 +1,5 @@
 """SIGKILL the noise job in each phase; the rerun completes with shards identical to an uninterrupted run's."""
+
 import os
 import signal
 import subprocess
@@ -15,8 +16,17 @@ SLOW = ["steps=30", "ckpt_every=5", "noise_steps=6", "eot_samples=3"]  # slow en
 
 
 def _cmd(sets, root, name, *extra):
-    return [sys.executable, str(REPO / "launch/sem.py"), f"name={name}", f"run_root={root}",
-            f"data.train={sets / 'train'}", "data.test=", *TOY, *SLOW, *extra]
+    return [
+        sys.executable,
+        str(REPO / "launch/sem.py"),
+        f"name={name}",
+        f"run_root={root}",
+        f"data.train={sets / 'train'}",
+        "data.test=",
+        *TOY,
+        *SLOW,
+        *extra,
+    ]
 
 
 def _shards(folder):
@@ -37,8 +47,14 @@ def _kill_when(cmd, ready, timeout=240):
 @pytest.fixture(scope="module")
 def reference(synth_sets, tmp_path_factory):
     root = tmp_path_factory.mktemp("ref")
-    subprocess.run(_cmd(synth_sets, root, "ref"), cwd=REPO, check=True, capture_output=True, timeout=600,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(
+        _cmd(synth_sets, root, "ref"),
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     return _shards(root / "ref" / "poisoned")
 
 
@@ -59,8 +75,14 @@ def test_killed_noise_job_resumes_to_identical_shards(synth_sets, tmp_path, refe
     assert not (run / "poisoned" / "manifest.json").exists()
     if phase == "surrogate":
         assert not (run / "poisoned").exists()
-    r = subprocess.run(_cmd(synth_sets, tmp_path, "killed"), cwd=REPO, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        _cmd(synth_sets, tmp_path, "killed"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert ("resumed from" if phase == "surrogate" else "already written") in r.stdout + r.stderr
     assert verify_shard_set(run / "poisoned").ok

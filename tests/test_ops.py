@@ -1,4 +1,5 @@
 """Pure tensor ops: augmentations, ISS transforms and filters, PGD (L∞ and L2)."""
+
 import torch
 import torch.nn.functional as F
 

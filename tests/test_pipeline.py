@@ -1,5 +1,6 @@
 """The study pipeline at toy scale: the stage matrix, reuse by config hash (and by data content), partial reruns
 after a change, a kill between stages, and the report (CSV, Markdown table, plots, grids, timing)."""
+
 import csv
 import json
 import os
@@ -12,25 +13,48 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from uedist.config import ConfigError, load_config
 from uedist.app.pipeline import Study, StudyConfig
+from uedist.config import ConfigError, load_config
 
-TOY_NOISE = {"surrogate.width": 0.125, "data.batch_size": 16, "data.workers": 0, "noise_steps": 2,
-             "eot_samples": 1, "adv_steps": 1, "adv_step_size": 2, "final_batch_size": 64, "steps": 3,
-             "ckpt_every": 2, "log_every": 2}
-TOY_VICTIM = {"model.width": 0.125, "data.batch_size": 32, "data.workers": 0, "epochs": 0.0, "steps": 4,
-              "log_every": 2, "ckpt_every": 2}
+TOY_NOISE = {
+    "surrogate.width": 0.125,
+    "data.batch_size": 16,
+    "data.workers": 0,
+    "noise_steps": 2,
+    "eot_samples": 1,
+    "adv_steps": 1,
+    "adv_step_size": 2,
+    "final_batch_size": 64,
+    "steps": 3,
+    "ckpt_every": 2,
+    "log_every": 2,
+}
+TOY_VICTIM = {
+    "model.width": 0.125,
+    "data.batch_size": 32,
+    "data.workers": 0,
+    "epochs": 0.0,
+    "steps": 4,
+    "log_every": 2,
+    "ckpt_every": 2,
+}
 
 
 def study_yaml(sets, tmp_path, **extra):
     cfg = {
-        "name": "toy", "run_root": str(tmp_path),
+        "name": "toy",
+        "run_root": str(tmp_path),
         "datasets": {"syn": {"train": str(sets / "train"), "test": str(sets / "test")}},
-        "noises": {"clean": {"method": "clean"},
-                   "random_cw": {"method": "random", "set": {"random_mode": "classwise", "data": {"workers": 0}}},
-                   "sem": {"method": "sem", "config": "configs/sem/demo.yaml", "set": TOY_NOISE}},
-        "purifiers": {"none": {"method": "none"}, "jpeg10": {"method": "jpeg", "set": {"quality": 10, "data.workers": 0}},
-                      "gray": {"method": "grayscale", "set": {"data.workers": 0}}},
+        "noises": {
+            "clean": {"method": "clean"},
+            "random_cw": {"method": "random", "set": {"random_mode": "classwise", "data": {"workers": 0}}},
+            "sem": {"method": "sem", "config": "configs/sem/demo.yaml", "set": TOY_NOISE},
+        },
+        "purifiers": {
+            "none": {"method": "none"},
+            "jpeg10": {"method": "jpeg", "set": {"quality": 10, "data.workers": 0}},
+            "gray": {"method": "grayscale", "set": {"data.workers": 0}},
+        },
         "victims": {"r18": {"config": "configs/victim/synthetic.yaml", "set": TOY_VICTIM}},
         "modes": ["standard", "adversarial"],
         "adversarial": {"adv.enabled": True, "adv.steps": 1, "adv.step_size": 4},
@@ -43,8 +67,14 @@ def study_yaml(sets, tmp_path, **extra):
 
 
 def run_pipeline(path, *over, **kw):
-    return subprocess.run([sys.executable, str(REPO / "launch/pipeline.py"), "--config", str(path), *over],
-                          cwd=REPO, capture_output=True, text=True, timeout=900, **kw)
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch/pipeline.py"), "--config", str(path), *over],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        **kw,
+    )
 
 
 def test_expansion_and_validation(synth_sets, tmp_path):
@@ -80,8 +110,13 @@ def test_rebuilt_dataset_gets_new_stage_folders(tmp_path):
     that reads it, so no result made from the old data is reused; an unchanged rebuild changes nothing."""
     from tests.conftest import build
 
-    args = ("synthetic.num_classes=4", "synthetic.size=16", "synthetic.num_train=40", "synthetic.num_test=16",
-            "shard_size=20")
+    args = (
+        "synthetic.num_classes=4",
+        "synthetic.size=16",
+        "synthetic.num_train=40",
+        "synthetic.num_test=16",
+        "shard_size=20",
+    )
     sets = build(tmp_path / "sets", *args)
     path = study_yaml(sets, tmp_path)
     before = {s.label: s.dir for s in Study(load_config(StudyConfig, path)).stages}
@@ -97,14 +132,28 @@ def test_study_refuses_a_dataset_from_an_older_generator(tmp_path, monkeypatch):
     import uedist.data.sources.synthetic as src
     from tests.conftest import build
 
-    args = ("synthetic.num_classes=4", "synthetic.size=16", "synthetic.num_train=40", "synthetic.num_test=16",
-            "shard_size=20")
+    args = (
+        "synthetic.num_classes=4",
+        "synthetic.size=16",
+        "synthetic.num_train=40",
+        "synthetic.num_test=16",
+        "shard_size=20",
+    )
     with monkeypatch.context() as m:
         m.setattr(src, "GENERATOR_VERSION", src.GENERATOR_VERSION - 1)
         sets = build(tmp_path / "sets", *args)
     spec = tmp_path / "build.yaml"
-    spec.write_text(yaml.safe_dump({"source": "synthetic", "out": str(sets), "workers": 0, "shard_size": 20,
-                                    "synthetic": {"num_classes": 4, "size": 16, "num_train": 40, "num_test": 16}}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "source": "synthetic",
+                "out": str(sets),
+                "workers": 0,
+                "shard_size": 20,
+                "synthetic": {"num_classes": 4, "size": 16, "num_train": 40, "num_test": 16},
+            }
+        )
+    )
     path = study_yaml(sets, tmp_path)
     cfg = yaml.safe_load(path.read_text())
     cfg["datasets"]["syn"]["build"] = str(spec)
@@ -118,11 +167,24 @@ def test_study_refuses_a_dataset_from_an_older_generator(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_pipeline_runs_resumes_and_reports(synth_sets, tmp_path):
     # a smaller matrix than above: 2 noise stages, 3 purify stages, 7 victims
-    path = study_yaml(synth_sets, tmp_path, skip=["syn/*/gray", "syn/*/jpeg10/*/adversarial",
-                                                  "syn/clean/none/*/adversarial", "syn/random_cw/*/*/adversarial"])
+    path = study_yaml(
+        synth_sets,
+        tmp_path,
+        skip=[
+            "syn/*/gray",
+            "syn/*/jpeg10/*/adversarial",
+            "syn/clean/none/*/adversarial",
+            "syn/random_cw/*/*/adversarial",
+        ],
+    )
     # kill it once the first stage has finished, then rerun: finished stages are reused, the rest run
-    proc = subprocess.Popen([sys.executable, str(REPO / "launch/pipeline.py"), "--config", str(path)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "launch/pipeline.py"), "--config", str(path)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 600
     while time.time() < deadline and not list((tmp_path / "toy").glob("*/*/stage.json")):
         assert proc.poll() is None, "the pipeline ended before a stage finished"
@@ -139,9 +201,14 @@ def test_pipeline_runs_resumes_and_reports(synth_sets, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "toy/report/results.csv")))
     assert len(rows) == 7 and all(0 <= float(r["test_top1"]) <= 100 for r in rows)
     assert [(r["noise"], r["purifier"], r["mode"]) for r in rows] == [
-        ("clean", "none", "standard"), ("clean", "jpeg10", "standard"), ("random_cw", "none", "standard"),
-        ("random_cw", "jpeg10", "standard"), ("sem", "none", "standard"), ("sem", "jpeg10", "standard"),
-        ("sem", "none", "adversarial")]  # the study's order
+        ("clean", "none", "standard"),
+        ("clean", "jpeg10", "standard"),
+        ("random_cw", "none", "standard"),
+        ("random_cw", "jpeg10", "standard"),
+        ("sem", "none", "standard"),
+        ("sem", "jpeg10", "standard"),
+        ("sem", "none", "adversarial"),
+    ]  # the study's order
     md = (tmp_path / "toy/report/results.md").read_text()
     assert "### syn, standard training" in md and "| noise | none | jpeg10 |" in md and "### syn, adversarial" in md
     by = {(r["noise"], r["purifier"], r["mode"]): float(r["test_top1"]) for r in rows}
@@ -153,11 +220,18 @@ def test_pipeline_runs_resumes_and_reports(synth_sets, tmp_path):
     assert r.returncode == 0 and "todo" not in r.stdout and r.stdout.count("done") == 12
     r = run_pipeline(path, "purifiers.jpeg10.set.quality=50", "--plan")
     todo = [line.split()[2] for line in r.stdout.splitlines() if line.startswith("todo")]
-    assert sorted(todo) == sorted([f"syn.{n}.jpeg10" for n in ("clean", "random_cw", "sem")] +
-                                  [f"syn.{n}.jpeg10.r18.standard" for n in ("clean", "random_cw", "sem")])
+    assert sorted(todo) == sorted(
+        [f"syn.{n}.jpeg10" for n in ("clean", "random_cw", "sem")]
+        + [f"syn.{n}.jpeg10.r18.standard" for n in ("clean", "random_cw", "sem")]
+    )
     # the report command rebuilds the same table from the folder
-    r = subprocess.run([sys.executable, "-m", "uedist.app.cli", "report", str(tmp_path / "toy"), "--out",
-                        str(tmp_path / "rep2")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "uedist.app.cli", "report", str(tmp_path / "toy"), "--out", str(tmp_path / "rep2")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "rep2/results.md").read_text() == md
 
@@ -165,19 +239,28 @@ def test_pipeline_runs_resumes_and_reports(synth_sets, tmp_path):
 def test_expansion_with_dvae_and_diffusion(synth_sets, tmp_path):
     """D-VAE, JCDP and plain diffusion purifiers resolve into their own schemas; the diffusion purifiers share one
     DDPM stage per dataset, trained by default on the clean test split, and depend on it."""
-    path = study_yaml(synth_sets, tmp_path, purifiers={
-        "none": {"method": "none"}, "dvae": {"method": "dvae", "config": "configs/dvae/cifar10_cpu.yaml"},
-        "jcdp": {"method": "jcdp", "set": {"t_p": 10, "rounds": 2}},
-        "plain": {"method": "diffusion", "set": {"t_p": 10}}},
-        ddpm={"syn": {"config": "configs/ddpm/cifar10_cpu.yaml"}}, modes=["standard"], skip=[])
+    path = study_yaml(
+        synth_sets,
+        tmp_path,
+        purifiers={
+            "none": {"method": "none"},
+            "dvae": {"method": "dvae", "config": "configs/dvae/cifar10_cpu.yaml"},
+            "jcdp": {"method": "jcdp", "set": {"t_p": 10, "rounds": 2}},
+            "plain": {"method": "diffusion", "set": {"t_p": 10}},
+        },
+        ddpm={"syn": {"config": "configs/ddpm/cifar10_cpu.yaml"}},
+        modes=["standard"],
+        skip=[],
+    )
     st = Study(load_config(StudyConfig, path))
     ddpm = [s for s in st.stages if s.kind == "ddpm"]
     assert len(ddpm) == 1 and ddpm[0].cfg.data.train == str(synth_sets / "test")
     jcdp = next(s for s in st.stages if s.label == "syn.sem.jcdp")
     plain = next(s for s in st.stages if s.label == "syn.sem.plain")
     assert (jcdp.cfg.method, plain.cfg.method) == ("jcdp", "diffusion") and jcdp.inputs["ddpm"] is ddpm[0]
-    assert jcdp.cfg.ddpm == str(ddpm[0].dir) and jcdp.cfg.data.src.endswith("syn.sem-" + st.stages[
-        [s.label for s in st.stages].index("syn.sem")].hash + "/poisoned")
+    assert jcdp.cfg.ddpm == str(ddpm[0].dir) and jcdp.cfg.data.src.endswith(
+        "syn.sem-" + st.stages[[s.label for s in st.stages].index("syn.sem")].hash + "/poisoned"
+    )
     dvae = next(s for s in st.stages if s.label == "syn.random_cw.dvae")
     assert dvae.cfg.data.src.endswith("/poisoned") and dvae.cfg.data.clean == str(synth_sets / "train")
     with pytest.raises(ConfigError, match="needs ddpm.syn"):
@@ -190,9 +273,14 @@ def test_pipeline_two_processes(synth_sets, tmp_path):
     """The study runs under accelerate launch with 2 processes: every stage collective, one report."""
     from tests.test_multiprocess import accelerate_launch
 
-    path = study_yaml(synth_sets, tmp_path, noises={"random_cw": {"method": "random", "set": {
-        "random_mode": "classwise", "data.workers": 0}}}, purifiers={"none": {"method": "none"}, "jpeg10": {
-        "method": "jpeg", "set": {"quality": 10, "data.workers": 0}}}, modes=["standard"], skip=[])
+    path = study_yaml(
+        synth_sets,
+        tmp_path,
+        noises={"random_cw": {"method": "random", "set": {"random_mode": "classwise", "data.workers": 0}}},
+        purifiers={"none": {"method": "none"}, "jpeg10": {"method": "jpeg", "set": {"quality": 10, "data.workers": 0}}},
+        modes=["standard"],
+        skip=[],
+    )
     r = accelerate_launch(str(REPO / "launch/pipeline.py"), "--config", str(path), timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("study toy: 4 stages done") == 1
@@ -206,21 +294,59 @@ def test_pipeline_two_processes(synth_sets, tmp_path):
 @pytest.mark.slow
 def test_pipeline_diffusion_stages_run(synth_sets, tmp_path):
     """A DDPM stage then JCDP and plain-diffusion stages that read it, then victims: the cross-stage wiring runs."""
-    tiny_ddpm = {"unet.name": "unet", "unet.args": {"ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1,
-                 "attn_resolutions": [8], "dropout": 0.0, "image_size": 16}, "data.batch_size": 8,
-                 "data.workers": 0, "steps": 4, "warmup_steps": 1, "ckpt_every": 2, "log_every": 2,
-                 "num_samples": 2, "sample_steps": 3}
-    diff = {"t_p": 4, "rounds": 1, "stride": 2, "data.batch_size": 40, "data.workers": 0, "lpips.backbone": "random", "lpips.net": "vgg",
-            "grid": 4}
-    path = study_yaml(synth_sets, tmp_path, noises={"random_cw": {"method": "random", "set": {
-        "random_mode": "classwise", "data.workers": 0}}}, purifiers={
-        "jcdp": {"method": "jcdp", "set": {**diff, "rounds": 2, "lam_lpips": 0.0}}, "plain": {"method": "diffusion", "set": diff}},
-        ddpm={"syn": {"set": tiny_ddpm}}, modes=["standard"], skip=["syn/*/plain/*/*"])
+    tiny_ddpm = {
+        "unet.name": "unet",
+        "unet.args": {
+            "ch": 16,
+            "ch_mult": [1, 2],
+            "num_res_blocks": 1,
+            "attn_resolutions": [8],
+            "dropout": 0.0,
+            "image_size": 16,
+        },
+        "data.batch_size": 8,
+        "data.workers": 0,
+        "steps": 4,
+        "warmup_steps": 1,
+        "ckpt_every": 2,
+        "log_every": 2,
+        "num_samples": 2,
+        "sample_steps": 3,
+    }
+    diff = {
+        "t_p": 4,
+        "rounds": 1,
+        "stride": 2,
+        "data.batch_size": 40,
+        "data.workers": 0,
+        "lpips.backbone": "random",
+        "lpips.net": "vgg",
+        "grid": 4,
+    }
+    path = study_yaml(
+        synth_sets,
+        tmp_path,
+        noises={"random_cw": {"method": "random", "set": {"random_mode": "classwise", "data.workers": 0}}},
+        purifiers={
+            "jcdp": {"method": "jcdp", "set": {**diff, "rounds": 2, "lam_lpips": 0.0}},
+            "plain": {"method": "diffusion", "set": diff},
+        },
+        ddpm={"syn": {"set": tiny_ddpm}},
+        modes=["standard"],
+        skip=["syn/*/plain/*/*"],
+    )
     r = run_pipeline(path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    recs = {json.loads(p.read_text())["label"]: json.loads(p.read_text()) for p in (tmp_path / "toy").glob("*/*/stage.json")}
-    assert set(recs) == {"syn.ddpm", "syn.random_cw", "syn.random_cw.jcdp", "syn.random_cw.plain",
-                         "syn.random_cw.jcdp.r18.standard"}  # the default "none" column is gone when not listed
+    recs = {
+        json.loads(p.read_text())["label"]: json.loads(p.read_text()) for p in (tmp_path / "toy").glob("*/*/stage.json")
+    }
+    assert set(recs) == {
+        "syn.ddpm",
+        "syn.random_cw",
+        "syn.random_cw.jcdp",
+        "syn.random_cw.plain",
+        "syn.random_cw.jcdp.r18.standard",
+    }  # the default "none" column is gone when not listed
     ddpm_dir = recs["syn.ddpm"]["output"]
     assert recs["syn.random_cw.jcdp"]["config"]["ddpm"] == ddpm_dir == recs["syn.random_cw.plain"]["config"]["ddpm"]
     assert recs["syn.random_cw.plain"]["config"]["method"] == "diffusion"

@@ -1,10 +1,10 @@
 """The baseline purifiers (ISS: grayscale, JPEG, bit depth; mean / median / Gaussian filters) as shard map passes:
 exactly the op applied to every sample, keys/labels/provenance kept, PSNR against the clean set, bad input, a
 crash mid-pass resumed to the same bytes, the launcher, and the registry."""
+
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -24,8 +24,18 @@ from uedist.registry import STAGES
 
 
 def _cfg(synth_sets, tmp_path, *overrides):
-    return load_config(PurifyConfig, None, [f"data.src={synth_sets / 'train'}", f"run_root={tmp_path}",
-                                            "data.workers=0", "data.batch_size=40", "progress=false", *overrides])
+    return load_config(
+        PurifyConfig,
+        None,
+        [
+            f"data.src={synth_sets / 'train'}",
+            f"run_root={tmp_path}",
+            "data.workers=0",
+            "data.batch_size=40",
+            "progress=false",
+            *overrides,
+        ],
+    )
 
 
 def _images(folder):
@@ -96,6 +106,7 @@ def test_crash_mid_pass_resumes_to_the_same_bytes(synth_sets, tmp_path, monkeypa
             if len(calls) == 3:
                 raise RuntimeError("simulated crash")
             return op(x)
+
         return f
 
     monkeypatch.setattr(purify, "baseline_op", crashing)

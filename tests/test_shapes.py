@@ -1,5 +1,6 @@
 """The shape set beyond what tests/test_synthetic.py checks for both generators: resolution-free, other pictures than
 the texture set, built as a shard set by the synthetic_shapes source with its own versioned references."""
+
 import numpy as np
 
 from tests.conftest import build
@@ -27,9 +28,15 @@ def test_other_pictures_than_the_texture_set():
 
 
 def test_source_builds_a_versioned_shard_set(tmp_path):
-    out = build(tmp_path / "s", "synthetic_shapes.num_classes=3", "synthetic_shapes.size=16",
-                "synthetic_shapes.num_train=30", "synthetic_shapes.num_test=9", "shard_size=10",
-                source="synthetic_shapes")
+    out = build(
+        tmp_path / "s",
+        "synthetic_shapes.num_classes=3",
+        "synthetic_shapes.size=16",
+        "synthetic_shapes.num_train=30",
+        "synthetic_shapes.num_test=9",
+        "shard_size=10",
+        source="synthetic_shapes",
+    )
     m = load_manifest(out / "train")
     assert m.num_samples == 30 and m.class_counts == [10, 10, 10] and m.lossless
     assert m.provenance["parents"] == [f"synthetic-shapes-v{SHAPES_VERSION}(num_classes=3, size=16, seed=0)"]

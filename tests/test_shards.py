@@ -1,4 +1,5 @@
 """Shard sets: deterministic, atomic, resumable builds; verify and read name truncated or altered shards."""
+
 import json
 import os
 import signal
@@ -14,7 +15,13 @@ from tests.conftest import REPO, build, run_cli
 from uedist.data.manifest import ManifestError, load_manifest
 from uedist.data.shards import ShardError, iter_samples, verify_shard_set
 
-SMALL = ("synthetic.num_classes=3", "synthetic.size=16", "synthetic.num_train=90", "synthetic.num_test=30", "shard_size=20")
+SMALL = (
+    "synthetic.num_classes=3",
+    "synthetic.size=16",
+    "synthetic.num_train=90",
+    "synthetic.num_test=30",
+    "shard_size=20",
+)
 
 
 def _digests(folder: Path):
@@ -115,11 +122,23 @@ def test_rebuild_refuses_other_inputs_unless_overwrite(tmp_path):
 @pytest.mark.slow
 def test_killed_build_resumes_to_identical_shards(tmp_path):
     """SIGKILL a build mid-way; rerunning the same command completes it with the same bytes as a clean build."""
-    args = ["source=synthetic", "synthetic.num_train=3000", "synthetic.num_test=10", "synthetic.size=32",
-            "shard_size=100", "workers=0", "splits=[train]"]
+    args = [
+        "source=synthetic",
+        "synthetic.num_train=3000",
+        "synthetic.num_test=10",
+        "synthetic.size=32",
+        "shard_size=100",
+        "workers=0",
+        "splits=[train]",
+    ]
     ref = tmp_path / "ref"
-    subprocess.run([sys.executable, "-m", "uedist.app.cli", "shards", "build", "--no-progress", f"out={ref}", *args],
-                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "uedist.app.cli", "shards", "build", "--no-progress", f"out={ref}", *args],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "uedist.app.cli", "shards", "build", "--no-progress", f"out={out}", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,4 +1,5 @@
 """Sources on small generated trees: ImageNet-100 indices, Facescrub protocol, CIFAR batches, bad input."""
+
 import pickle
 
 import numpy as np
@@ -44,17 +45,33 @@ def test_imagenet_unknown_synset_and_empty_folder(tmp_path):
     root = _imagenet_tree(tmp_path / "in", [SYN[0], "n99999999"])
     with pytest.raises(SourceError, match="n99999999.*not an ImageNet-1k synset"):
         build(tmp_path / "o1", f"imagenet.root={root}", "splits=[train]", source="imagenet")
-    build(tmp_path / "o2", f"imagenet.root={root}", "splits=[train]", "imagenet.unknown_synsets=skip",
-          "imagenet.size=[16,16]", source="imagenet")
+    build(
+        tmp_path / "o2",
+        f"imagenet.root={root}",
+        "splits=[train]",
+        "imagenet.unknown_synsets=skip",
+        "imagenet.size=[16,16]",
+        source="imagenet",
+    )
     (root / "train" / SYN[1]).mkdir()
     with pytest.raises(SourceError, match=f"{SYN[1]} holds no images"):
-        build(tmp_path / "o3", f"imagenet.root={root}", "splits=[train]", "imagenet.unknown_synsets=skip", source="imagenet")
+        build(
+            tmp_path / "o3",
+            f"imagenet.root={root}",
+            "splits=[train]",
+            "imagenet.unknown_synsets=skip",
+            source="imagenet",
+        )
 
 
 @pytest.mark.parametrize("style", ["plain", "index", "loc_csv"])
 def test_imagenet_flat_val_with_label_file(tmp_path, style):
     root = tmp_path / "in"
-    wanted = {"ILSVRC2012_val_00000001": SYN[5], "ILSVRC2012_val_00000002": SYN[42], "ILSVRC2012_val_00000003": SYN[700]}
+    wanted = {
+        "ILSVRC2012_val_00000001": SYN[5],
+        "ILSVRC2012_val_00000002": SYN[42],
+        "ILSVRC2012_val_00000003": SYN[700],
+    }
     for stem in wanted:
         write_image(root / "val" / f"{stem}.JPEG", fmt="JPEG")
     lab = tmp_path / "labels.txt"
@@ -64,8 +81,14 @@ def test_imagenet_flat_val_with_label_file(tmp_path, style):
         lab.write_text("".join(f"{k}.JPEG {SYN.index(v)}\n" for k, v in wanted.items()))
     else:
         lab.write_text("ImageId,PredictionString\n" + "".join(f"{k},{v} 1 2 3 4\n" for k, v in wanted.items()))
-    out = build(tmp_path / "out", f"imagenet.root={root}", "splits=[val]", f"imagenet.val_labels={lab}",
-                "imagenet.size=[16,16]", source="imagenet")
+    out = build(
+        tmp_path / "out",
+        f"imagenet.root={root}",
+        "splits=[val]",
+        f"imagenet.val_labels={lab}",
+        "imagenet.size=[16,16]",
+        source="imagenet",
+    )
     got = {k.split("/")[-1].split(".")[0]: v for k, v in _labels_by_src(out / "val").items()}
     assert got == {"ILSVRC2012_val_00000001": 5, "ILSVRC2012_val_00000002": 42}  # synset 700 is beyond 100
 
@@ -96,8 +119,9 @@ def test_facescrub_protocol(tmp_path):
     for name, n in counts.items():
         for i in range(n):
             write_image(root / name / f"{i}.jpg", size=(50, 60), fmt="JPEG")
-    out = build(tmp_path / "o", f"facescrub.root={root}", "facescrub.min_images=5", "facescrub.size=[28,28]",
-                source="facescrub")
+    out = build(
+        tmp_path / "o", f"facescrub.root={root}", "facescrub.min_images=5", "facescrub.size=[28,28]", source="facescrub"
+    )
     tr, te = load_manifest(out / "train"), load_manifest(out / "test")
     assert tr.classes == te.classes == ["Alice_A", "Bob_B"]
     assert tr.class_counts == [10, 8] and te.class_counts == [2, 2] and tr.image_size == (28, 28)
@@ -107,20 +131,34 @@ def test_facescrub_protocol(tmp_path):
     # the split of one identity does not depend on the others
     for i in range(6):
         write_image(root / "New_N" / f"{i}.jpg", fmt="JPEG")
-    out2 = build(tmp_path / "o2", f"facescrub.root={root}", "facescrub.min_images=5", "facescrub.size=[28,28]",
-                 source="facescrub")
+    out2 = build(
+        tmp_path / "o2",
+        f"facescrub.root={root}",
+        "facescrub.min_images=5",
+        "facescrub.size=[28,28]",
+        source="facescrub",
+    )
     assert {s for s in _labels_by_src(out2 / "test") if not s.startswith("New_N")} == test_src
     with pytest.raises(SourceError, match="3 identities.*expects 6"):
-        build(tmp_path / "o3", f"facescrub.root={root}", "facescrub.min_images=5", "facescrub.num_classes=6",
-              source="facescrub")
+        build(
+            tmp_path / "o3",
+            f"facescrub.root={root}",
+            "facescrub.min_images=5",
+            "facescrub.num_classes=6",
+            source="facescrub",
+        )
     with pytest.raises(ConfigError, match="train_fraction"):
         load_config(BuildConfig, None, ["facescrub.train_fraction=1.5"])
 
 
 def _cifar_batch(path, n, seed, key=b"labels", classes=10):
     rng = np.random.default_rng(seed)
-    d = {b"batch_label": b"x", key: rng.integers(0, classes, n).tolist(),
-         b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"filenames": [b"f%d.png" % i for i in range(n)]}
+    d = {
+        b"batch_label": b"x",
+        key: rng.integers(0, classes, n).tolist(),
+        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        b"filenames": [b"f%d.png" % i for i in range(n)],
+    }
     path.write_bytes(pickle.dumps(d, protocol=2))
     return d
 

@@ -2,6 +2,7 @@
 class-wise ±ε checkerboard) with its own config schema and registers it with ``@stage``; nothing else in the tree
 knows it. The tests run it through ``launch/noise.py`` (a real subprocess that finds it through UEDIST_PLUGINS)
 and through a study, and check what the registry tells the CLI."""
+
 import json
 import os
 import subprocess
@@ -46,8 +47,14 @@ def toy_summary(s: Dict[str, Any], run_dir: Path) -> str:
     return f"toy checkerboard noise: {s['poisoned']} ({s['samples']} samples)"
 
 
-@stage("toy_checker", kind="noise", schema=ToyNoiseConfig, inputs=("data.train", "data.test"), output="poisoned",
-       summary=toy_summary)
+@stage(
+    "toy_checker",
+    kind="noise",
+    schema=ToyNoiseConfig,
+    inputs=("data.train", "data.test"),
+    output="poisoned",
+    summary=toy_summary,
+)
 def generate_toy(cfg: ToyNoiseConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """A class-wise ±ε checkerboard whose phase is the label (an ordinary, if weak, class-wise shortcut)."""
     out = Path(cfg.out) if cfg.out else run_dir / "poisoned"
@@ -58,8 +65,17 @@ def generate_toy(cfg: ToyNoiseConfig, accelerator: Any, run_dir: Path) -> Dict[s
         sign = ((ii + jj)[None] + y[:, None, None]) % 2 * 2 - 1  # (B, H, W) in {-1, 1}
         return quantize_noise(x_u8, sign[:, None].float().expand_as(x_u8) * cfg.eps / 255, cfg.eps)
 
-    m = run_map_pass(Path(cfg.data.train), out, fn, accelerator=accelerator, stage="noise:toy_checker",
-                     config=identity(cfg), batch_size=64, num_workers=cfg.data.workers, progress=cfg.progress)
+    m = run_map_pass(
+        Path(cfg.data.train),
+        out,
+        fn,
+        accelerator=accelerator,
+        stage="noise:toy_checker",
+        config=identity(cfg),
+        batch_size=64,
+        num_workers=cfg.data.workers,
+        progress=cfg.progress,
+    )
     s = {"method": cfg.method, "name": cfg.name, "poisoned": str(out), "samples": m.num_samples}
     if accelerator.is_main_process:
         atomic_write_json(run_dir / "metrics.json", s)
@@ -82,7 +98,9 @@ def _check_poisoned(clean: Path, poisoned: Path, eps: int) -> None:
 
 def test_the_toy_stage_is_registered_with_its_schema_and_roles():
     st = STAGES.get("toy_checker")
-    assert st.kind == "noise" and st.schema is ToyNoiseConfig and st.roles == {"train": "data.train", "test": "data.test"}
+    assert (
+        st.kind == "noise" and st.schema is ToyNoiseConfig and st.roles == {"train": "data.train", "test": "data.test"}
+    )
     assert dict(st.fixed) == {"method": "toy_checker"}
     with pytest.raises(RegistryError, match="already registered"):
         stage("toy_checker", kind="noise", schema=ToyNoiseConfig, inputs=())(generate_toy)
@@ -95,22 +113,43 @@ def test_toy_noise_runs_through_launch_noise_py(synth_sets, tmp_path):
     """A real subprocess: the stage is found through UEDIST_PLUGINS, its YAML picks it, its summary is printed."""
     cfg = tmp_path / "toy.yaml"
     cfg.write_text(yaml.safe_dump({"method": "toy_checker", "eps": 3, "data": {"train": str(synth_sets / "train")}}))
-    env = {**os.environ, "UEDIST_PLUGINS": "tests.test_stage_registry",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}
-    r = subprocess.run([sys.executable, str(REPO / "launch/noise.py"), "--config", str(cfg), f"run_root={tmp_path}",
-                        "name=t"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "UEDIST_PLUGINS": "tests.test_stage_registry",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])),
+    }
+    r = subprocess.run(
+        [sys.executable, str(REPO / "launch/noise.py"), "--config", str(cfg), f"run_root={tmp_path}", "name=t"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"toy checkerboard noise: {tmp_path / 't' / 'poisoned'}" in r.stdout
     _check_poisoned(synth_sets / "train", tmp_path / "t" / "poisoned", 3)
     assert yaml.safe_load((tmp_path / "t" / "config.yaml").read_text())["method"] == "toy_checker"
     # a typo in the toy's own schema is refused with the key named, like any stage's
-    bad = subprocess.run([sys.executable, str(REPO / "launch/noise.py"), "--config", str(cfg), "epss=3"], cwd=REPO,
-                         env=env, capture_output=True, text=True, timeout=600)
+    bad = subprocess.run(
+        [sys.executable, str(REPO / "launch/noise.py"), "--config", str(cfg), "epss=3"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert bad.returncode == 2 and "epss" in bad.stderr
     # without the plugin the method is unknown, and the error lists the known noise stages
     env.pop("UEDIST_PLUGINS")
-    r = subprocess.run([sys.executable, str(REPO / "launch/noise.py"), "--config", str(cfg)], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "launch/noise.py"), "--config", str(cfg)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 2 and "toy_checker" in r.stderr and "sem" in r.stderr
 
 
@@ -123,15 +162,32 @@ def test_toy_noise_runs_in_a_study(synth_sets, tmp_path):
     from uedist.dist import make_accelerator
 
     study = tmp_path / "study.yaml"
-    study.write_text(yaml.safe_dump({
-        "name": "toy", "run_root": str(tmp_path),
-        "datasets": {"syn": {"train": str(synth_sets / "train"), "test": str(synth_sets / "test")}},
-        "noises": {"checker": {"method": "toy_checker", "set": {"eps": 2}}},
-        "purifiers": {"gray": {"method": "grayscale", "set": {"data.workers": 0}}},
-        "victims": {"r18": {"config": "configs/victim/synthetic.yaml",
-                            "set": {"model.width": 0.125, "data.batch_size": 32, "data.workers": 0, "epochs": 0.0,
-                                    "steps": 2, "log_every": 1, "ckpt_every": 2}}},
-        "report": False}))
+    study.write_text(
+        yaml.safe_dump(
+            {
+                "name": "toy",
+                "run_root": str(tmp_path),
+                "datasets": {"syn": {"train": str(synth_sets / "train"), "test": str(synth_sets / "test")}},
+                "noises": {"checker": {"method": "toy_checker", "set": {"eps": 2}}},
+                "purifiers": {"gray": {"method": "grayscale", "set": {"data.workers": 0}}},
+                "victims": {
+                    "r18": {
+                        "config": "configs/victim/synthetic.yaml",
+                        "set": {
+                            "model.width": 0.125,
+                            "data.batch_size": 32,
+                            "data.workers": 0,
+                            "epochs": 0.0,
+                            "steps": 2,
+                            "log_every": 1,
+                            "ckpt_every": 2,
+                        },
+                    }
+                },
+                "report": False,
+            }
+        )
+    )
     st = Study(load_config(StudyConfig, study))
     assert [s.kind for s in st.stages] == ["noise", "purify", "victim"]
     noise = st.stages[0]

@@ -1,5 +1,6 @@
 """The built-in generators (texture set and shape set): deterministic, any size/class count, balanced, no class
 evidence in the mean colour, learnable."""
+
 import numpy as np
 import pytest
 import torch
@@ -65,11 +66,15 @@ def test_a_batch_is_its_images_whatever_the_batch(gen):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("gen, n, grey, floor", [
-    ("textures", 800, False, 0.8),
-    ("shapes", 1600, False, 0.7),
-    ("shapes", 1600, True, 0.7),  # grey: the shapes themselves, not the colour tendency, carry the class
-], ids=["textures", "shapes", "shapes-grey"])
+@pytest.mark.parametrize(
+    "gen, n, grey, floor",
+    [
+        ("textures", 800, False, 0.8),
+        ("shapes", 1600, False, 0.7),
+        ("shapes", 1600, True, 0.7),  # grey: the shapes themselves, not the colour tendency, carry the class
+    ],
+    ids=["textures", "shapes", "shapes-grey"],
+)
 def test_small_resnet_learns_it(gen, n, grey, floor):
     """A width-1/8 ResNet-18 learns 4 classes at 16 px well above chance in a few seconds (full-size figures:
     README, measured with launch/victim.py)."""

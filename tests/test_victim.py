@@ -1,4 +1,5 @@
 """Victim training: real 2-process DDP, kill/resume equality, bad input."""
+
 import json
 import os
 import signal
@@ -19,19 +20,36 @@ VICTIM = str(REPO / "launch/victim.py")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("victim_data")
-    return build(out, "synthetic.num_classes=4", "synthetic.size=16", "synthetic.num_train=320",
-                 "synthetic.num_test=100", "shard_size=40")
+    return build(
+        out,
+        "synthetic.num_classes=4",
+        "synthetic.size=16",
+        "synthetic.num_train=320",
+        "synthetic.num_test=100",
+        "shard_size=40",
+    )
 
 
 def _args(data, run_root, name, *extra):
-    return [f"name={name}", f"run_root={run_root}", f"data.train={data / 'train'}", f"data.test={data / 'test'}",
-            "model.width=0.125", "data.batch_size=32", "data.workers=0", "progress=false", "log_every=5", *extra]
+    return [
+        f"name={name}",
+        f"run_root={run_root}",
+        f"data.train={data / 'train'}",
+        f"data.test={data / 'test'}",
+        "model.width=0.125",
+        "data.batch_size=32",
+        "data.workers=0",
+        "progress=false",
+        "log_every=5",
+        *extra,
+    ]
 
 
 def _run(args, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, VICTIM, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, VICTIM, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def _final_weights(run_dir: Path):
@@ -57,8 +75,9 @@ def test_kill_and_resume_gives_identical_weights(data, tmp_path):
     ref = _run(_args(data, tmp_path, "ref", *args))
     assert ref.returncode == 0, ref.stderr[-3000:]
     cmd = [sys.executable, VICTIM, *_args(data, tmp_path, "killed", *args)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     latest = tmp_path / "killed" / "checkpoints" / "latest"
     deadline = time.time() + 240
     while time.time() < deadline and not (latest.is_file() and latest.read_text().strip() >= "step-00000020"):
@@ -79,8 +98,18 @@ def test_kill_and_resume_gives_identical_weights(data, tmp_path):
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path):
     # lr 0.1 for 10 steps, then x1e35 (a step schedule with a huge gamma): diverges right after step 10
-    r = _run(_args(data, tmp_path, "nan", "steps=20", "ckpt_every=5", "optim.schedule=step", "optim.milestones=[0.5]",
-                   "optim.gamma=1e35"))
+    r = _run(
+        _args(
+            data,
+            tmp_path,
+            "nan",
+            "steps=20",
+            "ckpt_every=5",
+            "optim.schedule=step",
+            "optim.milestones=[0.5]",
+            "optim.gamma=1e35",
+        )
+    )
     assert r.returncode == 3, r.stderr[-2000:]
     assert "loss is nan" in r.stdout + r.stderr or "loss is inf" in r.stdout + r.stderr
     latest = (tmp_path / "nan" / "checkpoints" / "latest").read_text().strip()
@@ -91,8 +120,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path):
 
 @pytest.mark.slow
 def test_bad_input_errors(data, tmp_path):
-    other = build(tmp_path / "other", "synthetic.num_classes=3", "synthetic.size=16", "synthetic.num_train=30",
-                  "synthetic.num_test=30", "splits=[test]")
+    other = build(
+        tmp_path / "other",
+        "synthetic.num_classes=3",
+        "synthetic.size=16",
+        "synthetic.num_train=30",
+        "synthetic.num_test=30",
+        "splits=[test]",
+    )
     r = _run(_args(data, tmp_path, "x", "steps=2") + [f"data.test={other / 'test'}"])
     assert r.returncode != 0 and "class lists differ (4 vs 3 classes" in r.stderr
     r = _run(_args(data, tmp_path, "y", "steps=2", "model.name=resnet19"))
@@ -107,8 +142,13 @@ def test_bad_input_errors(data, tmp_path):
 def test_rebuilt_training_set_refuses_old_checkpoints(tmp_path):
     """Checkpoints record their data's content digest: after the training set is rebuilt in place (e.g. by a newer
     synthetic generator) the run refuses to resume a model trained on the old pictures."""
-    args = ("synthetic.num_classes=4", "synthetic.size=16", "synthetic.num_train=80", "synthetic.num_test=40",
-            "shard_size=40")
+    args = (
+        "synthetic.num_classes=4",
+        "synthetic.size=16",
+        "synthetic.num_train=80",
+        "synthetic.num_test=40",
+        "shard_size=40",
+    )
     sets = build(tmp_path / "sets", *args)
     r = _run(_args(sets, tmp_path, "v", "steps=2", "ckpt_every=2"))
     assert r.returncode == 0, r.stderr[-2000:]

@@ -269,7 +269,8 @@ def classifier_step(
     adv_steps: int = 0,
 ) -> Step:
     """One training update of a classifier on ``x`` (B, 3, H, W) in [0, 1], labels ``y`` (B,): cross-entropy,
-    backward, ``opt`` step; with ``adv_steps`` > 0, on PGD-attacked inputs (L∞ ε 4/255, α 1/255: adversarial training)."""
+    backward, ``opt`` step; with ``adv_steps`` > 0, on PGD-attacked inputs (L∞ ε 4/255, α 1/255: adversarial
+    training)."""
 
     def fwd(z: torch.Tensor) -> torch.Tensor:
         with torch.autocast(**amp):

@@ -7,6 +7,7 @@ resolved config), renames the folder into place and then rewrites ``latest`` —
 complete checkpoint, and a job killed at any moment resumes from the last one. Files load with
 ``weights_only=True``: a checkpoint cannot run code.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,12 @@ def rng_state(gens: Optional[Dict[str, torch.Generator]] = None) -> Dict[str, An
     np_state = np.random.get_state()
     state: Dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached": float(np_state[4]),
+        },
         "python": _py_state_to_tensor(random.getstate()),
         "generators": {k: g.get_state() for k, g in (gens or {}).items()},
     }
@@ -66,8 +71,14 @@ def _save(obj: Any, path: Path) -> None:
 
 
 def save_checkpoint(
-    ckpt_dir: PathLike, step: int, state: Dict[str, Any], *, rank: int, barrier: Callable[[], None],
-    gens: Optional[Dict[str, torch.Generator]] = None, keep: int = 2,
+    ckpt_dir: PathLike,
+    step: int,
+    state: Dict[str, Any],
+    *,
+    rank: int,
+    barrier: Callable[[], None],
+    gens: Optional[Dict[str, torch.Generator]] = None,
+    keep: int = 2,
 ) -> Path:
     """Collective: every rank calls it with the same ``step``. ``state`` (rank 0's is written) holds plain
     tensors/containers: model and optimizer state dicts, scheduler state, counters, config. Keeps the ``keep``

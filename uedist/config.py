@@ -17,6 +17,7 @@ Config identity: a field declared with :func:`runtime` (``progress``, ``data.wor
 them; the checkpoint guard, the map-pass fingerprint and the study's stage hash are all taken over it, so a job
 killed and rerun with ``progress=false`` or other ``data.workers`` resumes instead of being refused.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,8 +64,11 @@ def identity(cfg: Any) -> Dict[str, Any]:
 
     def strip(obj: Any) -> Any:
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            return {f.name: strip(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                    if not (f.metadata.get(RUNTIME) or f.metadata.get(LOCATION))}
+            return {
+                f.name: strip(getattr(obj, f.name))
+                for f in dataclasses.fields(obj)
+                if not (f.metadata.get(RUNTIME) or f.metadata.get(LOCATION))
+            }
         if isinstance(obj, dict):
             return {k: strip(v) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):
@@ -253,9 +257,7 @@ def _all_defaults(cls: type) -> bool:
     )
 
 
-def load_config(
-    cls: Type[C], path: Optional[Union[str, os.PathLike]] = None, overrides: Sequence[str] = ()
-) -> C:
+def load_config(cls: Type[C], path: Optional[Union[str, os.PathLike]] = None, overrides: Sequence[str] = ()) -> C:
     """Defaults of ``cls``, then the YAML file (if given), then ``key=value`` overrides, checked strictly."""
     data: Dict[str, Any] = _read_yaml(path) if path else {}
     for text in overrides:

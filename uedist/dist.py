@@ -4,6 +4,7 @@ Library code asks ``rank()``/``world_size()``/``is_main_process()`` and logs thr
 call ``setup_logging(run_dir)`` once (stdout on the main process, a file per rank under ``run_dir/logs``) and
 ``make_accelerator`` (the only place an ``Accelerator`` is created).
 """
+
 from __future__ import annotations
 
 import logging

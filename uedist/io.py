@@ -2,6 +2,7 @@
 
 A reader never sees half a file: either the old content (or nothing) or the new, complete content.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -63,4 +64,3 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
-

@@ -10,6 +10,7 @@
 Unknown names fail with the list of known ones (and the closest match); registering a name twice is an error,
 so two modules can never silently shadow each other.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -117,9 +118,18 @@ class StageDef:
 STAGES = Registry("stage")
 
 
-def stage(name: str, *, kind: str, schema: type, inputs: Sequence[str], output: str = "",
-          summary: Optional[Callable[[Dict[str, Any], Any], str]] = None, fixed: Optional[Mapping[str, Any]] = None,
-          input_errors: Sequence[type] = (), check: Optional[Callable[[Any], Optional[str]]] = None) -> Callable[[T], T]:
+def stage(
+    name: str,
+    *,
+    kind: str,
+    schema: type,
+    inputs: Sequence[str],
+    output: str = "",
+    summary: Optional[Callable[[Dict[str, Any], Any], str]] = None,
+    fixed: Optional[Mapping[str, Any]] = None,
+    input_errors: Sequence[type] = (),
+    check: Optional[Callable[[Any], Optional[str]]] = None,
+) -> Callable[[T], T]:
     """Register the decorated entry function ``fn(cfg, accelerator, run_dir) -> summary`` as stage ``name``.
     A schema with a ``method`` field gets ``method=<name>`` fixed, so one schema may serve several stages."""
     if kind not in STAGE_KINDS:
@@ -130,8 +140,21 @@ def stage(name: str, *, kind: str, schema: type, inputs: Sequence[str], output: 
 
     def deco(fn: T) -> T:
         doc = (fn.__doc__ or "").strip().split("\n")[0]
-        STAGES.register(name)(StageDef(name, kind, schema, fn, tuple(inputs), output, summary,  # type: ignore[arg-type]
-                                       tuple(fix.items()), tuple(input_errors), check, doc))
+        STAGES.register(name)(
+            StageDef(
+                name,
+                kind,
+                schema,
+                fn,
+                tuple(inputs),
+                output,
+                summary,  # type: ignore[arg-type]
+                tuple(fix.items()),
+                tuple(input_errors),
+                check,
+                doc,
+            )
+        )
         return fn
 
     return deco

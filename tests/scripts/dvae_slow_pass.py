@@ -1,5 +1,6 @@
 """launch/dvae.py with every inference batch slowed down (training untouched), so a test can SIGKILL the job
 reliably in the middle of a shard map pass. Usage: python tests/scripts/dvae_slow_pass.py <launch/dvae.py args>"""
+
 import sys
 import time
 

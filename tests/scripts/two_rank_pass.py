@@ -1,7 +1,8 @@
 """Run under `accelerate launch` with 2 processes: one map pass and one training stream over a shard set.
 
-    accelerate launch --config_file configs/accelerate/cpu2.yaml tests/scripts/two_rank_pass.py SHARDS OUT.json
+accelerate launch --config_file configs/accelerate/cpu2.yaml tests/scripts/two_rank_pass.py SHARDS OUT.json
 """
+
 import json
 import sys
 
@@ -25,8 +26,16 @@ def main() -> None:
     torch.distributed.all_gather_object(gathered, {"rank": r, "keys": keys, "train": train_keys})
     if acc.is_main_process:
         with open(out, "w") as f:
-            json.dump({"world": w, "type": str(acc.distributed_type), "backend": torch.distributed.get_backend(),
-                       "counts": counts.tolist(), "ranks": gathered}, f)
+            json.dump(
+                {
+                    "world": w,
+                    "type": str(acc.distributed_type),
+                    "backend": torch.distributed.get_backend(),
+                    "counts": counts.tolist(),
+                    "ranks": gathered,
+                },
+                f,
+            )
     acc.wait_for_everyone()
 
 

@@ -1,13 +1,14 @@
 """The ``uedist`` command.
 
-    uedist shards build   --config configs/shards/cifar10.yaml [key=value ...]
-    uedist shards verify  SHARD_SET [--decode]
-    uedist shards inspect SHARD_SET [--grid out.png] [--per-class 8]
-    uedist shards to-ffcv SHARD_SET [--out data.beton]
-    uedist facescrub download --meta A.txt B.txt --out data/facescrub_crops
-    uedist report runs/<study> [--out DIR]
-    uedist stages                      # every registered stage: kind, config schema, inputs, output
+uedist shards build   --config configs/shards/cifar10.yaml [key=value ...]
+uedist shards verify  SHARD_SET [--decode]
+uedist shards inspect SHARD_SET [--grid out.png] [--per-class 8]
+uedist shards to-ffcv SHARD_SET [--out data.beton]
+uedist facescrub download --meta A.txt B.txt --out data/facescrub_crops
+uedist report runs/<study> [--out DIR]
+uedist stages                      # every registered stage: kind, config schema, inputs, output
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,10 @@ def _build(args: argparse.Namespace) -> int:
     manifests = build_shard_sets(cfg, progress=not args.no_progress)
     save_config(cfg, out / "build_config.yaml")
     for split, m in manifests.items():
-        log.info(f"{out / split}: {m.num_samples} samples, {m.num_classes} classes, {m.image_size[0]}x{m.image_size[1]} "
-              f"{m.encoding}, {len(m.shards)} shards" + (f", {len(m.skipped)} skipped" if m.skipped else ""))
+        log.info(
+            f"{out / split}: {m.num_samples} samples, {m.num_classes} classes, {m.image_size[0]}x{m.image_size[1]} "
+            f"{m.encoding}, {len(m.shards)} shards" + (f", {len(m.skipped)} skipped" if m.skipped else "")
+        )
     log.info(f"resolved config: {out / 'build_config.yaml'}")
     return 0
 
@@ -49,8 +52,10 @@ def _verify(args: argparse.Namespace) -> int:
     for folder in args.shard_sets:
         rep = verify_shard_set(folder, decode=args.decode)
         if rep.ok:
-            log.info(f"OK   {folder}: {rep.num_samples} samples, every shard's count and sha256 match"
-                  + (", every image decodes" if args.decode else ""))
+            log.info(
+                f"OK   {folder}: {rep.num_samples} samples, every shard's count and sha256 match"
+                + (", every image decodes" if args.decode else "")
+            )
         else:
             rc = 1
             log.error(f"FAIL {folder}: {len(rep.problems)} problem(s)")
@@ -106,9 +111,13 @@ def _stages(args: argparse.Namespace) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="uedist", description="unlearnable examples at scale: data tools, reports, the stage registry")
+    p = argparse.ArgumentParser(
+        prog="uedist", description="unlearnable examples at scale: data tools, reports, the stage registry"
+    )
     sub = p.add_subparsers(dest="group", required=True)
-    shards = sub.add_parser("shards", help="build, verify and inspect shard sets").add_subparsers(dest="cmd", required=True)
+    shards = sub.add_parser("shards", help="build, verify and inspect shard sets").add_subparsers(
+        dest="cmd", required=True
+    )
 
     b = shards.add_parser("build", help="turn a source dataset into shard sets (one per split)")
     b.add_argument("--config", help="YAML config (see configs/shards/)")

@@ -1,4 +1,5 @@
-"""``uedist facescrub download`` (and launch/facescrub_download.py): download the FaceScrub photos listed in the official metadata files and save the face crops (needs internet).
+"""``uedist facescrub download`` (and launch/facescrub_download.py): download the FaceScrub photos listed in the
+official metadata files and save the face crops (needs internet).
 
     python launch/facescrub_download.py --meta facescrub_actors.txt facescrub_actresses.txt \\
         --out data/facescrub_crops [--workers 16 --timeout 10 --retries 3 --format jpg --skip-bad-rows --min-images 50]
@@ -11,6 +12,7 @@ crops already present are skipped, failed rows are retried. One run per --out fo
 Exit status: 0 done (some rows may have failed: see failed.tsv); 1 an identity has fewer than --min-images crops;
 2 bad arguments or a bad metadata row (without --skip-bad-rows).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +39,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--format", choices=("jpg", "png"), default="jpg", help="crop file format")
     p.add_argument("--jpeg-quality", type=int, default=95)
     p.add_argument("--no-verify-sha256", action="store_true", help="keep photos whose bytes differ from the metadata")
-    p.add_argument("--skip-bad-rows", action="store_true",
-                   help=f"skip malformed rows and bad bboxes, listing them in <out>/{BAD_ROWS_TSV}")
+    p.add_argument(
+        "--skip-bad-rows",
+        action="store_true",
+        help=f"skip malformed rows and bad bboxes, listing them in <out>/{BAD_ROWS_TSV}",
+    )
     p.add_argument("--min-images", type=int, default=0, metavar="K", help="exit 1 if an identity has < K crops")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -51,22 +56,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         rows, bad = read_facescrub_meta(args.meta, skip_bad=args.skip_bad_rows)
     except (FacescrubMetadataError, OSError) as exc:
-        print(f"error: {exc}\n(--skip-bad-rows skips such rows and lists them in <out>/{BAD_ROWS_TSV})",
-              file=sys.stderr)
+        print(
+            f"error: {exc}\n(--skip-bad-rows skips such rows and lists them in <out>/{BAD_ROWS_TSV})", file=sys.stderr
+        )
         return 2
     bad_tsv = write_bad_rows_tsv(bad, args.out / BAD_ROWS_TSV)
     try:
         summary = download_facescrub(
-            rows, args.out, workers=args.workers, timeout=args.timeout, retries=args.retries, backoff=args.backoff,
-            image_format=args.format, jpeg_quality=args.jpeg_quality, verify_sha256=not args.no_verify_sha256,
+            rows,
+            args.out,
+            workers=args.workers,
+            timeout=args.timeout,
+            retries=args.retries,
+            backoff=args.backoff,
+            image_format=args.format,
+            jpeg_quality=args.jpeg_quality,
+            verify_sha256=not args.no_verify_sha256,
             progress=not args.no_progress,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     present = sum(summary.per_identity.values())
-    print(f"{present} crops of {len(summary.per_identity)} identities in {summary.out_dir}/<Identity>/"
-          f"<face_id>.{summary.image_format} ({summary.downloaded} new, {summary.skipped_existing} already there)")
+    print(
+        f"{present} crops of {len(summary.per_identity)} identities in {summary.out_dir}/<Identity>/"
+        f"<face_id>.{summary.image_format} ({summary.downloaded} new, {summary.skipped_existing} already there)"
+    )
     print(f"{summary.failed} of {summary.total} rows failed {summary.failed_by_reason}: {summary.failed_tsv}")
     print(f"{len(bad)} bad metadata rows skipped: {bad_tsv}")
     print(f"summary: {summary.summary_json} ({summary.elapsed_s:.1f} s)")

@@ -10,6 +10,7 @@ schema, makes the Accelerator, sets up per-rank logging in the run folder, saves
 the stage and prints its summary. Exit codes shared by all scripts: 2 = bad config or input (argparse's
 convention), 3 = a non-finite loss stopped training (the last good checkpoint is kept).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,17 @@ REPO = Path(__file__).resolve().parents[2]
 log = get_logger("uedist.app.jobs")
 
 
-def start_job(schema: Type[C], argv: Optional[List[str]] = None, *, doc: Optional[str] = None,
-              config_dir: str = "configs/", example: str = "key=value", default_config: Optional[str] = None,
-              fixed: Sequence[str] = (), check: Optional[Callable[[C], Optional[str]]] = None) -> Tuple[C, Any, Path]:
+def start_job(
+    schema: Type[C],
+    argv: Optional[List[str]] = None,
+    *,
+    doc: Optional[str] = None,
+    config_dir: str = "configs/",
+    example: str = "key=value",
+    default_config: Optional[str] = None,
+    fixed: Sequence[str] = (),
+    check: Optional[Callable[[C], Optional[str]]] = None,
+) -> Tuple[C, Any, Path]:
     """Parse the command line into a ``schema`` config (``fixed`` overrides come last: a script's fixed method
     wins), then start the job. ``check(cfg)`` may return an error message that stops the script like a config
     error."""
@@ -41,8 +50,9 @@ def start_job(schema: Type[C], argv: Optional[List[str]] = None, *, doc: Optiona
     return _start(cfg, p, check)
 
 
-def _parse(argv: Optional[List[str]], *, doc: Optional[str], config_dir: str, example: str,
-           default_config: Optional[str]) -> Tuple[argparse.ArgumentParser, argparse.Namespace]:
+def _parse(
+    argv: Optional[List[str]], *, doc: Optional[str], config_dir: str, example: str, default_config: Optional[str]
+) -> Tuple[argparse.ArgumentParser, argparse.Namespace]:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help=f"YAML ({config_dir})" + (f"; default {default_config}" if default_config else ""))
     p.add_argument("overrides", nargs="*", help=f"key=value, e.g. {example}")
@@ -90,24 +100,35 @@ def stage_method(config: Optional[str], overrides: Sequence[str]) -> str:
     return str(_read_yaml(config).get("method", "")) if config else ""
 
 
-def run_stage_main(kind: str, argv: Optional[List[str]] = None, *, doc: Optional[str] = None,
-                   method: Optional[str] = None, default_method: str = "", default_config: Optional[str] = None) -> int:
+def run_stage_main(
+    kind: str,
+    argv: Optional[List[str]] = None,
+    *,
+    doc: Optional[str] = None,
+    method: Optional[str] = None,
+    default_method: str = "",
+    default_config: Optional[str] = None,
+) -> int:
     """Run one registered stage of ``kind`` from a command line; returns the exit code. A ``method=`` override
-    picks the stage; else ``method`` (``launch/sem.py``); else the config's ``method`` (``launch/noise.py``, ``launch/purify.py``),
+    picks the stage; else ``method`` (``launch/sem.py``); else the config's ``method`` (``launch/noise.py``,
+    ``launch/purify.py``),
     else ``default_method`` (the one stage of a kind such as ``victim``)."""
     from uedist.app.stages import get_stage, load_stages
 
     load_stages()
     default = str(REPO / default_config) if default_config and not Path(default_config).is_file() else default_config
-    p, args = _parse(argv, doc=doc, config_dir=f"configs/{method or '<method>'}/", example="name=my_run",
-                     default_config=default)
+    p, args = _parse(
+        argv, doc=doc, config_dir=f"configs/{method or '<method>'}/", example="name=my_run", default_config=default
+    )
     path = args.config or default
     try:
         # an explicit method=... on the command line wins, then the script's own, then the config's
         name = stage_method(None, args.overrides) or method or stage_method(path, []) or default_method
         if not name:
-            p.error(f"say which {kind} method: `method: <name>` in the YAML or method=<name>; "
-                    f"{kind} methods: {', '.join(stages_of(kind))}")
+            p.error(
+                f"say which {kind} method: `method: <name>` in the YAML or method=<name>; "
+                f"{kind} methods: {', '.join(stages_of(kind))}"
+            )
         st = get_stage(name, kind)
         fixed = [f"{k}={v}" for k, v in st.fixed]
         cfg = load_config(st.schema, path, [*args.overrides, *fixed])

@@ -15,6 +15,7 @@ setting and exactly the stages downstream of it get new hashes and run; nothing 
 
 At the end the report (``uedist report``) is written: see :mod:`uedist.app.report`.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -162,16 +163,29 @@ class Study:
             if any(needs_ddpm(p.method) for p in c.purifiers.values()):
                 # the paper's setting by default: a DDPM trained on the unprotected clean test split
                 own = "data.train" in _flatten(c.ddpm[dname].set)
-                ddpm = self._add("ddpm", f"{dname}.ddpm", c.ddpm[dname], inputs={} if own else {"train": ds.test},
-                                 tags={"dataset": dname}, dataset=dname, origin=f"ddpm.{dname}")
+                ddpm = self._add(
+                    "ddpm",
+                    f"{dname}.ddpm",
+                    c.ddpm[dname],
+                    inputs={} if own else {"train": ds.test},
+                    tags={"dataset": dname},
+                    dataset=dname,
+                    origin=f"ddpm.{dname}",
+                )
             for nname, nspec in c.noises.items():
                 if self._skipped(dname, nname):
                     continue
                 poisoned: Any = Path(ds.train)
                 if nspec.method != NO_NOISE:
-                    poisoned = self._add("noise", f"{dname}.{nname}", nspec, inputs={"train": ds.train, "test": ds.test},
-                                         tags={"dataset": dname, "noise": nname}, dataset=dname,
-                                         origin=f"noises.{nname}")
+                    poisoned = self._add(
+                        "noise",
+                        f"{dname}.{nname}",
+                        nspec,
+                        inputs={"train": ds.train, "test": ds.test},
+                        tags={"dataset": dname, "noise": nname},
+                        dataset=dname,
+                        origin=f"noises.{nname}",
+                    )
                 for pname, pspec in c.purifiers.items():
                     if not self._skipped(dname, nname, pname):
                         self._expand_purifier(dname, nname, pname, poisoned=poisoned, ddpm=ddpm)
@@ -185,8 +199,15 @@ class Study:
             ins: Dict[str, Any] = {"src": poisoned, "clean": ds.train}
             if needs_ddpm(pspec.method):
                 ins["ddpm"] = ddpm
-            purified = self._add("purify", f"{dname}.{nname}.{pname}", pspec, inputs=ins, tags=tags, dataset=dname,
-                                 origin=f"purifiers.{pname}")
+            purified = self._add(
+                "purify",
+                f"{dname}.{nname}.{pname}",
+                pspec,
+                inputs=ins,
+                tags=tags,
+                dataset=dname,
+                origin=f"purifiers.{pname}",
+            )
         for vname, vspec in c.victims.items():
             for mode in c.modes:
                 if self._skipped(dname, nname, pname, vname, mode):
@@ -194,12 +215,27 @@ class Study:
                 spec = vspec
                 if mode == "adversarial":
                     spec = StageSpec(vspec.method, vspec.config, {**vspec.set, **c.adversarial})
-                self._add("victim", f"{dname}.{nname}.{pname}.{vname}.{mode}", spec,
-                          inputs={"train": purified, "test": ds.test}, tags={**tags, "victim": vname, "mode": mode},
-                          dataset=dname, origin=f"victims.{vname}")
+                self._add(
+                    "victim",
+                    f"{dname}.{nname}.{pname}.{vname}.{mode}",
+                    spec,
+                    inputs={"train": purified, "test": ds.test},
+                    tags={**tags, "victim": vname, "mode": mode},
+                    dataset=dname,
+                    origin=f"victims.{vname}",
+                )
 
-    def _add(self, kind: str, label: str, spec: StageSpec, *, inputs: Dict[str, Any], tags: Dict[str, str],
-             dataset: str, origin: str) -> Stage:
+    def _add(
+        self,
+        kind: str,
+        label: str,
+        spec: StageSpec,
+        *,
+        inputs: Dict[str, Any],
+        tags: Dict[str, str],
+        dataset: str,
+        origin: str,
+    ) -> Stage:
         """Resolve one stage (the registry's stage named by ``spec.method``, or the kind's one stage) and append it."""
         runner = _stage(spec.method if kind in ("noise", "purify") else kind)
         st = Stage(kind, label, spec, runner, inputs, tags, origin)
@@ -219,7 +255,9 @@ class Study:
             over["data.build"] = ""  # a study builds its datasets itself (run() below)
         for role, key in st.runner.roles.items():
             if role in st.inputs and st.inputs[role] is not None:
-                over[key] = self._output_path(st.inputs[role]) if isinstance(st.inputs[role], Stage) else str(st.inputs[role])
+                over[key] = (
+                    self._output_path(st.inputs[role]) if isinstance(st.inputs[role], Stage) else str(st.inputs[role])
+                )
         over["progress"] = False
         if final:
             assert st.dir is not None
@@ -254,8 +292,13 @@ class Study:
         self._expand()  # the hashes now include the freshly built sets' content
         records = []
         todo = [s for s in self.stages if self.record(s) is None]
-        log.info("study %s: %d stages, %d already done, %d to run", self.cfg.name, len(self.stages),
-                 len(self.stages) - len(todo), len(todo))
+        log.info(
+            "study %s: %d stages, %d already done, %d to run",
+            self.cfg.name,
+            len(self.stages),
+            len(self.stages) - len(todo),
+            len(todo),
+        )
         for i, st in enumerate(self.stages):
             rec = self.record(st)
             if rec is not None:
@@ -294,12 +337,23 @@ class Study:
         t0 = time.time()
         summary = fn(st.cfg, accelerator, st.dir)
         wall = time.time() - t0
-        rec = {"kind": st.kind, "label": st.label, "hash": st.hash, "tags": st.tags, "method": st.spec.method,
-               "wall_s": wall, "world_size": accelerator.num_processes, "config": config_to_dict(st.cfg),
-               "inputs": {r: (self._output_path(v) if isinstance(v, Stage) else str(v)) for r, v in st.inputs.items()
-                          if v is not None},
-               "output": self._output_path(st) if st.runner.output else "",
-               "summary": _jsonable(summary)}
+        rec = {
+            "kind": st.kind,
+            "label": st.label,
+            "hash": st.hash,
+            "tags": st.tags,
+            "method": st.spec.method,
+            "wall_s": wall,
+            "world_size": accelerator.num_processes,
+            "config": config_to_dict(st.cfg),
+            "inputs": {
+                r: (self._output_path(v) if isinstance(v, Stage) else str(v))
+                for r, v in st.inputs.items()
+                if v is not None
+            },
+            "output": self._output_path(st) if st.runner.output else "",
+            "summary": _jsonable(summary),
+        }
         if accelerator.is_main_process:
             atomic_write_json(st.dir / "stage.json", rec)
         accelerator.wait_for_everyone()

@@ -10,6 +10,7 @@ Reads the ``stage.json`` records the pipeline leaves (only the stages of the cur
 - ``grid_<dataset>_<noise>.png``: clean | poisoned | noise ×8 | each purifier's output, for a few samples;
 - ``timing.csv`` / ``timing.md``: wall-clock per stage.
 """
+
 from __future__ import annotations
 
 import csv
@@ -21,8 +22,20 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from uedist.io import atomic_write, atomic_write_text
 
-RESULT_FIELDS = ["dataset", "noise", "purifier", "victim", "mode", "test_top1", "test_top5", "epochs", "steps",
-                 "train_time_s", "train_set", "run"]
+RESULT_FIELDS = [
+    "dataset",
+    "noise",
+    "purifier",
+    "victim",
+    "mode",
+    "test_top1",
+    "test_top5",
+    "epochs",
+    "steps",
+    "train_time_s",
+    "train_set",
+    "run",
+]
 
 
 def load_records(study_dir: Path) -> List[Dict[str, Any]]:
@@ -51,15 +64,21 @@ def study_order(study_dir: Path) -> Dict[str, List[str]]:
     import yaml
 
     c = yaml.safe_load(f.read_text()) or {}
-    return {"dataset": list(c.get("datasets") or []), "noise": list(c.get("noises") or []),
-            "purifier": list(c.get("purifiers") or []), "victim": list(c.get("victims") or []),
-            "mode": list(c.get("modes") or [])}
+    return {
+        "dataset": list(c.get("datasets") or []),
+        "noise": list(c.get("noises") or []),
+        "purifier": list(c.get("purifiers") or []),
+        "victim": list(c.get("victims") or []),
+        "mode": list(c.get("modes") or []),
+    }
 
 
 def sort_rows(rows: List[Dict[str, Any]], order: Dict[str, List[str]]) -> List[Dict[str, Any]]:
     def key(r: Dict[str, Any]) -> Tuple[int, ...]:
-        return tuple(order[k].index(r[k]) if r[k] in order.get(k, []) else 10**6
-                     for k in ("dataset", "mode", "noise", "purifier", "victim"))
+        return tuple(
+            order[k].index(r[k]) if r[k] in order.get(k, []) else 10**6
+            for k in ("dataset", "mode", "noise", "purifier", "victim")
+        )
 
     return sorted(rows, key=key)
 
@@ -70,11 +89,22 @@ def results_rows(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
         if r["kind"] != "victim":
             continue
         s, t = r["summary"], r["tags"]
-        rows.append({"dataset": t["dataset"], "noise": t["noise"], "purifier": t["purifier"], "victim": t["victim"],
-                     "mode": t["mode"], "test_top1": s.get("test_top1"), "test_top5": s.get("test_top5"),
-                     "epochs": round(float(s.get("epochs", 0)), 2), "steps": s.get("steps"),
-                     "train_time_s": round(float(s.get("train_time_s", 0)), 1), "train_set": r["inputs"].get("train"),
-                     "run": r["dir"]})
+        rows.append(
+            {
+                "dataset": t["dataset"],
+                "noise": t["noise"],
+                "purifier": t["purifier"],
+                "victim": t["victim"],
+                "mode": t["mode"],
+                "test_top1": s.get("test_top1"),
+                "test_top5": s.get("test_top5"),
+                "epochs": round(float(s.get("epochs", 0)), 2),
+                "steps": s.get("steps"),
+                "train_time_s": round(float(s.get("train_time_s", 0)), 1),
+                "train_set": r["inputs"].get("train"),
+                "run": r["dir"],
+            }
+        )
     return rows
 
 
@@ -92,8 +122,12 @@ def results_markdown(rows: Sequence[Dict[str, Any]]) -> str:
             cols = [(p, v) for p in _ordered([r["purifier"] for r in sub]) for v in victims]
             cell = {(r["noise"], r["purifier"], r["victim"]): r["test_top1"] for r in sub}
             head = [p if len(victims) == 1 else f"{p} · {v}" for p, v in cols]
-            lines = [f"### {ds}, {mode} training: clean test accuracy (%)", "",
-                     "| noise | " + " | ".join(head) + " |", "|---|" + "---:|" * len(cols)]
+            lines = [
+                f"### {ds}, {mode} training: clean test accuracy (%)",
+                "",
+                "| noise | " + " | ".join(head) + " |",
+                "|---|" + "---:|" * len(cols),
+            ]
             for n in _ordered([r["noise"] for r in sub]):
                 vals = [cell.get((n, p, v)) for p, v in cols]
                 lines.append(f"| {n} | " + " | ".join("—" if x is None else f"{x:.2f}" for x in vals) + " |")
@@ -105,8 +139,15 @@ def timing_rows(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     rows = []
     for r in records:
         s = r["summary"]
-        rows.append({"kind": r["kind"], "stage": r["label"], "wall_s": round(float(r["wall_s"]), 1),
-                     "processes": r.get("world_size", 1), "detail": _timing_detail(s)})
+        rows.append(
+            {
+                "kind": r["kind"],
+                "stage": r["label"],
+                "wall_s": round(float(r["wall_s"]), 1),
+                "processes": r.get("world_size", 1),
+                "detail": _timing_detail(s),
+            }
+        )
     return rows
 
 
@@ -157,8 +198,10 @@ def accuracy_plot(rows: Sequence[Dict[str, Any]], path: Path) -> Optional[Path]:
         series = _ordered([(r["purifier"], r["victim"]) for r in sub])
         width = 0.8 / max(len(series), 1)
         for j, (p, v) in enumerate(series):
-            ys = [next((r["test_top1"] for r in sub if (r["noise"], r["purifier"], r["victim"]) == (n, p, v)), 0.0)
-                  for n in noises]
+            ys = [
+                next((r["test_top1"] for r in sub if (r["noise"], r["purifier"], r["victim"]) == (n, p, v)), 0.0)
+                for n in noises
+            ]
             label = p if len({s[1] for s in series}) == 1 else f"{p} · {v}"
             ax.bar([i + (j - (len(series) - 1) / 2) * width for i in range(len(noises))], ys, width, label=label)
         ax.set_xticks(range(len(noises)))
@@ -243,9 +286,14 @@ def write_report(study_dir: Path, out: Optional[Path] = None) -> Dict[str, Any]:
     written["markdown"] = md
     t = timing_rows(records)
     total = sum(r["wall_s"] for r in t)
-    written["timing.csv"] = atomic_write_text(out / "timing.csv", _csv(t, ["kind", "stage", "wall_s", "processes", "detail"]))
-    written["timing.md"] = atomic_write_text(out / "timing.md", _table_md(t, ["kind", "stage", "wall_s", "processes", "detail"])
-                                             + f"\nTotal {total:.1f} s over {len(t)} stages.\n")
+    written["timing.csv"] = atomic_write_text(
+        out / "timing.csv", _csv(t, ["kind", "stage", "wall_s", "processes", "detail"])
+    )
+    written["timing.md"] = atomic_write_text(
+        out / "timing.md",
+        _table_md(t, ["kind", "stage", "wall_s", "processes", "detail"])
+        + f"\nTotal {total:.1f} s over {len(t)} stages.\n",
+    )
     if rows:
         written["accuracy.png"] = accuracy_plot(rows, out / "accuracy.png")
     c = curves_plot(records, out / "curves.png")

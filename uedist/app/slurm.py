@@ -19,6 +19,7 @@ which reads the allocation from SLURM's environment and ``exec``s
 Requeue: the sbatch templates pass ``--requeue``; every uedist stage resumes from its checkpoints and finished
 shards, so a requeued job simply runs the same command again.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -114,8 +115,14 @@ def launch_args(env: Mapping[str, str], config: Path) -> Dict[str, str]:
     port = _int_env(env, "MASTER_PORT")
     if port is None:
         port = 20000 + (_int_env(env, "SLURM_JOB_ID") or 0) % 20000
-    return {"config_file": str(config), "num_machines": str(nodes), "num_processes": str(nodes * per_node),
-            "machine_rank": str(node), "main_process_ip": addr, "main_process_port": str(port)}
+    return {
+        "config_file": str(config),
+        "num_machines": str(nodes),
+        "num_processes": str(nodes * per_node),
+        "machine_rank": str(node),
+        "main_process_ip": addr,
+        "main_process_port": str(port),
+    }
 
 
 def command(env: Mapping[str, str], config: Path, script: List[str]) -> List[str]:
@@ -128,8 +135,12 @@ def command(env: Mapping[str, str], config: Path, script: List[str]) -> List[str
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--accelerate-config", type=Path, default=DEFAULT_CONFIG,
-                   help=f"accelerate config (default {DEFAULT_CONFIG.relative_to(REPO)})")
+    p.add_argument(
+        "--accelerate-config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help=f"accelerate config (default {DEFAULT_CONFIG.relative_to(REPO)})",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     p.add_argument("script", nargs=argparse.REMAINDER, help="launch/<script>.py and its arguments")
     args = p.parse_args(argv)

@@ -3,6 +3,7 @@ the modules named in ``UEDIST_PLUGINS`` (comma-separated import paths), so a new
 plus one YAML: drop it into ``uedist/engine/`` (or name it in ``UEDIST_PLUGINS``) and every launch script, the
 study pipeline, ``uedist stages`` and the report know it.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -33,7 +34,9 @@ def get_stage(name: str, kind: str = "") -> StageDef:
     if kind and st.kind != kind:
         from uedist.registry import RegistryError, stages_of
 
-        raise RegistryError(f"{name!r} is a {st.kind} stage, not a {kind} one; {kind} stages: {', '.join(stages_of(kind))}")
+        raise RegistryError(
+            f"{name!r} is a {st.kind} stage, not a {kind} one; {kind} stages: {', '.join(stages_of(kind))}"
+        )
     return st
 
 
@@ -43,6 +46,7 @@ def stage_table() -> List[List[str]]:
     rows = []
     for n in STAGES.names():
         st = STAGES.get(n)
-        rows.append([n, st.kind, f"{st.schema.__module__}.{st.schema.__name__}", ", ".join(st.inputs),
-                     st.output or "-", st.doc])
+        rows.append(
+            [n, st.kind, f"{st.schema.__module__}.{st.schema.__name__}", ", ".join(st.inputs), st.output or "-", st.doc]
+        )
     return sorted(rows, key=lambda r: (r[1], r[0]))

@@ -7,6 +7,7 @@ Same inputs and settings give byte-identical shards: items are listed in a fixed
 shuffled order gets key ``%08d % i`` for life. Each shard is written under a temporary name and renamed, then
 recorded; the manifest comes last; a rerun of the same command skips the recorded shards.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,7 +41,9 @@ log = logging.getLogger(__name__)
 class BuildConfig:
     """``uedist shards build``: which source, which splits, where, and how samples are stored."""
 
-    source: str = "synthetic"  # a registered source: imagenet | facescrub | cifar | folder | synthetic | synthetic_shapes
+    source: str = (
+        "synthetic"  # a registered source: imagenet | facescrub | cifar | folder | synthetic | synthetic_shapes
+    )
     splits: List[str] = field(default_factory=lambda: ["train", "test"])
     out: str = ""  # parent folder; each split goes to <out>/<split>. Default: shards/<dataset>
     shard_size: int = 1000  # samples per shard (make shards >= ranks x workers for training streams)
@@ -64,7 +67,10 @@ class BuildConfig:
         require(self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}")
         require(1 <= self.jpeg_quality <= 100, f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
         require(self.workers >= 0, "workers must be >= 0")
-        require(len(self.splits) >= 1 and len(set(self.splits)) == len(self.splits), f"splits must be distinct, got {self.splits}")
+        require(
+            len(self.splits) >= 1 and len(set(self.splits)) == len(self.splits),
+            f"splits must be distinct, got {self.splits}",
+        )
 
     def source_section(self) -> Any:
         return getattr(self, self.source)
@@ -77,9 +83,16 @@ def make_source(cfg: BuildConfig, split: str) -> Source:
 def _fingerprint(cfg: BuildConfig, split: str, items: Sequence[Item]) -> str:
     h = hashlib.sha256()
     settings = {
-        "format": FORMAT_VERSION, "source": cfg.source, "split": split, "section": config_to_dict(cfg.source_section()),
-        "shard_size": cfg.shard_size, "encoding": cfg.encoding, "jpeg_quality": cfg.jpeg_quality,
-        "keep_source_bytes": cfg.keep_source_bytes, "shuffle": cfg.shuffle, "seed": cfg.seed,
+        "format": FORMAT_VERSION,
+        "source": cfg.source,
+        "split": split,
+        "section": config_to_dict(cfg.source_section()),
+        "shard_size": cfg.shard_size,
+        "encoding": cfg.encoding,
+        "jpeg_quality": cfg.jpeg_quality,
+        "keep_source_bytes": cfg.keep_source_bytes,
+        "shuffle": cfg.shuffle,
+        "seed": cfg.seed,
         "skip_corrupt": cfg.skip_corrupt,
     }
     h.update(json.dumps(settings, sort_keys=True).encode())
@@ -89,8 +102,16 @@ def _fingerprint(cfg: BuildConfig, split: str, items: Sequence[Item]) -> str:
 
 
 def _write_one(
-    source: Source, folder: str, fingerprint: str, *, index: int, items: List[Tuple[int, Item]],
-    encoding: str, jpeg_quality: int, keep_source_bytes: bool, skip_corrupt: bool,
+    source: Source,
+    folder: str,
+    fingerprint: str,
+    *,
+    index: int,
+    items: List[Tuple[int, Item]],
+    encoding: str,
+    jpeg_quality: int,
+    keep_source_bytes: bool,
+    skip_corrupt: bool,
 ) -> Dict[str, Any]:
     """Build shard ``index`` from (global index, item) pairs. Runs in a worker process."""
     skipped: List[Dict[str, Any]] = []
@@ -102,8 +123,14 @@ def _write_one(
             try:
                 raw = source.read(item)
                 p = prepare_sample(
-                    raw, label=item.label, name=name, size=source.image_size, encoding=encoding,
-                    resize_mode=source.resize_mode, jpeg_quality=jpeg_quality, keep_source_bytes=keep_source_bytes,
+                    raw,
+                    label=item.label,
+                    name=name,
+                    size=source.image_size,
+                    encoding=encoding,
+                    resize_mode=source.resize_mode,
+                    jpeg_quality=jpeg_quality,
+                    keep_source_bytes=keep_source_bytes,
                 )
             except (CorruptImageError, OSError) as e:
                 if not skip_corrupt:
@@ -144,8 +171,12 @@ def build_split(cfg: BuildConfig, split: str, out_dir: Path, *, progress: bool =
             todo.append(i)
     if records:
         log.info("%s: resuming, %d of %d shards already complete", out_dir, len(records), len(chunks))
-    args = dict(encoding=encoding, jpeg_quality=cfg.jpeg_quality, keep_source_bytes=cfg.keep_source_bytes,
-                skip_corrupt=cfg.skip_corrupt)
+    args = dict(
+        encoding=encoding,
+        jpeg_quality=cfg.jpeg_quality,
+        keep_source_bytes=cfg.keep_source_bytes,
+        skip_corrupt=cfg.skip_corrupt,
+    )
     t0 = time.time()
     bar = _progress_bar(len(chunks), len(records), f"{source.name}/{split}", enabled=progress)
     try:
@@ -155,7 +186,10 @@ def build_split(cfg: BuildConfig, split: str, out_dir: Path, *, progress: bool =
                 bar.update(1)
         else:
             with ProcessPoolExecutor(max_workers=min(cfg.workers, len(todo)), mp_context=get_context("spawn")) as ex:
-                futs = {ex.submit(_write_one, source, str(out_dir), fingerprint, index=i, items=chunks[i], **args): i for i in todo}
+                futs = {
+                    ex.submit(_write_one, source, str(out_dir), fingerprint, index=i, items=chunks[i], **args): i
+                    for i in todo
+                }
                 for fut in as_completed(futs):
                     records[futs[fut]] = fut.result()
                     bar.update(1)
@@ -165,8 +199,14 @@ def build_split(cfg: BuildConfig, split: str, out_dir: Path, *, progress: bool =
     counts = np.sum([records[i]["class_counts"] for i in range(len(chunks))], axis=0).astype(int).tolist()
     skipped = [s for i in range(len(chunks)) for s in records[i]["skipped"]]
     manifest = Manifest(
-        dataset=source.name, split=split, classes=list(source.classes), image_size=tuple(source.image_size),
-        encoding=encoding, shards=shards, num_samples=sum(s.count for s in shards), class_counts=counts,
+        dataset=source.name,
+        split=split,
+        classes=list(source.classes),
+        image_size=tuple(source.image_size),
+        encoding=encoding,
+        shards=shards,
+        num_samples=sum(s.count for s in shards),
+        class_counts=counts,
         skipped=skipped,
         provenance={**provenance("ingest", config_to_dict(cfg), [source.origin()]), "fingerprint": fingerprint},
         extra=source.describe(),
@@ -174,8 +214,14 @@ def build_split(cfg: BuildConfig, split: str, out_dir: Path, *, progress: bool =
     writer.finalize(manifest)
     dt = time.time() - t0
     log.info(
-        "%s: wrote %d samples in %d shards (%s, %d classes, %dx%d) in %.1fs%s", out_dir, manifest.num_samples,
-        len(shards), encoding, manifest.num_classes, *manifest.image_size, dt,
+        "%s: wrote %d samples in %d shards (%s, %d classes, %dx%d) in %.1fs%s",
+        out_dir,
+        manifest.num_samples,
+        len(shards),
+        encoding,
+        manifest.num_classes,
+        *manifest.image_size,
+        dt,
         f"; skipped {len(skipped)} corrupt file(s), listed in the manifest" if skipped else "",
     )
     return manifest
@@ -206,8 +252,10 @@ def stale_message(cfg: BuildConfig, config_path: str) -> str:
     stale = stale_splits(cfg)
     if not stale:
         return ""
-    return (f"{', '.join(map(str, stale))} was built from other settings or an older generator than {config_path}; "
-            f"rebuild it: uedist shards build --config {config_path} overwrite=true")
+    return (
+        f"{', '.join(map(str, stale))} was built from other settings or an older generator than {config_path}; "
+        f"rebuild it: uedist shards build --config {config_path} overwrite=true"
+    )
 
 
 def build_shard_sets(cfg: BuildConfig, *, progress: bool = True) -> Dict[str, Manifest]:

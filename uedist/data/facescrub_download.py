@@ -18,6 +18,7 @@ Nothing is written outside ``out_dir``: every target is resolved (symlinks inclu
 Notes: the bbox applies to the stored pixel array (EXIF orientation is not applied); transparent pixels are
 composited over white; 16-bit grey is scaled to 8 bits (/257), not clipped.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -111,10 +112,17 @@ class DownloadSummary:
     def to_dict(self) -> dict:
         """JSON-ready counts (no per-row failures: those are in ``failed.tsv``)."""
         return {
-            "out_dir": str(self.out_dir), "image_format": self.image_format, "total": self.total,
-            "downloaded": self.downloaded, "skipped_existing": self.skipped_existing, "failed": self.failed,
-            "failed_by_reason": self.failed_by_reason, "elapsed_s": round(self.elapsed_s, 3),
-            "identities": len(self.per_identity), "per_identity": self.per_identity, "failed_tsv": FAILED_TSV,
+            "out_dir": str(self.out_dir),
+            "image_format": self.image_format,
+            "total": self.total,
+            "downloaded": self.downloaded,
+            "skipped_existing": self.skipped_existing,
+            "failed": self.failed,
+            "failed_by_reason": self.failed_by_reason,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "identities": len(self.per_identity),
+            "per_identity": self.per_identity,
+            "failed_tsv": FAILED_TSV,
         }
 
 
@@ -142,9 +150,14 @@ class _Config:
 def _http_only_opener() -> urllib.request.OpenerDirector:
     """An opener without file:, ftp: or data: handlers, so neither a URL nor a redirect can read local files."""
     opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.ProxyHandler(), urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(),
-                    urllib.request.HTTPRedirectHandler(), urllib.request.HTTPDefaultErrorHandler(),
-                    urllib.request.HTTPErrorProcessor()):
+    for handler in (
+        urllib.request.ProxyHandler(),
+        urllib.request.HTTPHandler(),
+        urllib.request.HTTPSHandler(),
+        urllib.request.HTTPRedirectHandler(),
+        urllib.request.HTTPDefaultErrorHandler(),
+        urllib.request.HTTPErrorProcessor(),
+    ):
         opener.add_handler(handler)
     return opener
 
@@ -372,14 +385,14 @@ def _write_reports(summary: DownloadSummary) -> None:
         fh.write("\n")
 
 
-def _check_args(
-    *, workers: int, timeout: float, retries: int, backoff: float, image_format: str, quality: int
-) -> None:
+def _check_args(*, workers: int, timeout: float, retries: int, backoff: float, image_format: str, quality: int) -> None:
     if image_format.lower() not in _PIL_FORMATS:
         raise ValueError(f"image_format must be one of {sorted(_PIL_FORMATS)}, got {image_format!r}")
     if workers < 1 or timeout <= 0 or retries < 0 or backoff < 0:
-        raise ValueError(f"need workers >= 1, timeout > 0, retries >= 0, backoff >= 0; got "
-                         f"{workers}, {timeout}, {retries}, {backoff}")
+        raise ValueError(
+            f"need workers >= 1, timeout > 0, retries >= 0, backoff >= 0; got "
+            f"{workers}, {timeout}, {retries}, {backoff}"
+        )
     if not 1 <= quality <= 100:
         raise ValueError(f"jpeg_quality must be in [1, 100], got {quality}")
 
@@ -406,8 +419,14 @@ def download_facescrub(
     408, 429. ``max_bytes``: larger responses fail (``"too large"``). Rows whose crop exists are skipped; every
     row still without a crop is in ``<out_dir>/failed.tsv``; counts go to ``<out_dir>/download_summary.json``.
     """
-    _check_args(workers=workers, timeout=timeout, retries=retries, backoff=backoff, image_format=image_format,
-                quality=jpeg_quality)
+    _check_args(
+        workers=workers,
+        timeout=timeout,
+        retries=retries,
+        backoff=backoff,
+        image_format=image_format,
+        quality=jpeg_quality,
+    )
     started = time.monotonic()
     ext = "jpg" if image_format.lower() in ("jpg", "jpeg") else "png"
     out_root = Path(out_dir)
@@ -417,16 +436,37 @@ def download_facescrub(
     tasks, skipped, failures = _plan(rows, out_root, ext)
     _remove_stale_temp_files({out_root} | {task.target.parent for task in tasks})
     logger.info("%d rows: %d already present, %d to fetch, %d refused", len(rows), skipped, len(tasks), len(failures))
-    cfg = _Config(out_root, _http_only_opener(), timeout, retries, backoff, deadline or 6.0 * timeout, max_bytes,
-                  _PIL_FORMATS[ext], jpeg_quality, verify_sha256)
+    cfg = _Config(
+        out_root,
+        _http_only_opener(),
+        timeout,
+        retries,
+        backoff,
+        deadline or 6.0 * timeout,
+        max_bytes,
+        _PIL_FORMATS[ext],
+        jpeg_quality,
+        verify_sha256,
+    )
     run_failures = _run_tasks(tasks, cfg, workers, progress=progress)
     failures = sorted(failures + run_failures, key=lambda item: item[0])
     summary = DownloadSummary(
-        out_dir=out_root, image_format=ext, total=len(rows), downloaded=len(tasks) - len(run_failures),
-        skipped_existing=skipped, failures=[f for _, f in failures], elapsed_s=time.monotonic() - started,
+        out_dir=out_root,
+        image_format=ext,
+        total=len(rows),
+        downloaded=len(tasks) - len(run_failures),
+        skipped_existing=skipped,
+        failures=[f for _, f in failures],
+        elapsed_s=time.monotonic() - started,
         per_identity=_count_present(rows, out_root, ext),
     )
     _write_reports(summary)
-    logger.info("facescrub: %d downloaded, %d present, %d failed %s -> %s", summary.downloaded,
-                summary.skipped_existing, summary.failed, summary.failed_by_reason, out_root)
+    logger.info(
+        "facescrub: %d downloaded, %d present, %d failed %s -> %s",
+        summary.downloaded,
+        summary.skipped_existing,
+        summary.failed,
+        summary.failed_by_reason,
+        out_root,
+    )
     return summary

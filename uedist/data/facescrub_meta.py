@@ -12,6 +12,7 @@ skipped row and failed download can be traced back to its metadata line.
 
 The crops written from these rows are laid out as ``<out>/<safe_identity_dirname(name)>/<face_id>.<ext>``.
 """
+
 from __future__ import annotations
 
 import logging

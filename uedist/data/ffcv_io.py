@@ -12,6 +12,7 @@ sidecar ``<beton>.json`` records the shards' sha256s so an up-to-date beton is n
 
 ffcv is optional (``pip install -e .[ffcv]``); it is imported only inside the functions that need it.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -108,8 +109,10 @@ class _ShardSetView:
         s = self._samples[i - self.starts[shard]]
         where = f"{self.folder / self.m.shards[shard].name}:{s.key}"
         if not s.key.isdigit() or format_key(int(s.key)) != s.key:
-            raise ValueError(f"{where}: key {s.key!r} is not a zero-padded index like {format_key(12)!r}; "
-                             "the beton stores keys as integers")
+            raise ValueError(
+                f"{where}: key {s.key!r} is not a zero-padded index like {format_key(12)!r}; "
+                "the beton stores keys as integers"
+            )
         return decode_image(s.data, s.ext, self.m.image_size, name=where), int(s.label), int(s.key)
 
 
@@ -175,8 +178,13 @@ class FfcvLoader:
 
 
 def make_ffcv_loader(
-    beton_path: PathLike, *, batch_size: int, num_workers: int = 2,
-    order: Literal["random", "sequential"] = "random", seed: int = 0, drop_last: bool = False,
+    beton_path: PathLike,
+    *,
+    batch_size: int,
+    num_workers: int = 2,
+    order: Literal["random", "sequential"] = "random",
+    seed: int = 0,
+    drop_last: bool = False,
     distributed: bool = False,
 ) -> FfcvLoader:
     """Batches ``{"image": uint8 (B, 3, H, W) in [0, 255], "label": int64 (B,), "key": list of B str}`` from a
@@ -208,8 +216,15 @@ def make_ffcv_loader(
         "key": [IntDecoder(), ToTensor()],
     }
     loader = Loader(
-        str(beton), batch_size=batch_size, num_workers=max(1, num_workers), order=orders[order], seed=seed,
-        drop_last=drop_last, distributed=distributed, pipelines=pipelines, os_cache=True,
+        str(beton),
+        batch_size=batch_size,
+        num_workers=max(1, num_workers),
+        order=orders[order],
+        seed=seed,
+        drop_last=drop_last,
+        distributed=distributed,
+        pipelines=pipelines,
+        os_cache=True,
     )
     return FfcvLoader(loader)
 

@@ -1,4 +1,5 @@
 """The one PNG image-grid writer: uint8 tiles laid out in rows, optional column titles and row labels."""
+
 from __future__ import annotations
 
 import io
@@ -14,9 +15,16 @@ from uedist.io import atomic_write
 PathLike = Union[str, os.PathLike]
 
 
-def write_image_grid(rows: Sequence[Sequence[np.ndarray]], out: PathLike, *, titles: Optional[Sequence[str]] = None,
-                     row_labels: Optional[Sequence[str]] = None, thumb: int = 0, pad: int = 2,
-                     label_width: int = 110) -> Path:
+def write_image_grid(
+    rows: Sequence[Sequence[np.ndarray]],
+    out: PathLike,
+    *,
+    titles: Optional[Sequence[str]] = None,
+    row_labels: Optional[Sequence[str]] = None,
+    thumb: int = 0,
+    pad: int = 2,
+    label_width: int = 110,
+) -> Path:
     """Write a PNG grid atomically; returns ``out``.
 
     ``rows``: one entry per grid line, each a sequence (or uint8 array (N, H, W, 3)) of uint8 (H, W, 3) tiles in

@@ -3,6 +3,7 @@
 Every image that enters a shard set goes through ``load_rgb`` (any mode -> 8-bit RGB) and ``to_canonical``
 (fixed size per dataset), so every sample of a set has one shape and sample-wise noise has one shape too.
 """
+
 from __future__ import annotations
 
 import io
@@ -105,7 +106,9 @@ def encode_image(arr: np.ndarray, encoding: str, jpeg_quality: int = 95) -> byte
     return buf.getvalue()
 
 
-def decode_image(data: bytes, ext: str, size: Optional[Tuple[int, int]] = None, *, name: str = "<sample>") -> np.ndarray:
+def decode_image(
+    data: bytes, ext: str, size: Optional[Tuple[int, int]] = None, *, name: str = "<sample>"
+) -> np.ndarray:
     """Sample bytes (``ext`` in jpg/png/npy) -> uint8 (H, W, 3); checks the size when given. Never unpickles."""
     if ext == "npy":
         try:

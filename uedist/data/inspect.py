@@ -1,4 +1,5 @@
 """``uedist shards inspect``: a text summary of a shard set and a PNG grid of samples per class."""
+
 from __future__ import annotations
 
 import os
@@ -32,7 +33,9 @@ def summarize(m: Manifest, folder: PathLike) -> str:
         shown = [f"{i}:{names[i]}={m.class_counts[i]}" for i in range(min(len(names), 12))]
         lines.append("            " + "  ".join(shown) + ("  …" if len(names) > 12 else ""))
     if m.skipped:
-        lines.append(f"skipped     {len(m.skipped)} input file(s) (see manifest 'skipped'), e.g. {m.skipped[0].get('ref')}")
+        lines.append(
+            f"skipped     {len(m.skipped)} input file(s) (see manifest 'skipped'), e.g. {m.skipped[0].get('ref')}"
+        )
     p = m.provenance
     if p:
         lines.append(f"provenance  stage={p.get('stage')} code={p.get('code_version')} parents={p.get('parents')}")

@@ -14,6 +14,7 @@ shard's last batch — what a shard map pass needs to write output shard i.
 Batches are dicts: ``image`` uint8 (B, 3, H, W), ``label`` int64 (B,), ``key`` list of B strings (+ ``shard``,
 ``last`` for the map reader). Normalization happens on the device (``uedist.ops.images.normalize``).
 """
+
 from __future__ import annotations
 
 import os
@@ -84,8 +85,17 @@ class TrainStream(IterableDataset):
     """Per-rank resampled stream of ``num_steps`` batches (see the module docstring). Use ``make_train_loader``."""
 
     def __init__(
-        self, folder: PathLike, *, batch_size: int, num_steps: int, seed: int = 0, rank: int = 0,
-        world_size: int = 1, shuffle_buffer: int = 1000, start_step: int = 0, num_workers: int = 0,
+        self,
+        folder: PathLike,
+        *,
+        batch_size: int,
+        num_steps: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 1000,
+        start_step: int = 0,
+        num_workers: int = 0,
         verify: bool = True,
     ) -> None:
         self.folder = Path(folder)
@@ -163,14 +173,23 @@ class MapReader(IterableDataset):
     """Ordered reader for a shard map pass (see the module docstring). Use ``make_map_loader``."""
 
     def __init__(
-        self, folder: PathLike, *, batch_size: int, rank: int = 0, world_size: int = 1,
-        shards: Optional[Sequence[int]] = None, verify: bool = True, aux: Optional[PathLike] = None,
+        self,
+        folder: PathLike,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shards: Optional[Sequence[int]] = None,
+        verify: bool = True,
+        aux: Optional[PathLike] = None,
     ) -> None:
         self.folder = Path(folder)
         self.manifest = load_manifest(self.folder)
         self.aux = Path(aux) if aux is not None else None
         self.aux_manifest = load_manifest(self.aux) if self.aux is not None else None
-        if self.aux_manifest is not None and [s.count for s in self.aux_manifest.shards] != [s.count for s in self.manifest.shards]:
+        if self.aux_manifest is not None and [s.count for s in self.aux_manifest.shards] != [
+            s.count for s in self.manifest.shards
+        ]:
             raise ValueError(f"{self.aux} is not sharded like {self.folder} (a map pass output of it is)")
         self.batch_size, self.verify = batch_size, verify
         mine = [i for i in range(len(self.manifest.shards)) if i % world_size == rank]
@@ -190,7 +209,9 @@ class MapReader(IterableDataset):
             if self.aux is not None:
                 aux = list(read_shard(self.aux, self.aux_manifest.shards[shard], verify=self.verify))
                 if [s.key for s in aux] != keys:
-                    raise ValueError(f"{self.aux / self.aux_manifest.shards[shard].name}: keys differ from {self.folder}")
+                    raise ValueError(
+                        f"{self.aux / self.aux_manifest.shards[shard].name}: keys differ from {self.folder}"
+                    )
             if not samples:
                 yield {"image": None, "label": None, "key": [], "shard": shard, "last": True}
             for b in range(0, len(samples), self.batch_size):
@@ -198,31 +219,65 @@ class MapReader(IterableDataset):
                 batch = _collate(chunk, self.manifest, str(self.folder))
                 batch.update(shard=shard, last=b + self.batch_size >= len(samples))
                 if aux is not None:
-                    batch["aux_image"] = _collate(aux[b : b + self.batch_size], self.aux_manifest, str(self.aux))["image"]
+                    batch["aux_image"] = _collate(aux[b : b + self.batch_size], self.aux_manifest, str(self.aux))[
+                        "image"
+                    ]
                 yield batch
 
 
 def make_train_loader(
-    folder: PathLike, *, batch_size: int, num_steps: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-    num_workers: int = 2, shuffle_buffer: int = 1000, start_step: int = 0, pin_memory: bool = False,
+    folder: PathLike,
+    *,
+    batch_size: int,
+    num_steps: int,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 2,
+    shuffle_buffer: int = 1000,
+    start_step: int = 0,
+    pin_memory: bool = False,
     verify: bool = True,
 ) -> DataLoader:
     """A DataLoader yielding ``num_steps - start_step`` training batches for this rank (exactly resumable)."""
     ds = TrainStream(
-        folder, batch_size=batch_size, num_steps=num_steps, seed=seed, rank=rank, world_size=world_size,
-        shuffle_buffer=shuffle_buffer, start_step=start_step, num_workers=num_workers, verify=verify,
+        folder,
+        batch_size=batch_size,
+        num_steps=num_steps,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        shuffle_buffer=shuffle_buffer,
+        start_step=start_step,
+        num_workers=num_workers,
+        verify=verify,
     )
-    return DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=False, prefetch_factor=4 if num_workers else None)
+    return DataLoader(
+        ds,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
+    )
 
 
 def make_map_loader(
-    folder: PathLike, *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-    shards: Optional[Sequence[int]] = None, pin_memory: bool = False, verify: bool = True,
+    folder: PathLike,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    shards: Optional[Sequence[int]] = None,
+    pin_memory: bool = False,
+    verify: bool = True,
     aux: Optional[PathLike] = None,
 ) -> DataLoader:
     """A DataLoader over this rank's shards (i mod world == rank), batches in key order, tagged with the shard.
     With ``aux`` (a shard set sharded like ``folder``, e.g. a map pass output of it), each batch also carries
     ``aux_image``: the aux set's images for the same keys."""
-    ds = MapReader(folder, batch_size=batch_size, rank=rank, world_size=world_size, shards=shards, verify=verify, aux=aux)
+    ds = MapReader(
+        folder, batch_size=batch_size, rank=rank, world_size=world_size, shards=shards, verify=verify, aux=aux
+    )
     return DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)

@@ -3,6 +3,7 @@
 A shard set is a folder: ``manifest.json`` + ``shard-NNNNNN.tar`` WebDataset shards. The manifest is written
 last, atomically, so its presence means every shard it lists is complete.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -72,7 +73,11 @@ class Manifest:
         """Raise ManifestError unless ``other`` has the same classes and image size (e.g. train vs test)."""
         if self.classes != other.classes:
             a, b = set(self.classes), set(other.classes)
-            diff = f"only in first: {sorted(a - b)[:5]}, only in second: {sorted(b - a)[:5]}" if a != b else "same names, different order"
+            diff = (
+                f"only in first: {sorted(a - b)[:5]}, only in second: {sorted(b - a)[:5]}"
+                if a != b
+                else "same names, different order"
+            )
             raise ManifestError(f"{what}class lists differ ({self.num_classes} vs {other.num_classes} classes; {diff})")
         if tuple(self.image_size) != tuple(other.image_size):
             raise ManifestError(f"{what}image sizes differ: {self.image_size} vs {other.image_size}")
@@ -85,7 +90,11 @@ def load_manifest(folder: Union[str, os.PathLike]) -> Manifest:
     """Read and check ``folder/manifest.json``; every problem is a ManifestError naming the file."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        hint = " (an unfinished build? rerun the same command to resume it)" if (Path(folder) / "_progress").is_dir() else ""
+        hint = (
+            " (an unfinished build? rerun the same command to resume it)"
+            if (Path(folder) / "_progress").is_dir()
+            else ""
+        )
         raise ManifestError(f"no manifest: {path} does not exist{hint}")
     try:
         d = json.loads(path.read_text())
@@ -120,7 +129,9 @@ def load_manifest(folder: Union[str, os.PathLike]) -> Manifest:
     if m.encoding not in ("jpg", "png", "npy"):
         raise ManifestError(f"{path}: unknown encoding {m.encoding!r}")
     if sum(s.count for s in shards) != m.num_samples:
-        raise ManifestError(f"{path}: shard counts sum to {sum(s.count for s in shards)}, num_samples is {m.num_samples}")
+        raise ManifestError(
+            f"{path}: shard counts sum to {sum(s.count for s in shards)}, num_samples is {m.num_samples}"
+        )
     for s in shards:
         if "/" in s.name or "\\" in s.name or s.name in ("", ".", ".."):
             raise ManifestError(f"{path}: shard name {s.name!r} is not a plain file name")
@@ -143,7 +154,9 @@ def code_version() -> str:
     try:
         rev = subprocess.run(
             ["git", "-C", str(here), "describe", "--always", "--dirty", "--abbrev=12"],
-            capture_output=True, text=True, timeout=5,
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
         if rev.returncode == 0 and rev.stdout.strip():
             return f"uedist {__version__} ({rev.stdout.strip()})"

@@ -29,6 +29,7 @@ the same sample at 16 px and at 256 px shows the same picture.
 
 This module is pure numpy (no torch), so data workers can import it cheaply.
 """
+
 from __future__ import annotations
 
 import functools
@@ -90,8 +91,9 @@ def _shape_sdf(kind: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     if kind == 7:  # hollow square
         return np.abs(np.maximum(np.abs(u), np.abs(v)) - 0.72) - 0.26
     if kind == 8:  # L
-        return np.minimum(np.maximum(np.abs(u + 0.65) - 0.33, np.abs(v) - 1.0),
-                          np.maximum(np.abs(u) - 1.0, np.abs(v - 0.67) - 0.33))
+        return np.minimum(
+            np.maximum(np.abs(u + 0.65) - 0.33, np.abs(v) - 1.0), np.maximum(np.abs(u) - 1.0, np.abs(v - 0.67) - 0.33)
+        )
     return np.maximum(np.hypot(u, v + 0.35) - 1.0, -(v + 0.35))  # half disc
 
 

@@ -7,6 +7,7 @@ time, owner or permissions that vary, so the same samples give byte-identical sh
 Reading never unpickles and never extracts to disk: members are parsed from memory, names must be plain keys,
 and (by default) the shard's sha256 is checked against the manifest before any sample is handed out.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -166,7 +167,9 @@ def _finish(cur: Dict[str, Any], name: str) -> Sample:
         raise ShardError(f"{name}: sample {key} has a malformed label") from e
     exts = [e for e in ENCODINGS if e in fields]
     if len(exts) != 1:
-        raise ShardError(f"{name}: sample {key} needs exactly one image field ({'/'.join(ENCODINGS)}), has {sorted(fields)}")
+        raise ShardError(
+            f"{name}: sample {key} needs exactly one image field ({'/'.join(ENCODINGS)}), has {sorted(fields)}"
+        )
     data = fields.pop(exts[0])
     return Sample(key, label, exts[0], data, fields)
 
@@ -184,7 +187,9 @@ def read_shard(folder: PathLike, info: ShardInfo, *, verify: bool = True) -> Ite
             raise ShardError(f"{path}: {len(data)} bytes, manifest says {info.bytes} (truncated or altered)")
         digest = hashlib.sha256(data).hexdigest()
         if digest != info.sha256:
-            raise ShardError(f"{path}: sha256 {digest[:12]}… does not match the manifest ({info.sha256[:12]}…): altered")
+            raise ShardError(
+                f"{path}: sha256 {digest[:12]}… does not match the manifest ({info.sha256[:12]}…): altered"
+            )
     n = 0
     for s in parse_tar(data, str(path)):
         n += 1
@@ -309,7 +314,9 @@ class ShardSetWriter:
             stats["count"], stats["first"], stats["last"] = write_tar(f, samples)
 
         atomic_write(path, write)
-        info = ShardInfo(shard_name(index), stats["count"], sha256_file(path), path.stat().st_size, stats["first"], stats["last"])
+        info = ShardInfo(
+            shard_name(index), stats["count"], sha256_file(path), path.stat().st_size, stats["first"], stats["last"]
+        )
         rec = {"fingerprint": self.fingerprint, "shard": asdict(info), **extra}
         atomic_write_json(self._record_path(index), rec)
         return rec
@@ -331,6 +338,17 @@ def shard_info_from_record(rec: Dict[str, Any]) -> ShardInfo:
 
 
 __all__ = [
-    "Sample", "ShardError", "ShardSetWriter", "ManifestError", "iter_samples", "read_shard", "parse_tar",
-    "write_tar", "verify_shard_set", "VerifyReport", "shard_name", "format_key", "shard_info_from_record",
+    "Sample",
+    "ShardError",
+    "ShardSetWriter",
+    "ManifestError",
+    "iter_samples",
+    "read_shard",
+    "parse_tar",
+    "write_tar",
+    "verify_shard_set",
+    "VerifyReport",
+    "shard_name",
+    "format_key",
+    "shard_info_from_record",
 ]

@@ -22,6 +22,7 @@ Nyquist limit at 16 px.
 
 This module is pure numpy (no torch), so data workers can import it cheaply.
 """
+
 from __future__ import annotations
 
 import functools

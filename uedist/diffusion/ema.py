@@ -1,4 +1,5 @@
 """Exponential moving average of a model's weights (DDPM samples with EMA weights, decay 0.9999)."""
+
 from __future__ import annotations
 
 from typing import Dict

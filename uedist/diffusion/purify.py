@@ -12,6 +12,7 @@ then for t = T_p..1 noise the *unlearnable* image x_u equally, x̃_t = √ᾱ_t 
 (reference split: MSE for t > 10, LPIPS for t ≤ 10). Plain purification is the same chain with N = 1 and no
 guidance (AVATAR, Dolatabadi et al.). A strided chain (``Schedule.respaced``) visits fewer steps between T_p and 0.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence, Tuple
@@ -33,14 +34,24 @@ def start_index(s: Schedule, t_p: int) -> int:
     """The chain index whose model timestep is T_p (1-based paper step), i.e. step T_p − 1 (0-based)."""
     hits = (s.steps == t_p - 1).nonzero()
     if len(hits) != 1:
-        raise ValueError(f"T_p = {t_p} is not a step of this chain (it visits steps {(s.steps + 1).tolist()[:8]}…): "
-                         "choose T_p on the stride grid")
+        raise ValueError(
+            f"T_p = {t_p} is not a step of this chain (it visits steps {(s.steps + 1).tolist()[:8]}…): "
+            "choose T_p on the stride grid"
+        )
     return int(hits[0])
 
 
 @torch.no_grad()
-def reverse_chain(eps_fn: EpsFn, s: Schedule, x: torch.Tensor, *, k0: int, gen: torch.Generator,
-                  ref: Optional[torch.Tensor] = None, guide: Optional[GuideFn] = None) -> torch.Tensor:
+def reverse_chain(
+    eps_fn: EpsFn,
+    s: Schedule,
+    x: torch.Tensor,
+    *,
+    k0: int,
+    gen: torch.Generator,
+    ref: Optional[torch.Tensor] = None,
+    guide: Optional[GuideFn] = None,
+) -> torch.Tensor:
     """Run p(x_{k−1} | x_k) from chain index k0 down to 0; with ``guide``, shift each mean by σ_k²·guide(x_k,
     x̃_k, t) where x̃_k is ``ref`` noised to the same step with fresh noise. Returns x̂_0 clamped to [-1, 1]."""
     for k in range(k0, -1, -1):
@@ -54,8 +65,16 @@ def reverse_chain(eps_fn: EpsFn, s: Schedule, x: torch.Tensor, *, k0: int, gen: 
     return x.clamp(-1, 1)
 
 
-def purify(eps_fn: EpsFn, s: Schedule, x_u: torch.Tensor, *, t_p: int, rounds: int, gen: torch.Generator,
-           guide: Optional[GuideFn] = None) -> torch.Tensor:
+def purify(
+    eps_fn: EpsFn,
+    s: Schedule,
+    x_u: torch.Tensor,
+    *,
+    t_p: int,
+    rounds: int,
+    gen: torch.Generator,
+    guide: Optional[GuideFn] = None,
+) -> torch.Tensor:
     """N = ``rounds`` rounds of diffuse-to-T_p-and-denoise, guided toward the (noised) unlearnable ``x_u``
     when ``guide`` is given (JCDP), else plain. x_u (B, C, H, W) in [-1, 1] -> purified, same shape and range."""
     k0 = start_index(s, t_p)
@@ -67,14 +86,22 @@ def purify(eps_fn: EpsFn, s: Schedule, x_u: torch.Tensor, *, t_p: int, rounds: i
     return x
 
 
-def sample(eps_fn: EpsFn, s: Schedule, shape: Sequence[int], *, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+def sample(
+    eps_fn: EpsFn, s: Schedule, shape: Sequence[int], *, gen: torch.Generator, device: torch.device
+) -> torch.Tensor:
     """Ancestral sampling from pure noise over the whole chain -> (B, C, H, W) in [-1, 1]."""
     x = torch.randn(tuple(shape), generator=gen, device=gen.device).to(device)
     return reverse_chain(eps_fn, s, x, k0=len(s.steps) - 1, gen=gen)
 
 
-def jcdp_guidance(lpips_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]], *, lam_mse: float,
-                  lam_lpips: float, mse_t: Tuple[int, int], lpips_t: Tuple[int, int]) -> GuideFn:
+def jcdp_guidance(
+    lpips_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
+    *,
+    lam_mse: float,
+    lam_lpips: float,
+    mse_t: Tuple[int, int],
+    lpips_t: Tuple[int, int],
+) -> GuideFn:
     """d₁ + d₂ of Algorithm 1. ``lpips_fn(a, b)`` -> (B,) distances of images in [-1, 1]; ``mse_t`` / ``lpips_t``
     are inclusive ranges of paper steps t on which each term is applied."""
 

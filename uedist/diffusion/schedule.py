@@ -7,6 +7,7 @@ Indices are 0-based: ``i`` in [0, T) is the paper's step t = i + 1. ᾱ_i = Π_{
     mean, var, x0_hat = s.p_mean_var(eps_hat, x_t, i)   # Eq. 11 with ε̂ = model(x_t, i), x̂0 clipped to [-1, 1]
     s.respaced(range(9, 1000, 10))                 # a strided chain over the kept steps (Nichol & Dhariwal 2021)
 """
+
 from __future__ import annotations
 
 from typing import Literal, Optional, Sequence, Tuple
@@ -22,8 +23,13 @@ def linear_betas(T: int = 1000, start: float = 1e-4, end: float = 0.02) -> torch
 class Schedule:
     """β, ᾱ and the posterior q(x_{t-1} | x_t, x_0) of one chain; ``steps`` maps chain index -> model timestep."""
 
-    def __init__(self, betas: torch.Tensor, *, steps: Optional[Sequence[int]] = None,
-                 variance: Literal["posterior", "beta"] = "posterior") -> None:
+    def __init__(
+        self,
+        betas: torch.Tensor,
+        *,
+        steps: Optional[Sequence[int]] = None,
+        variance: Literal["posterior", "beta"] = "posterior",
+    ) -> None:
         b = betas.double()
         self.T = len(b)
         self.betas = b
@@ -60,8 +66,9 @@ class Schedule:
         """Chain indices -> the model's timesteps (identical unless respaced)."""
         return self.steps.to(i.device)[i]
 
-    def p_mean_var(self, eps: torch.Tensor, x_t: torch.Tensor, i: torch.Tensor, *,
-                   clip: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def p_mean_var(
+        self, eps: torch.Tensor, x_t: torch.Tensor, i: torch.Tensor, *, clip: bool = True
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The reverse step p(x_{i-1} | x_i) from ε̂: (mean μ_θ, variance σ_i² broadcastable, x̂0)."""
         x0 = (x_t - self._at((1 - self.ac).sqrt(), i, x_t) * eps) / self._at(self.ac.sqrt(), i, x_t)
         if clip:

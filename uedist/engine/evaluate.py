@@ -1,4 +1,5 @@
 """Clean test accuracy over a shard set, split across ranks by shard: every test sample is counted exactly once."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,8 +14,14 @@ from uedist.ops.images import to_unit
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, folder: Path, *, accelerator: Any, batch_size: int = 256, num_workers: int = 2,
-    transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, bf16: bool = False,
+    model: torch.nn.Module,
+    folder: Path,
+    *,
+    accelerator: Any,
+    batch_size: int = 256,
+    num_workers: int = 2,
+    transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    bf16: bool = False,
     channels_last: bool = False,
 ) -> Dict[str, Any]:
     """Top-1 / top-5 / per-class accuracy (%) of ``model`` (takes [0, 1] images) on the shard set ``folder``.
@@ -29,8 +36,13 @@ def evaluate(
     correct1 = torch.zeros(m.num_classes, dtype=torch.float64, device=device)
     total = torch.zeros(m.num_classes, dtype=torch.float64, device=device)
     correct5 = torch.zeros((), dtype=torch.float64, device=device)
-    loader = make_map_loader(folder, batch_size=batch_size, rank=accelerator.process_index,
-                             world_size=accelerator.num_processes, num_workers=num_workers)
+    loader = make_map_loader(
+        folder,
+        batch_size=batch_size,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        num_workers=num_workers,
+    )
     for batch in loader:
         if not batch["key"]:
             continue

@@ -10,6 +10,7 @@ from a generator seeded by the run seed and the batch's first key, so a resumed 
 uninterrupted one would. ``method: diffusion`` drops the guidance (AVATAR-style diffuse to t* and denoise).
 Ends with a PNG grid (alternating lines: poisoned | purified) and metrics.json (timing, distances).
 """
+
 from __future__ import annotations
 
 import time
@@ -115,14 +116,18 @@ def make_purifier(cfg: JCDPConfig, device: torch.device):
     s = chain(cfg, s)
     pull = mse_pull(cfg, s)
     if pull > 1:
-        log.warning("MSE guidance overshoots: 2·λ₁·σ_t² reaches %.2f > 1 on this chain, so the guided mean moves past "
-                    "the noised unlearnable image (lower lam_mse, or the stride)", pull)
+        log.warning(
+            "MSE guidance overshoots: 2·λ₁·σ_t² reaches %.2f > 1 on this chain, so the guided mean moves past "
+            "the noised unlearnable image (lower lam_mse, or the stride)",
+            pull,
+        )
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     guide = None
     if cfg.guided:
         lp = build_lpips(cfg.lpips.net, cfg.lpips.backbone).to(device) if cfg.lam_lpips > 0 else None
-        guide = jcdp_guidance(lp, lam_mse=cfg.lam_mse, lam_lpips=cfg.lam_lpips, mse_t=tuple(cfg.mse_t),
-                              lpips_t=tuple(cfg.lpips_t))
+        guide = jcdp_guidance(
+            lp, lam_mse=cfg.lam_mse, lam_lpips=cfg.lam_lpips, mse_t=tuple(cfg.mse_t), lpips_t=tuple(cfg.lpips_t)
+        )
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), torch.autocast(**amp):
@@ -152,7 +157,7 @@ class Distances:
     def result(self, accelerator: Any, with_clean: bool) -> Dict[str, float]:
         r = self.sums.result(accelerator)
         n = r["n"]
-        psnr = lambda m: float(10 * np.log10(255.0 ** 2 / max(m / max(n, 1), 1e-12)))  # noqa: E731
+        psnr = lambda m: float(10 * np.log10(255.0**2 / max(m / max(n, 1), 1e-12)))  # noqa: E731
         res = {"samples": int(n), "psnr_to_poisoned": psnr(r["to_poisoned"])}
         if with_clean:
             res.update(psnr_to_clean=psnr(r["to_clean"]), psnr_poisoned_to_clean=psnr(r["poisoned_to_clean"]))
@@ -173,21 +178,50 @@ def purify_shards(cfg: JCDPConfig, accelerator: Any, run_dir: Path) -> Dict[str,
         return r
 
     t0 = time.time()
-    m = run_map_pass(Path(cfg.data.src), out, map_fn, accelerator=accelerator, stage=f"purify:{cfg.method}",
-                     config=identity(cfg), batch_size=cfg.data.batch_size, num_workers=cfg.data.workers,
-                     extra={"purifier": {"method": cfg.method, "t_p": cfg.t_p, "rounds": cfg.rounds,
-                                         "stride": cfg.stride, "ddpm": cfg.ddpm}},
-                     overwrite=cfg.overwrite, parents=[cfg.ddpm], progress=cfg.progress, aux=clean)
+    m = run_map_pass(
+        Path(cfg.data.src),
+        out,
+        map_fn,
+        accelerator=accelerator,
+        stage=f"purify:{cfg.method}",
+        config=identity(cfg),
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.workers,
+        extra={
+            "purifier": {
+                "method": cfg.method,
+                "t_p": cfg.t_p,
+                "rounds": cfg.rounds,
+                "stride": cfg.stride,
+                "ddpm": cfg.ddpm,
+            }
+        },
+        overwrite=cfg.overwrite,
+        parents=[cfg.ddpm],
+        progress=cfg.progress,
+        aux=clean,
+    )
     dt = time.time() - t0
     res = dist.result(accelerator, clean is not None)
     metrics: Dict[str, Any] = {
-        "name": cfg.name, "method": cfg.method, "purified": str(out), "poisoned": cfg.data.src,
-        "ddpm": cfg.ddpm, "t_p": cfg.t_p, "rounds": cfg.rounds, "stride": cfg.stride,
-        "denoising_steps_per_image": cfg.rounds * cfg.t_p // cfg.stride, "guided": cfg.guided,
-        "lam_mse": cfg.lam_mse if cfg.guided else 0.0, "lam_lpips": cfg.lam_lpips if cfg.guided else 0.0,
+        "name": cfg.name,
+        "method": cfg.method,
+        "purified": str(out),
+        "poisoned": cfg.data.src,
+        "ddpm": cfg.ddpm,
+        "t_p": cfg.t_p,
+        "rounds": cfg.rounds,
+        "stride": cfg.stride,
+        "denoising_steps_per_image": cfg.rounds * cfg.t_p // cfg.stride,
+        "guided": cfg.guided,
+        "lam_mse": cfg.lam_mse if cfg.guided else 0.0,
+        "lam_lpips": cfg.lam_lpips if cfg.guided else 0.0,
         "lpips": {"net": cfg.lpips.net, "backbone": cfg.lpips.backbone} if cfg.guided and cfg.lam_lpips else None,
-        "time_s": dt, "images_per_s": res["samples"] / dt if res["samples"] else None,
-        "world_size": accelerator.num_processes, "num_samples": m.num_samples, **res,
+        "time_s": dt,
+        "images_per_s": res["samples"] / dt if res["samples"] else None,
+        "world_size": accelerator.num_processes,
+        "num_samples": m.num_samples,
+        **res,
     }
     if accelerator.is_main_process:
         if cfg.grid:
@@ -209,25 +243,39 @@ def purification_grid(poisoned: Path, purified: Path, n: int, path: Path) -> Pat
 
 def jcdp_summary(m: Dict[str, Any], run_dir: Path) -> str:
     """The end-of-job text of a JCDP / plain diffusion purification."""
-    guide = (f"λ₁ {m['lam_mse']:g} (MSE), λ₂ {m['lam_lpips']:g} (LPIPS {m['lpips']})" if m["guided"] else "no guidance")
-    lines = ["", f"{m['name']}: {m['method']} purification, N {m['rounds']} x T_p {m['t_p']} (stride {m['stride']}), "
-             f"{guide}", f"  purified shard set  {m['purified']}  ({m['num_samples']} samples; {m['samples']} written "
-             "in this run)"]
+    guide = f"λ₁ {m['lam_mse']:g} (MSE), λ₂ {m['lam_lpips']:g} (LPIPS {m['lpips']})" if m["guided"] else "no guidance"
+    lines = [
+        "",
+        f"{m['name']}: {m['method']} purification, N {m['rounds']} x T_p {m['t_p']} (stride {m['stride']}), {guide}",
+        f"  purified shard set  {m['purified']}  ({m['num_samples']} samples; {m['samples']} written in this run)",
+    ]
     if m["samples"]:
-        extra = (f", to clean {m['psnr_to_clean']:.2f} dB (poisoned to clean {m['psnr_poisoned_to_clean']:.2f} dB)"
-                 if "psnr_to_clean" in m else "")
-        lines += [f"  PSNR                to poisoned {m['psnr_to_poisoned']:.2f} dB{extra}",
-                  f"  time                {m['time_s']:.1f} s, {m['images_per_s']:.2f} img/s on {m['world_size']} "
-                  "process(es)"]
-    lines += [f"  wrote               {run_dir / 'metrics.json'}" + (f", {m['grid']}" if m.get("grid") else ""),
-              f"  next                accelerate launch launch/victim.py --config configs/victim/cifar10_quick.yaml "
-              f"data.train={m['purified']} name={m['name']}_victim"]
+        extra = (
+            f", to clean {m['psnr_to_clean']:.2f} dB (poisoned to clean {m['psnr_poisoned_to_clean']:.2f} dB)"
+            if "psnr_to_clean" in m
+            else ""
+        )
+        lines += [
+            f"  PSNR                to poisoned {m['psnr_to_poisoned']:.2f} dB{extra}",
+            f"  time                {m['time_s']:.1f} s, {m['images_per_s']:.2f} img/s on {m['world_size']} "
+            "process(es)",
+        ]
+    lines += [
+        f"  wrote               {run_dir / 'metrics.json'}" + (f", {m['grid']}" if m.get("grid") else ""),
+        f"  next                accelerate launch launch/victim.py --config configs/victim/cifar10_quick.yaml "
+        f"data.train={m['purified']} name={m['name']}_victim",
+    ]
     return "\n".join(lines)
 
 
-_DIFFUSION_STAGE = dict(kind="purify", schema=JCDPConfig, inputs=("data.src", "data.clean", "ddpm"),
-                        output="purified", summary=jcdp_summary,
-                        check=lambda c: None if c.ddpm else "ddpm=<DDPM run folder> is required (launch/ddpm.py)")
+_DIFFUSION_STAGE = dict(
+    kind="purify",
+    schema=JCDPConfig,
+    inputs=("data.src", "data.clean", "ddpm"),
+    output="purified",
+    summary=jcdp_summary,
+    check=lambda c: None if c.ddpm else "ddpm=<DDPM run folder> is required (launch/ddpm.py)",
+)
 
 
 @stage("jcdp", **_DIFFUSION_STAGE)

@@ -6,6 +6,7 @@ output shard i with the same keys and labels, losslessly. Output shards are writ
 recorded when complete; a rerun skips the recorded shards (so a killed pass resumes by shard), and rank 0 writes
 the manifest last, once every rank is done. Needs no collective until then.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,10 +39,22 @@ def npy_bytes(a: np.ndarray) -> bytes:
 
 
 def run_map_pass(
-    src: Path, dst: Path, fn: MapFn, *, accelerator: Any, stage: str, config: Dict[str, Any],
-    batch_size: int = 256, encoding: str = "png", num_workers: int = 2, extra: Optional[Dict[str, Any]] = None,
-    extras_fn: Optional[ExtrasFn] = None, overwrite: bool = False, parents: Sequence[str] = (),
-    progress: bool = True, aux: Optional[Path] = None,
+    src: Path,
+    dst: Path,
+    fn: MapFn,
+    *,
+    accelerator: Any,
+    stage: str,
+    config: Dict[str, Any],
+    batch_size: int = 256,
+    encoding: str = "png",
+    num_workers: int = 2,
+    extra: Optional[Dict[str, Any]] = None,
+    extras_fn: Optional[ExtrasFn] = None,
+    overwrite: bool = False,
+    parents: Sequence[str] = (),
+    progress: bool = True,
+    aux: Optional[Path] = None,
 ) -> Manifest:
     """Apply ``fn`` to every sample of ``src`` and write the result as the shard set ``dst``; returns its manifest.
 
@@ -64,9 +77,23 @@ def run_map_pass(
     mine = [i for i in range(len(src_m.shards)) if i % world == rank]
     todo = [i for i in mine if writer.done(i) is None]
     if len(todo) < len(mine):
-        log.info("%s: rank %d resumes, %d of its %d shards already written", dst, rank, len(mine) - len(todo), len(mine))
-    _process(src, src_m, writer, fn=fn, todo=todo, accelerator=accelerator, batch_size=batch_size, encoding=encoding,
-             num_workers=num_workers, extras_fn=extras_fn, progress=progress, aux=aux)
+        log.info(
+            "%s: rank %d resumes, %d of its %d shards already written", dst, rank, len(mine) - len(todo), len(mine)
+        )
+    _process(
+        src,
+        src_m,
+        writer,
+        fn=fn,
+        todo=todo,
+        accelerator=accelerator,
+        batch_size=batch_size,
+        encoding=encoding,
+        num_workers=num_workers,
+        extras_fn=extras_fn,
+        progress=progress,
+        aux=aux,
+    )
     accelerator.wait_for_everyone()
     if rank == 0:
         records = [writer.done(i) for i in range(len(src_m.shards))]
@@ -75,11 +102,20 @@ def run_map_pass(
             raise RuntimeError(f"{dst}: shards not written by any rank: {missing[:5]}")
         shards = [shard_info_from_record(r) for r in records]  # type: ignore[arg-type]
         out = Manifest(
-            dataset=src_m.dataset, split=src_m.split, classes=src_m.classes, image_size=src_m.image_size,
-            encoding=encoding, shards=shards, num_samples=sum(s.count for s in shards),
+            dataset=src_m.dataset,
+            split=src_m.split,
+            classes=src_m.classes,
+            image_size=src_m.image_size,
+            encoding=encoding,
+            shards=shards,
+            num_samples=sum(s.count for s in shards),
             class_counts=src_m.class_counts,
-            provenance={**provenance(stage, config, [str(Path(src).resolve()), *([str(Path(aux).resolve())] if aux else []),
-                                                     *parents]), "fingerprint": fp},
+            provenance={
+                **provenance(
+                    stage, config, [str(Path(src).resolve()), *([str(Path(aux).resolve())] if aux else []), *parents]
+                ),
+                "fingerprint": fp,
+            },
             extra={**src_m.extra, **(extra or {})},
         )
         if out.num_samples != src_m.num_samples:
@@ -90,9 +126,21 @@ def run_map_pass(
     return load_manifest(dst)
 
 
-def _process(src: Path, m: Manifest, writer: ShardSetWriter, *, fn: MapFn, todo: List[int], accelerator: Any,
-             batch_size: int, encoding: str, num_workers: int, extras_fn: Optional[ExtrasFn], progress: bool,
-             aux: Optional[Path]) -> None:
+def _process(
+    src: Path,
+    m: Manifest,
+    writer: ShardSetWriter,
+    *,
+    fn: MapFn,
+    todo: List[int],
+    accelerator: Any,
+    batch_size: int,
+    encoding: str,
+    num_workers: int,
+    extras_fn: Optional[ExtrasFn],
+    progress: bool,
+    aux: Optional[Path],
+) -> None:
     if not todo:
         return
     from tqdm import tqdm
@@ -102,10 +150,23 @@ def _process(src: Path, m: Manifest, writer: ShardSetWriter, *, fn: MapFn, todo:
     t0, done_imgs, done_shards = time.perf_counter(), 0, 0
     pending: Dict[int, List[Sample]] = {}
     total = sum(m.shards[i].count for i in todo)
-    bar = tqdm(total=total, desc=f"map pass rank {accelerator.process_index}", unit="img", dynamic_ncols=True,
-               disable=not (progress and accelerator.is_main_process))
-    loader = make_map_loader(src, batch_size=batch_size, rank=0, world_size=1, num_workers=num_workers, shards=todo,
-                             pin_memory=device.type == "cuda", aux=aux)
+    bar = tqdm(
+        total=total,
+        desc=f"map pass rank {accelerator.process_index}",
+        unit="img",
+        dynamic_ncols=True,
+        disable=not (progress and accelerator.is_main_process),
+    )
+    loader = make_map_loader(
+        src,
+        batch_size=batch_size,
+        rank=0,
+        world_size=1,
+        num_workers=num_workers,
+        shards=todo,
+        pin_memory=device.type == "cuda",
+        aux=aux,
+    )
     with ThreadPoolExecutor(max_workers=4) as pool:  # PNG encoding releases the GIL
         for batch in loader:
             shard = batch["shard"]
@@ -118,21 +179,32 @@ def _process(src: Path, m: Manifest, writer: ShardSetWriter, *, fn: MapFn, todo:
                 else:
                     out = fn(x, y, batch["key"])
                 if out.dtype != torch.uint8 or out.shape != x.shape:
-                    raise ValueError(f"map function returned {out.dtype} {tuple(out.shape)}, expected uint8 {tuple(x.shape)}")
+                    raise ValueError(
+                        f"map function returned {out.dtype} {tuple(out.shape)}, expected uint8 {tuple(x.shape)}"
+                    )
                 extras = extras_fn(x, out) if extras_fn else [{} for _ in batch["key"]]
                 arrs = out.permute(0, 2, 3, 1).cpu().numpy()
                 blobs = list(pool.map(lambda a: encode_image(a, encoding), arrs))
-                samples += [Sample(k, int(lbl), encoding, b, e) for k, lbl, b, e in
-                            zip(batch["key"], batch["label"].tolist(), blobs, extras)]
+                samples += [
+                    Sample(k, int(lbl), encoding, b, e)
+                    for k, lbl, b, e in zip(batch["key"], batch["label"].tolist(), blobs, extras)
+                ]
                 bar.update(len(batch["key"]))
             if batch["last"]:
                 written = pending.pop(shard)
                 writer.write_shard(shard, written)
                 done_imgs, done_shards = done_imgs + len(written), done_shards + 1
                 if log_lines:
-                    log.info("map pass rank %d: %s written, %d/%d shards, %d/%d images, %.1f img/s",
-                             accelerator.process_index, m.shards[shard].name, done_shards, len(todo), done_imgs,
-                             total, done_imgs / max(time.perf_counter() - t0, 1e-9))
+                    log.info(
+                        "map pass rank %d: %s written, %d/%d shards, %d/%d images, %.1f img/s",
+                        accelerator.process_index,
+                        m.shards[shard].name,
+                        done_shards,
+                        len(todo),
+                        done_imgs,
+                        total,
+                        done_imgs / max(time.perf_counter() - t0, 1e-9),
+                    )
     bar.close()
     if pending:
         raise RuntimeError(f"shards {sorted(pending)} ended without their last batch")
@@ -143,12 +215,22 @@ def _finished(dst: Path, fp: str) -> Optional[Manifest]:
         return None
     m = load_manifest(dst)
     if m.provenance.get("fingerprint") != fp:
-        raise FileExistsError(f"{dst} holds a finished shard set made from other inputs or settings; "
-                              "choose another output folder or pass overwrite=true")
+        raise FileExistsError(
+            f"{dst} holds a finished shard set made from other inputs or settings; "
+            "choose another output folder or pass overwrite=true"
+        )
     return m
 
 
 def _fingerprint(stage: str, config: Dict[str, Any], src: Manifest, *, encoding: str, aux: Optional[Manifest]) -> str:
-    blob = json.dumps({"stage": stage, "config": config, "encoding": encoding, "src": [s.sha256 for s in src.shards],
-                       "aux": [s.sha256 for s in aux.shards] if aux else None}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "stage": stage,
+            "config": config,
+            "encoding": encoding,
+            "src": [s.sha256 for s in src.shards],
+            "aux": [s.sha256 for s in aux.shards] if aux else None,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -10,6 +10,7 @@ purified set keeps keys and labels, is stored losslessly (PNG), and records its 
 poisoned and the purified images against the clean ones. The shared parts of the purifiers (input checks,
 PSNR statistics, comparison grid) are in ``uedist.engine.purify_common``.
 """
+
 from __future__ import annotations
 
 import time
@@ -37,7 +38,6 @@ from uedist.ops.images import to_uint8, to_unit
 from uedist.registry import stage
 
 log = get_logger(__name__)
-
 
 
 BASELINES = ("grayscale", "jpeg", "bit_depth", "mean", "median", "gaussian")
@@ -95,28 +95,51 @@ def purify_baseline(cfg: PurifyConfig, accelerator: Any, run_dir: Path) -> Dict[
     """One map pass applying the baseline op; writes the purified set, grid.png and metrics.json."""
     src, clean = Path(cfg.data.src), Path(cfg.data.clean) if cfg.data.clean else None
     m = load_manifest(src)
-    check_input(m, f"input set {src}", num_classes=cfg.data.num_classes, image_size=cfg.data.image_size,
-                num_samples=cfg.data.num_samples)
+    check_input(
+        m,
+        f"input set {src}",
+        num_classes=cfg.data.num_classes,
+        image_size=cfg.data.image_size,
+        num_samples=cfg.data.num_samples,
+    )
     if clean is not None:
         check_clean(src, clean)
     out = Path(cfg.out) if cfg.out else run_dir / "purified"
     op, stats = baseline_op(cfg), PSNRStats(accelerator.device)
 
-    def fn(x_u8: torch.Tensor, y: torch.Tensor, keys: List[str],
-           clean_u8: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def fn(
+        x_u8: torch.Tensor, y: torch.Tensor, keys: List[str], clean_u8: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         res = to_uint8(op(to_unit(x_u8)))
         if clean_u8 is not None:
             stats.update(x_u8, res, clean_u8)
         return res
 
     t0 = time.time()
-    run_map_pass(src, out, fn, accelerator=accelerator, stage=f"purify:{cfg.method}", config=identity(cfg),
-                 batch_size=cfg.data.batch_size, num_workers=cfg.data.workers, aux=clean, progress=cfg.progress,
-                 extra={"purify": {"method": cfg.method, **_params(cfg)}})
+    run_map_pass(
+        src,
+        out,
+        fn,
+        accelerator=accelerator,
+        stage=f"purify:{cfg.method}",
+        config=identity(cfg),
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.workers,
+        aux=clean,
+        progress=cfg.progress,
+        extra={"purify": {"method": cfg.method, **_params(cfg)}},
+    )
     seconds = time.time() - t0
-    summary: Dict[str, Any] = {"method": cfg.method, "name": cfg.name, "input": str(src), "purified": str(out),
-                               "params": _params(cfg), "samples": m.num_samples, "time_s": seconds,
-                               **stats.result(accelerator)}
+    summary: Dict[str, Any] = {
+        "method": cfg.method,
+        "name": cfg.name,
+        "input": str(src),
+        "purified": str(out),
+        "params": _params(cfg),
+        "samples": m.num_samples,
+        "time_s": seconds,
+        **stats.result(accelerator),
+    }
     if accelerator.is_main_process:
         cols = [("poisoned", src), ("purified", out)] + ([("clean", clean)] if clean else [])
         summary["grid"] = str(comparison_grid(read_columns(cols, cfg.grid_samples), run_dir / "grid.png"))
@@ -126,20 +149,36 @@ def purify_baseline(cfg: PurifyConfig, accelerator: Any, run_dir: Path) -> Dict[
 
 
 def _params(cfg: PurifyConfig) -> Dict[str, Any]:
-    return {"jpeg": {"quality": cfg.quality}, "bit_depth": {"bits": cfg.bits}, "mean": {"kernel": cfg.kernel},
-            "median": {"kernel": cfg.kernel}, "gaussian": {"kernel": cfg.kernel, "sigma": cfg.sigma},
-            }.get(cfg.method, {})
+    return {
+        "jpeg": {"quality": cfg.quality},
+        "bit_depth": {"bits": cfg.bits},
+        "mean": {"kernel": cfg.kernel},
+        "median": {"kernel": cfg.kernel},
+        "gaussian": {"kernel": cfg.kernel, "sigma": cfg.sigma},
+    }.get(cfg.method, {})
 
 
 def baseline_summary(s: Dict[str, Any], run_dir: Path) -> str:
     """The end-of-job text of a baseline purification."""
-    psnr = (f"; PSNR vs clean {s['psnr_input_vs_clean']:.2f} -> {s['psnr_output_vs_clean']:.2f} dB"
-            if "psnr_output_vs_clean" in s else "")
+    psnr = (
+        f"; PSNR vs clean {s['psnr_input_vs_clean']:.2f} -> {s['psnr_output_vs_clean']:.2f} dB"
+        if "psnr_output_vs_clean" in s
+        else ""
+    )
     params = f" {s['params']}" if s["params"] else ""
-    return (f"\n{s['method']}{params}: {s['samples']} images -> {s['purified']} in {s['time_s']:.1f}s "
-            f"({s['samples'] / max(s['time_s'], 1e-9):.0f} img/s){psnr}\nwrote {run_dir / 'metrics.json'}, {s['grid']}")
+    return (
+        f"\n{s['method']}{params}: {s['samples']} images -> {s['purified']} in {s['time_s']:.1f}s "
+        f"({s['samples'] / max(s['time_s'], 1e-9):.0f} img/s){psnr}\nwrote {run_dir / 'metrics.json'}, {s['grid']}"
+    )
 
 
 for _name in BASELINES:  # one schema, one function, six stages (``method`` picks the op)
-    stage(_name, kind="purify", schema=PurifyConfig, inputs=("data.src", "data.clean"), output="purified",
-          summary=baseline_summary, input_errors=(PurifyInputError, ManifestError))(purify_baseline)
+    stage(
+        _name,
+        kind="purify",
+        schema=PurifyConfig,
+        inputs=("data.src", "data.clean"),
+        output="purified",
+        summary=baseline_summary,
+        input_errors=(PurifyInputError, ManifestError),
+    )(purify_baseline)

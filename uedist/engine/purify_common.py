@@ -1,5 +1,6 @@
 """The shared parts of the purifiers (baselines, D-VAE, JCDP): the input checks, per-image PSNR and its running
 statistics, and the titled comparison grid of shard sets."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,8 +26,10 @@ def check_input(m: Manifest, where: str, *, num_classes: int = 0, image_size: in
     want = {"classes": num_classes, "image size": image_size, "samples": num_samples}
     bad = [f"{k} {got[k]} (config expects {v})" for k, v in want.items() if v and got[k] != v]
     if bad:
-        raise PurifyInputError(f"{where} does not match the config: " + "; ".join(bad) + ". Point data.* at the "
-                               "right set, or fix data.num_classes / data.image_size / data.num_samples")
+        raise PurifyInputError(
+            f"{where} does not match the config: " + "; ".join(bad) + ". Point data.* at the "
+            "right set, or fix data.num_classes / data.image_size / data.num_samples"
+        )
     if m.image_size[0] != m.image_size[1] and image_size:
         raise PurifyInputError(f"{where}: non-square images {m.image_size}; data.image_size expects a square side")
 
@@ -36,8 +39,9 @@ def check_clean(src: Path, clean: Path) -> None:
     a, b = load_manifest(src), load_manifest(clean)
     a.check_compatible(b, what=f"poisoned set {src} vs clean set {clean}: ")
     if [s.count for s in a.shards] != [s.count for s in b.shards]:
-        raise PurifyInputError(f"clean set {clean} is not sharded like {src}: "
-                               "give the set the poisoned one was made from")
+        raise PurifyInputError(
+            f"clean set {clean} is not sharded like {src}: give the set the poisoned one was made from"
+        )
 
 
 class PSNRStats:
@@ -62,8 +66,6 @@ def psnr(a_u8: torch.Tensor, b_u8: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of uint8 (B, C, H, W) batches (float64 (B,); identical images give 100 dB)."""
     mse = (a_u8.double() - b_u8.double()).pow(2).flatten(1).mean(1)
     return (10 * torch.log10(255.0**2 / mse.clamp_min(1e-10))).clamp_max(100.0)
-
-
 
 
 def read_columns(sets: Sequence[Tuple[str, Optional[Path]]], n: int) -> List[Tuple[str, np.ndarray]]:

@@ -1,4 +1,5 @@
 """Running float64 sums and maxima of a pass, kept per rank on its device and combined across ranks at the end."""
+
 from __future__ import annotations
 
 from typing import Any, Dict, Sequence

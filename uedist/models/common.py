@@ -1,4 +1,5 @@
 """What every model builder shares: the stem names and the width multiplier."""
+
 from __future__ import annotations
 
 STEMS = ("cifar", "imagenet")

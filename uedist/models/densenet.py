@@ -6,6 +6,7 @@
 Parameter counts: 7,978,856 with the ImageNet stem and 1000 classes (torchvision); 6,956,298 with the CIFAR
 stem and 10 classes (kuangliu/pytorch-cifar ``DenseNet121``, whose stem is a bare 3x3 conv).
 """
+
 from __future__ import annotations
 
 from typing import List, Sequence
@@ -16,8 +17,6 @@ import torch.nn.functional as F
 
 from uedist.models.common import check_stem, scaled
 from uedist.registry import MODELS
-
-
 
 
 class DenseLayer(nn.Module):
@@ -127,5 +126,15 @@ def densenet121(
     num_classes: int = 10, *, in_channels: int = 3, stem: str = "cifar", width: float = 1.0, drop_rate: float = 0.0
 ) -> DenseNet:
     """DenseNet-121: growth 32, blocks (6, 12, 24, 16), bn_size 4, compression 0.5, 64 initial features."""
-    return DenseNet(32, (6, 12, 24, 16), 64, 4, compression=0.5, drop_rate=drop_rate, num_classes=num_classes,
-                    in_channels=in_channels, stem=stem, width=width)
+    return DenseNet(
+        32,
+        (6, 12, 24, 16),
+        64,
+        4,
+        compression=0.5,
+        drop_rate=drop_rate,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        stem=stem,
+        width=width,
+    )

@@ -24,6 +24,7 @@ so its parameter count does not grow with H·W (a 128×128 grid for 100 classes 
     out = model(x, y)                             # x (B, 3, H, W) in [0, 1], y (B,) int64
     out.rec, out.p, out.mu, out.logvar            # x̂ in [0, 1]; p̂ unbounded; μ, log σ² (B, latent_dim, H/2, W/2)
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -46,9 +47,13 @@ class DVAEOutput(NamedTuple):
 def _decoder(c: int, sigmoid: bool) -> nn.Sequential:
     """The reference's transposed-conv decoder: (B, 2c, h, w) -> (B, 3, 2h, 2w)."""
     layers = [
-        nn.ConvTranspose2d(2 * c, c, 4, stride=2, padding=1), nn.ConvTranspose2d(c, c, 3, padding=1),
-        nn.InstanceNorm2d(c), nn.ReLU(),
-        nn.ConvTranspose2d(c, c // 2, 3, padding=1), nn.InstanceNorm2d(c // 2), nn.ReLU(),
+        nn.ConvTranspose2d(2 * c, c, 4, stride=2, padding=1),
+        nn.ConvTranspose2d(c, c, 3, padding=1),
+        nn.InstanceNorm2d(c),
+        nn.ReLU(),
+        nn.ConvTranspose2d(c, c // 2, 3, padding=1),
+        nn.InstanceNorm2d(c // 2),
+        nn.ReLU(),
         nn.ConvTranspose2d(c // 2, 3, 3, padding=1),
     ]
     return nn.Sequential(*layers, *([nn.Sigmoid()] if sigmoid else []))
@@ -57,8 +62,16 @@ def _decoder(c: int, sigmoid: bool) -> nn.Sequential:
 class DVAE(nn.Module):
     """See the module docstring. ``width`` scales every channel count (1.0 = the reference's 64/128)."""
 
-    def __init__(self, num_classes: int = 10, *, latent_dim: int = 256, width: float = 1.0, stem_blocks: int = 2,
-                 latent_blocks: int = 0, emb_grid: int = 16) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        *,
+        latent_dim: int = 256,
+        width: float = 1.0,
+        stem_blocks: int = 2,
+        latent_blocks: int = 0,
+        emb_grid: int = 16,
+    ) -> None:
         super().__init__()
         if num_classes < 1 or latent_dim < 1 or stem_blocks < 0 or latent_blocks < 0 or emb_grid < 0:
             raise ValueError("num_classes, latent_dim >= 1; stem_blocks, latent_blocks, emb_grid >= 0")
@@ -94,8 +107,9 @@ class DVAE(nn.Module):
         h = self.encoder(x)
         return self.fc_mu(h), self.fc_var(h)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, *, noise: Optional[torch.Tensor] = None,
-                sample: bool = True) -> DVAEOutput:
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, *, noise: Optional[torch.Tensor] = None, sample: bool = True
+    ) -> DVAEOutput:
         """Encode, sample z = μ + σ·ε (ε = ``noise`` if given, else drawn; ``sample=False``: z = μ), decode x̂
         from z and p̂ from u_y + z (both after the 1×1 post-conv, as in the reference)."""
         mu, logvar = self.encode(x)
@@ -114,8 +128,9 @@ def kld(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)).mean()
 
 
-def dvae_loss(out: DVAEOutput, x: torch.Tensor, *, kld_limit: float, kld_weight: float,
-              p_floor: Optional[float] = None):
+def dvae_loss(
+    out: DVAEOutput, x: torch.Tensor, *, kld_limit: float, kld_weight: float, p_floor: Optional[float] = None
+):
     """Eq. 14 as in the reference code: ‖x − x̂‖² + ‖clip(x̂ + p̂) − x‖² + λ·max(KLD, kld_limit), plus
     max(‖p̂‖², p_floor) when ``p_floor`` is given (the reference adds it after epoch 10). Squared norms are
     per-pixel means. Returns (loss, dict of the detached scalar terms)."""

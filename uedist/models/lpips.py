@@ -12,6 +12,7 @@ The trunks use torchvision's layer indices, so a torchvision ``features.*`` stat
 ``alexnet-owt-7be5be79.pth``, ``vgg16-397923af.pth``, ``squeezenet1_1-b8a52dc0.pth``) loads as is. ``import lpips``
 itself is never executed (it imports torchvision, which fails on the CPU machines; ../shared/ENVIRONMENT.md).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -22,8 +23,11 @@ import torch
 from torch import nn
 
 HUB_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth", "squeeze": "squeezenet1_1-b8a52dc0.pth"}
-CHANNELS = {"alex": [64, 192, 384, 256, 256], "vgg": [64, 128, 256, 512, 512],
-            "squeeze": [64, 128, 256, 384, 384, 512, 512]}
+CHANNELS = {
+    "alex": [64, 192, 384, 256, 256],
+    "vgg": [64, 128, 256, 512, 512],
+    "squeeze": [64, 128, 256, 384, 384, 512, 512],
+}
 MIN_SIZE = {"alex": 31, "vgg": 16, "squeeze": 32}  # smallest input side every trunk stage accepts
 
 
@@ -42,9 +46,20 @@ def _trunk(net: str) -> Tuple[nn.Sequential, List[int]]:
     """torchvision's ``features`` layer list and the (exclusive) end index of each LPIPS slice."""
     R = lambda: nn.ReLU(inplace=False)  # noqa: E731  (slice outputs are kept: no in-place ReLU)
     if net == "alex":
-        layers = [nn.Conv2d(3, 64, 11, 4, 2), R(), nn.MaxPool2d(3, 2), nn.Conv2d(64, 192, 5, padding=2), R(),
-                  nn.MaxPool2d(3, 2), nn.Conv2d(192, 384, 3, padding=1), R(), nn.Conv2d(384, 256, 3, padding=1), R(),
-                  nn.Conv2d(256, 256, 3, padding=1), R()]
+        layers = [
+            nn.Conv2d(3, 64, 11, 4, 2),
+            R(),
+            nn.MaxPool2d(3, 2),
+            nn.Conv2d(64, 192, 5, padding=2),
+            R(),
+            nn.MaxPool2d(3, 2),
+            nn.Conv2d(192, 384, 3, padding=1),
+            R(),
+            nn.Conv2d(384, 256, 3, padding=1),
+            R(),
+            nn.Conv2d(256, 256, 3, padding=1),
+            R(),
+        ]
         return nn.Sequential(*layers), [2, 5, 8, 10, 12]
     if net == "vgg":
         layers: List[nn.Module] = []
@@ -58,9 +73,21 @@ def _trunk(net: str) -> Tuple[nn.Sequential, List[int]]:
         return nn.Sequential(*layers), [4, 9, 16, 23, 30]
     if net == "squeeze":
         pool = lambda: nn.MaxPool2d(3, 2, ceil_mode=True)  # noqa: E731
-        layers = [nn.Conv2d(3, 64, 3, 2), R(), pool(), Fire(64, 16, 64, 64), Fire(128, 16, 64, 64), pool(),
-                  Fire(128, 32, 128, 128), Fire(256, 32, 128, 128), pool(), Fire(256, 48, 192, 192),
-                  Fire(384, 48, 192, 192), Fire(384, 64, 256, 256), Fire(512, 64, 256, 256)]
+        layers = [
+            nn.Conv2d(3, 64, 3, 2),
+            R(),
+            pool(),
+            Fire(64, 16, 64, 64),
+            Fire(128, 16, 64, 64),
+            pool(),
+            Fire(128, 32, 128, 128),
+            Fire(256, 32, 128, 128),
+            pool(),
+            Fire(256, 48, 192, 192),
+            Fire(384, 48, 192, 192),
+            Fire(384, 64, 256, 256),
+            Fire(512, 64, 256, 256),
+        ]
         return nn.Sequential(*layers), [2, 5, 8, 10, 11, 12, 13]
     raise ValueError(f"unknown LPIPS trunk {net!r}; expected one of {sorted(CHANNELS)}")
 
@@ -88,8 +115,10 @@ class LPIPS(nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a, b (B, 3, H, W) in [-1, 1] -> (B,) LPIPS distances (differentiable w.r.t. the inputs)."""
         if min(a.shape[-2:]) < MIN_SIZE[self.net_name]:
-            raise ValueError(f"LPIPS-{self.net_name} needs images of at least {MIN_SIZE[self.net_name]} px, got "
-                             f"{tuple(a.shape[-2:])} (use lpips.net=vgg for smaller images)")
+            raise ValueError(
+                f"LPIPS-{self.net_name} needs images of at least {MIN_SIZE[self.net_name]} px, got "
+                f"{tuple(a.shape[-2:])} (use lpips.net=vgg for smaller images)"
+            )
         fa, fb = self.stages((a - self.shift) / self.scale), self.stages((b - self.shift) / self.scale)
         total = a.new_zeros(a.shape[0])
         for lin, x, y in zip(self.lins, fa, fb):
@@ -106,8 +135,10 @@ def lpips_package_weights(net: str, version: str = "0.1") -> Path:
     """``weights/v<version>/<net>.pth`` inside the installed lpips package (found without importing it)."""
     spec = importlib.util.find_spec("lpips")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the lpips package is not installed (pip install --no-deps lpips==0.1.4): "
-                                "its linear-head weights are needed")
+        raise FileNotFoundError(
+            "the lpips package is not installed (pip install --no-deps lpips==0.1.4): "
+            "its linear-head weights are needed"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "weights" / f"v{version}" / f"{net}.pth"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found in the installed lpips package")
@@ -144,10 +175,13 @@ def build_lpips(net: str = "alex", backbone: str = "auto", version: str = "0.1")
             raise FileNotFoundError(
                 f"LPIPS-{net} needs ImageNet-pretrained trunk weights, not found at {path}. Copy torchvision's "
                 f"{HUB_FILES[net]} there (or give its path as lpips.backbone), or set lpips.backbone=random to use "
-                "a random trunk explicitly (then the distance is NOT the perceptual metric).")
+                "a random trunk explicitly (then the distance is NOT the perceptual metric)."
+            )
         missing, unexpected = model.load_state_dict(trunk_state(path), strict=False)
         if unexpected or any(k.startswith("features.") for k in missing):
-            raise ValueError(f"{path} does not match the {net} trunk: missing {missing[:4]}, unexpected {unexpected[:4]}")
+            raise ValueError(
+                f"{path} does not match the {net} trunk: missing {missing[:4]}, unexpected {unexpected[:4]}"
+            )
     model.requires_grad_(False)
     return model.eval()
 

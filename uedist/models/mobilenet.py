@@ -8,6 +8,7 @@ only. kuangliu/pytorch-cifar's CIFAR ``MobileNetV2`` has 2,296,922 at 10 classes
 the paper (a 1x1 expansion even at t=1, and 1x1 projection shortcuts on stride-1 blocks that change width);
 these are the paper's / torchvision's blocks with kuangliu's CIFAR strides.
 """
+
 from __future__ import annotations
 
 from typing import List
@@ -20,7 +21,6 @@ from uedist.registry import MODELS
 
 # (expansion t, output channels c, repeats n, first stride s), Table 2 of the paper.
 SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
-
 
 
 def _conv_bn(cin: int, cout: int, kernel: int, *, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:

@@ -8,6 +8,7 @@ classes 11,173,962; ImageNet 1000 classes 11,689,512; ResNet-50 CIFAR 23,520,842
     model = MODELS.build("resnet18", num_classes=100, stem="imagenet", width=0.5)
     logits = model(x)  # x: (B, in_channels, H, W) normalized float -> (B, num_classes)
 """
+
 from __future__ import annotations
 
 from typing import List, Type, Union
@@ -18,8 +19,6 @@ import torch.nn.functional as F
 
 from uedist.models.common import check_stem, scaled
 from uedist.registry import MODELS
-
-
 
 
 class BasicBlock(nn.Module):
@@ -33,7 +32,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -65,17 +66,32 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block: Type[Union[BasicBlock, Bottleneck]], layers: List[int], *, num_classes: int = 10,
-                 in_channels: int = 3, stem: str = "cifar", width: float = 1.0) -> None:
+    def __init__(
+        self,
+        block: Type[Union[BasicBlock, Bottleneck]],
+        layers: List[int],
+        *,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        stem: str = "cifar",
+        width: float = 1.0,
+    ) -> None:
         super().__init__()
         check_stem(stem)
         c0 = scaled(64, width)
         if stem == "cifar":
-            self.stem = nn.Sequential(nn.Conv2d(in_channels, c0, 3, stride=1, padding=1, bias=False),
-                                      nn.BatchNorm2d(c0), nn.ReLU(inplace=True))
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, c0, 3, stride=1, padding=1, bias=False),
+                nn.BatchNorm2d(c0),
+                nn.ReLU(inplace=True),
+            )
         else:
-            self.stem = nn.Sequential(nn.Conv2d(in_channels, c0, 7, stride=2, padding=3, bias=False),
-                                      nn.BatchNorm2d(c0), nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1))
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, c0, 7, stride=2, padding=3, bias=False),
+                nn.BatchNorm2d(c0),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, stride=2, padding=1),
+            )
         self.in_planes = c0
         stages = []
         for i, (n, base) in enumerate(zip(layers, (64, 128, 256, 512))):

@@ -12,6 +12,7 @@ Registered in ``UNETS`` (not the classifier zoo ``MODELS``, whose builders take 
     net = UNETS.build("unet", ch=32, ch_mult=(1, 2, 2), image_size=32)   # small CPU model
     eps = net(x_t, t)                       # x_t (B, 3, H, W) in about [-1, 1]; t (B,) int64 in [0, T)
 """
+
 from __future__ import annotations
 
 import math
@@ -87,9 +88,17 @@ class Up(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(self, *, ch: int = 128, ch_mult: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 2,
-                 attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1, image_size: int = 32,
-                 in_channels: int = 3) -> None:
+    def __init__(
+        self,
+        *,
+        ch: int = 128,
+        ch_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attn_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.1,
+        image_size: int = 32,
+        in_channels: int = 3,
+    ) -> None:
         super().__init__()
         if image_size % 2 ** (len(ch_mult) - 1):
             raise ValueError(f"image_size {image_size} is not divisible by 2^{len(ch_mult) - 1} (ch_mult {ch_mult})")
@@ -112,7 +121,9 @@ class UNet(nn.Module):
         self.up = nn.ModuleList()
         for i, m in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res_blocks + 1):
-                self.up.append(self._level(cur + chans.pop(), ch * m, temb, dropout=dropout, attn=res in attn_resolutions))
+                self.up.append(
+                    self._level(cur + chans.pop(), ch * m, temb, dropout=dropout, attn=res in attn_resolutions)
+                )
                 cur = ch * m
             if i != 0:
                 self.up.append(Up(cur))
@@ -153,12 +164,30 @@ def unet(**kw) -> UNet:
 @UNETS.register("ddpm_cifar10")
 def ddpm_cifar10(**kw) -> UNet:
     """DDPM's CIFAR-10 model (the LE paper's purifier): ch 128, 1-2-2-2, 2 res blocks, attention at 16, dropout 0.1."""
-    return UNet(**{"ch": 128, "ch_mult": (1, 2, 2, 2), "num_res_blocks": 2, "attn_resolutions": (16,),
-                   "dropout": 0.1, "image_size": 32, **kw})
+    return UNet(
+        **{
+            "ch": 128,
+            "ch_mult": (1, 2, 2, 2),
+            "num_res_blocks": 2,
+            "attn_resolutions": (16,),
+            "dropout": 0.1,
+            "image_size": 32,
+            **kw,
+        }
+    )
 
 
 @UNETS.register("ddpm_256")
 def ddpm_256(**kw) -> UNet:
     """DDPM's 256 px model (LSUN / CelebA-HQ): ch 128, 1-1-2-2-4-4, 2 res blocks, attention at 16, dropout 0."""
-    return UNet(**{"ch": 128, "ch_mult": (1, 1, 2, 2, 4, 4), "num_res_blocks": 2, "attn_resolutions": (16,),
-                   "dropout": 0.0, "image_size": 256, **kw})
+    return UNet(
+        **{
+            "ch": 128,
+            "ch_mult": (1, 1, 2, 2, 4, 4),
+            "num_res_blocks": 2,
+            "attn_resolutions": (16,),
+            "dropout": 0.0,
+            "image_size": 256,
+            **kw,
+        }
+    )

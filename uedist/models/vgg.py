@@ -6,6 +6,7 @@
 Parameter counts: 138,365,992 with the ImageNet head and 1000 classes (torchvision ``vgg16_bn``); 14,728,266 with
 the CIFAR head and 10 classes (kuangliu/pytorch-cifar ``VGG('VGG16')``).
 """
+
 from __future__ import annotations
 
 from typing import List, Sequence, Union
@@ -17,9 +18,26 @@ from uedist.models.common import check_stem, scaled
 from uedist.registry import MODELS
 
 # Configuration "D": conv widths, "M" = 2x2 max-pool.
-VGG16: Sequence[Union[int, str]] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
-                                    512, 512, 512, "M")
-
+VGG16: Sequence[Union[int, str]] = (
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+)
 
 
 class VGG(nn.Module):
@@ -57,8 +75,12 @@ class VGG(nn.Module):
             hidden = scaled(4096, width)
             self.pool: nn.Module = nn.AdaptiveAvgPool2d(7)
             self.classifier: nn.Module = nn.Sequential(
-                nn.Linear(c * 7 * 7, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
-                nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                nn.Linear(c * 7 * 7, hidden),
+                nn.ReLU(inplace=True),
+                nn.Dropout(dropout),
+                nn.Linear(hidden, hidden),
+                nn.ReLU(inplace=True),
+                nn.Dropout(dropout),
                 nn.Linear(hidden, num_classes),
             )
         else:

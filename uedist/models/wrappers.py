@@ -1,5 +1,6 @@
 """Wrap a classifier so it takes images in [0, 1]: normalization becomes part of the model, so attacks (PGD,
 noise generation) work in pixel space and the data path stays uint8 until the device."""
+
 from __future__ import annotations
 
 from typing import Sequence

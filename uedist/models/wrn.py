@@ -9,6 +9,7 @@ module itself reports 48,262,586 because it counts the dead group.
     model = MODELS.build("wrn34_10", num_classes=10)
     logits = model(x)  # x: (B, in_channels, H, W) normalized float, H, W >= 32 -> (B, num_classes)
 """
+
 from __future__ import annotations
 
 from typing import List
@@ -19,8 +20,6 @@ import torch.nn.functional as F
 
 from uedist.models.common import check_stem, scaled
 from uedist.registry import MODELS
-
-
 
 
 class PreActBlock(nn.Module):
@@ -89,8 +88,10 @@ class WideResNet(nn.Module):
             )
         groups: List[nn.Module] = []
         for i, stride in enumerate((1, 2, 2)):
-            blocks = [PreActBlock(chans[i] if j == 0 else chans[i + 1], chans[i + 1], stride if j == 0 else 1,
-                                  drop_rate) for j in range(n)]
+            blocks = [
+                PreActBlock(chans[i] if j == 0 else chans[i + 1], chans[i + 1], stride if j == 0 else 1, drop_rate)
+                for j in range(n)
+            ]
             groups.append(nn.Sequential(*blocks))
         self.block1, self.block2, self.block3 = groups
         self.bn = nn.BatchNorm2d(chans[3])
@@ -124,8 +125,9 @@ def wrn(
     drop_rate: float = 0.0,
 ) -> WideResNet:
     """Any WRN-depth-k; the registered names below fix depth and k."""
-    return WideResNet(depth, widen_factor, num_classes, in_channels=in_channels, stem=stem, width=width,
-                      drop_rate=drop_rate)
+    return WideResNet(
+        depth, widen_factor, num_classes, in_channels=in_channels, stem=stem, width=width, drop_rate=drop_rate
+    )
 
 
 @MODELS.register("wrn34_10")

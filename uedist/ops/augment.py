@@ -5,6 +5,7 @@ training run's augmentation stream is part of its checkpoint and resumes exactly
 w.r.t. ``x`` (crops are gathers, resized crops are ``grid_sample``), as EOT in REM/SEM needs.
 Images are float (B, C, H, W) in [0, 1] unless said otherwise.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,14 +20,16 @@ def _rand(gen: Optional[torch.Generator], *shape: int) -> torch.Tensor:
     return torch.rand(*shape, generator=gen)
 
 
-def random_crop_flip(x: torch.Tensor, *, pad: int = 4, flip: bool = True, gen: Optional[torch.Generator] = None) -> torch.Tensor:
+def random_crop_flip(
+    x: torch.Tensor, *, pad: int = 4, flip: bool = True, gen: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """Random crop of the zero-padded image back to (H, W), then horizontal flip with p=0.5 (CIFAR standard)."""
     b, _, h, w = x.shape
     xp = F.pad(x, (pad, pad, pad, pad)) if pad else x
     dy = (_rand(gen, b) * (2 * pad + 1)).long().clamp_(max=2 * pad).to(x.device)
     dx = (_rand(gen, b) * (2 * pad + 1)).long().clamp_(max=2 * pad).to(x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device)[None])  # (B, H)
-    cols = (dx[:, None] + torch.arange(w, device=x.device)[None])  # (B, W)
+    rows = dy[:, None] + torch.arange(h, device=x.device)[None]  # (B, H)
+    cols = dx[:, None] + torch.arange(w, device=x.device)[None]  # (B, W)
     if flip:
         f = (_rand(gen, b) < 0.5).to(x.device)
         cols = torch.where(f[:, None], cols.flip(1), cols)
@@ -36,8 +39,9 @@ def random_crop_flip(x: torch.Tensor, *, pad: int = 4, flip: bool = True, gen: O
     return out.gather(3, idx_c)
 
 
-def _rrc_boxes(b: int, h: int, w: int, *, scale: Tuple[float, float], ratio: Tuple[float, float],
-               gen: Optional[torch.Generator]) -> torch.Tensor:
+def _rrc_boxes(
+    b: int, h: int, w: int, *, scale: Tuple[float, float], ratio: Tuple[float, float], gen: Optional[torch.Generator]
+) -> torch.Tensor:
     """(B, 4) boxes (cy, cx, hh, hw) in [-1, 1] units, torchvision's RandomResizedCrop rule with 10 tries."""
     area = h * w
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
@@ -53,17 +57,27 @@ def _rrc_boxes(b: int, h: int, w: int, *, scale: Tuple[float, float], ratio: Tup
                 break
         else:  # fall back to a centre crop at the clamped aspect ratio
             in_r = w / h
-            cw, ch = (w, round(w / ratio[0])) if in_r < ratio[0] else ((round(h * ratio[1]), h) if in_r > ratio[1] else (w, h))
+            cw, ch = (
+                (w, round(w / ratio[0]))
+                if in_r < ratio[0]
+                else ((round(h * ratio[1]), h) if in_r > ratio[1] else (w, h))
+            )
             top, left = (h - ch) // 2, (w - cw) // 2
         boxes[i] = torch.tensor([(top + ch / 2) / h * 2 - 1, (left + cw / 2) / w * 2 - 1, ch / h, cw / w])
     return boxes
 
 
 def random_resized_crop_flip(
-    x: torch.Tensor, size: int, *, scale: Tuple[float, float] = (0.08, 1.0),
-    ratio: Tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True, gen: Optional[torch.Generator] = None,
+    x: torch.Tensor,
+    size: int,
+    *,
+    scale: Tuple[float, float] = (0.08, 1.0),
+    ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+    gen: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
-    """RandomResizedCrop(size) + horizontal flip, batched via one ``grid_sample`` (bilinear). (B,C,H,W) -> (B,C,size,size)."""
+    """RandomResizedCrop(size) + horizontal flip, batched via one ``grid_sample`` (bilinear).
+    (B, C, H, W) -> (B, C, size, size)."""
     b, c, h, w = x.shape
     boxes = _rrc_boxes(b, h, w, scale=scale, ratio=ratio, gen=gen)
     sign = torch.where(_rand(gen, b) < 0.5, -1.0, 1.0) if flip else torch.ones(b)
@@ -96,14 +110,18 @@ def cutout(x: torch.Tensor, *, length: int, gen: Optional[torch.Generator] = Non
     return x * (~inside)[:, None].to(x.dtype)
 
 
-def mixup(x: torch.Tensor, y_onehot: torch.Tensor, *, alpha: float = 1.0, gen: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def mixup(
+    x: torch.Tensor, y_onehot: torch.Tensor, *, alpha: float = 1.0, gen: Optional[torch.Generator] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mixup (Zhang et al. 2018): one λ ~ Beta(α, α) per batch, mixed with a random permutation of it."""
     lam = _beta(alpha, gen)
     perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
     return lam * x + (1 - lam) * x[perm], lam * y_onehot + (1 - lam) * y_onehot[perm]
 
 
-def cutmix(x: torch.Tensor, y_onehot: torch.Tensor, *, alpha: float = 1.0, gen: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def cutmix(
+    x: torch.Tensor, y_onehot: torch.Tensor, *, alpha: float = 1.0, gen: Optional[torch.Generator] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """CutMix (Yun et al. 2019): paste a random box from a permuted batch; labels mixed by the box's area."""
     b, _, h, w = x.shape
     lam = _beta(alpha, gen)

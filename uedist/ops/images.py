@@ -1,4 +1,5 @@
 """Pixel conversions on the device: uint8 batches in, normalized float batches out (pure tensor functions)."""
+
 from __future__ import annotations
 
 from typing import Sequence

@@ -1,5 +1,6 @@
 """Image shortcut squeezing (ISS, Liu et al. ICML 2023) and low-pass filters: the simple purifiers and
 train-time defenses. Float (B, C, H, W) in [0, 1] in, same shape out; ``jpeg`` goes through Pillow (CPU)."""
+
 from __future__ import annotations
 
 import io

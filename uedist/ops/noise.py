@@ -12,6 +12,7 @@ and the gradient reaches δ through t by the first-order rule: g = ∂L/∂x' is
 ``(t(x + δ) · g).sum()`` is back-propagated into δ. The surrogate's parameters need no gradient here (the caller
 freezes them). Images in [0, 1]; radii and steps in that unit.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Literal, Optional
@@ -25,9 +26,20 @@ Inner = Literal["uniform", "pgd", "none"]
 
 
 def min_min_noise(
-    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float,
-    steps: int, eot: Callable[[torch.Tensor], torch.Tensor], samples: int = 1, inner: Inner = "uniform",
-    inner_eps: float = 0.0, inner_steps: int = 0, inner_alpha: float = 0.0, delta: Optional[torch.Tensor] = None,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    eot: Callable[[torch.Tensor], torch.Tensor],
+    samples: int = 1,
+    inner: Inner = "uniform",
+    inner_eps: float = 0.0,
+    inner_steps: int = 0,
+    inner_alpha: float = 0.0,
+    delta: Optional[torch.Tensor] = None,
     gen: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """δ for the batch x (B, C, H, W) with labels y; ``eot(z)`` applies one random augmentation per image of

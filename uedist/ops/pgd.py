@@ -5,6 +5,7 @@ one forward and one input-backward and leaves ``.grad`` of the parameters untouc
 unwrapped module, triggers no DDP gradient sync. Images are in [0, 1]; radii and steps in that unit
 (divide /255 settings by 255 first).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Literal, Optional
@@ -29,8 +30,16 @@ def project(delta: torch.Tensor, eps: float, norm: Norm) -> torch.Tensor:
 
 
 def pgd(
-    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float,
-    steps: int, norm: Norm = "linf", random_start: bool = True, minimize: bool = False,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    norm: Norm = "linf",
+    random_start: bool = True,
+    minimize: bool = False,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     gen: Optional[torch.Generator] = None,
 ) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Data sources, registered in ``uedist.registry.SOURCES``: imagenet, facescrub, cifar, folder, synthetic,
 synthetic_shapes."""
+
 from uedist.data.sources import cifar, facescrub, folder, imagenet, synthetic  # noqa: F401  (registration)
 from uedist.data.sources.base import Item, Source, SourceError
 

@@ -4,6 +4,7 @@ A source is a picklable description of one split of one dataset: its classes (la
 size, and a deterministic list of items (a reference + a label). ``read(item)`` returns the item's image as
 encoded bytes (decoded and converted by the shard builder) or as a uint8 (H, W, 3) array.
 """
+
 from __future__ import annotations
 
 import os
@@ -70,9 +71,7 @@ def class_folders(root: Path) -> List[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
 
 
-def scan_class_folders(
-    root: Path, labels: Dict[str, int], *, allow_empty: bool = False, rel_to: Path
-) -> List[Item]:
+def scan_class_folders(root: Path, labels: Dict[str, int], *, allow_empty: bool = False, rel_to: Path) -> List[Item]:
     """Items for every image in ``root/<class>/`` for the class folders named in ``labels``.
 
     An empty class folder is an error naming it (a class with no samples silently changes results), unless

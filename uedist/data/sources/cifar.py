@@ -5,6 +5,7 @@ Python batches (``cifar-10-batches-py/data_batch_1..5, test_batch, batches.meta`
 rebuilds dicts, lists, strings, bytes, numbers and numpy arrays, so a tampered file cannot run code.
 Image folders: ``root/{train,test}/<class>/*`` with sorted folder names = the official label order.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -22,9 +23,14 @@ from uedist.registry import SOURCES
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 _ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"), ("builtins", "bytearray"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),
+    ("builtins", "bytearray"),
 }
 
 
@@ -123,11 +129,15 @@ def build_cifar_source(cfg: CifarConfig, split: str) -> Source:
     root = Path(cfg.root).expanduser()
     fmt = cfg.format
     if fmt == "auto":
-        fmt = "python" if any((root / f).is_file() for f in ("data_batch_1", "test_batch", "train", "meta")) else "folder"
+        fmt = (
+            "python" if any((root / f).is_file() for f in ("data_batch_1", "test_batch", "train", "meta")) else "folder"
+        )
     if fmt == "python":
         return CifarPythonSource(cfg, split)
     n = 10 if cfg.variant == "cifar10" else 100
     src = FolderSource(str(root), split, name=cfg.variant, size=(32, 32), resize_mode="none", num_classes=n)
     if cfg.variant == "cifar10" and src.classes != CIFAR10_CLASSES:
-        raise SourceError(f"{src.split_dir}: class folders {src.classes} are not the CIFAR-10 classes {CIFAR10_CLASSES}")
+        raise SourceError(
+            f"{src.split_dir}: class folders {src.classes} are not the CIFAR-10 classes {CIFAR10_CLASSES}"
+        )
     return src

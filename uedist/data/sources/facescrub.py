@@ -6,6 +6,7 @@ sorted identity names; each identity's images (sorted by file name) are split by
 first ``round(train_fraction * n)`` for train and the rest for test (80/20 by default), so train and test never
 share an image and the split does not depend on which other identities exist. Canonical size 112×112.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -66,7 +67,8 @@ class FacescrubSource(Source):
             raise SourceError(f"{self.root}: no identity folder has at least {cfg.min_images} images")
         if cfg.num_classes and len(self.classes) != cfg.num_classes:
             raise SourceError(
-                f"{self.root}: {len(self.classes)} identities with >= {cfg.min_images} images, the config expects {cfg.num_classes}"
+                f"{self.root}: {len(self.classes)} identities with >= {cfg.min_images} images, "
+                f"the config expects {cfg.num_classes}"
             )
 
     def items(self) -> List[Item]:
@@ -82,8 +84,10 @@ class FacescrubSource(Source):
     def describe(self) -> Dict[str, object]:
         return {
             "protocol": {
-                "min_images": self.cfg.min_images, "train_fraction": self.cfg.train_fraction,
-                "split_seed": self.cfg.split_seed, "class_order": "sorted identity names",
+                "min_images": self.cfg.min_images,
+                "train_fraction": self.cfg.train_fraction,
+                "split_seed": self.cfg.split_seed,
+                "class_order": "sorted identity names",
             },
             "identities_dropped": self.dropped,
         }

@@ -1,4 +1,5 @@
 """Generic ImageFolder source: ``root/<split>/<class>/*.jpg``; labels = sorted folder names."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,8 +29,16 @@ class FolderConfig:
 
 class FolderSource(Source):
     def __init__(
-        self, root: str, split: str, *, name: str, size: Tuple[int, int], resize_mode: ResizeMode = "center_crop",
-        num_classes: int = 0, allow_empty_classes: bool = False, encoding: str = "jpg",
+        self,
+        root: str,
+        split: str,
+        *,
+        name: str,
+        size: Tuple[int, int],
+        resize_mode: ResizeMode = "center_crop",
+        num_classes: int = 0,
+        allow_empty_classes: bool = False,
+        encoding: str = "jpg",
         classes: Optional[List[str]] = None,
     ) -> None:
         if not root:
@@ -44,7 +53,9 @@ class FolderSource(Source):
         found = [p.name for p in class_folders(self.split_dir)]
         check_num_classes(found, num_classes, self.split_dir)
         if classes is not None and found != list(classes):
-            raise SourceError(f"{self.split_dir}: class folders {found[:10]}… differ from the expected {list(classes)[:10]}…")
+            raise SourceError(
+                f"{self.split_dir}: class folders {found[:10]}… differ from the expected {list(classes)[:10]}…"
+            )
         self.classes = found
 
     def items(self) -> List[Item]:
@@ -55,6 +66,12 @@ class FolderSource(Source):
 @SOURCES.register("folder")
 def build_folder_source(cfg: FolderConfig, split: str) -> FolderSource:
     return FolderSource(
-        cfg.root, split, name=cfg.name, size=cfg.size, resize_mode=cfg.resize_mode, num_classes=cfg.num_classes,
-        allow_empty_classes=cfg.allow_empty_classes, encoding=cfg.encoding,
+        cfg.root,
+        split,
+        name=cfg.name,
+        size=cfg.size,
+        resize_mode=cfg.resize_mode,
+        num_classes=cfg.num_classes,
+        allow_empty_classes=cfg.allow_empty_classes,
+        encoding=cfg.encoding,
     )

@@ -9,6 +9,7 @@ subset of folders is present; synsets at index >= num_classes are left out (and 
 ImageNet-1k synset is an error naming it (or left out with ``unknown_synsets: skip``). Canonical size 256×256:
 shorter side to 256, centre crop (the reference REM/SEM pipelines then random-resized-crop 224 at train time).
 """
+
 from __future__ import annotations
 
 import csv
@@ -86,7 +87,10 @@ class ImageNetSource(Source):
             if self.cfg.unknown_synsets == "skip":
                 self.unknown.append(name)
                 return None
-            raise SourceError(f"{where / name}: {name!r} is not an ImageNet-1k synset (set imagenet.unknown_synsets=skip to ignore it)")
+            raise SourceError(
+                f"{where / name}: {name!r} is not an ImageNet-1k synset "
+                "(set imagenet.unknown_synsets=skip to ignore it)"
+            )
         return index if index < self.cfg.num_classes else None
 
     def items(self) -> List[Item]:
@@ -105,7 +109,9 @@ class ImageNetSource(Source):
                     self.excluded[folder.name] = len(files)
                 continue
             if not files and not self.cfg.allow_empty_classes:
-                raise SourceError(f"class folder {folder} holds no images (set imagenet.allow_empty_classes=true to accept)")
+                raise SourceError(
+                    f"class folder {folder} holds no images (set imagenet.allow_empty_classes=true to accept)"
+                )
             items += [Item(os.path.relpath(f, self.root), label) for f in files]
         if not items:
             raise SourceError(f"{self.split_dir}: no images of the first {self.cfg.num_classes} synsets found")
@@ -119,7 +125,10 @@ class ImageNetSource(Source):
         files = list_images(self.split_dir)
         unlabeled = [f.name for f in files if _stem(f.name) not in labels]
         if unlabeled:
-            raise SourceError(f"{self.cfg.val_labels}: no label for {len(unlabeled)} file(s) in {self.split_dir}, e.g. {unlabeled[:3]}")
+            raise SourceError(
+                f"{self.cfg.val_labels}: no label for {len(unlabeled)} file(s) in {self.split_dir}, "
+                f"e.g. {unlabeled[:3]}"
+            )
         for f in files:
             raw = labels[_stem(f.name)]
             syn = imagenet_synsets()[int(raw)] if raw.isdigit() else raw

@@ -2,6 +2,7 @@
 default for the main job, demos and tests) and ``synthetic_shapes`` (``uedist.data.shapes``, coarse class shapes: the
 set on which purifiers can show what they recover). Deterministic by seed; any size, resolution and class count;
 need no files."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,8 +12,8 @@ from typing import Dict, List
 import numpy as np
 
 from uedist.config import require
-from uedist.data.sources.base import Item, Source, SourceError
 from uedist.data.shapes import SHAPES_VERSION, shapes_image
+from uedist.data.sources.base import Item, Source, SourceError
 from uedist.data.synthetic import GENERATOR_VERSION, synthetic_image, synthetic_labels
 from uedist.registry import SOURCES
 
@@ -54,10 +55,14 @@ class SyntheticSource(Source):
 
     def _draw(self, index: int, label: int) -> np.ndarray:
         c = self.cfg
-        return synthetic_image(index, label=label, num_classes=c.num_classes, size=c.size, seed=c.seed, split=self.split)
+        return synthetic_image(
+            index, label=label, num_classes=c.num_classes, size=c.size, seed=c.seed, split=self.split
+        )
 
     def items(self) -> List[Item]:
-        labels = synthetic_labels(range(self.count), num_classes=self.cfg.num_classes, seed=self.cfg.seed, split=self.split)
+        labels = synthetic_labels(
+            range(self.count), num_classes=self.cfg.num_classes, seed=self.cfg.seed, split=self.split
+        )
         # the generator version is part of each reference, hence of the build fingerprint: a set built by an older
         # generator is refused (rebuild with overwrite=true), never mixed with or mistaken for a current one
         ref = f"synthetic:{self.tag}v{self.version()}:{self.split}"
