@@ -1,5 +1,6 @@
 """Victim training: real 2-process DDP, kill/resume equality, bad input."""
 
+import csv
 import json
 import os
 import signal
@@ -189,3 +190,33 @@ def test_report_row_bar_or_log_line():
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+@pytest.mark.slow
+def test_log_with_tensorboard_writes_the_curve_as_event_files(synth_sets, tmp_path):
+    """log_with=tensorboard: the curve rows land in runs/<name>/tb as scalars at their steps; off: no tb folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from uedist.app.jobs import run_stage_main
+
+    common = [
+        f"data.train={synth_sets / 'train'}",
+        f"data.test={synth_sets / 'test'}",
+        f"run_root={tmp_path}",
+        "model.width=0.125",
+        "data.batch_size=32",
+        "data.workers=0",
+        "epochs=0",
+        "steps=4",
+        "log_every=2",
+        "progress=false",
+    ]
+    assert run_stage_main("victim", [*common, "name=tb", "log_with=tensorboard"], default_method="victim") == 0
+    assert run_stage_main("victim", [*common, "name=plain"], default_method="victim") == 0
+    assert not (tmp_path / "plain" / "tb").exists()
+    acc = EventAccumulator(str(tmp_path / "tb" / "tb"))
+    acc.Reload()
+    loss = acc.Scalars("train_loss")
+    curve = list(csv.DictReader((tmp_path / "tb" / "curve.csv").open()))
+    assert [e.step for e in loss] == [int(r["step"]) for r in curve if r.get("train_loss")] == [2, 4]
+    assert [round(e.value, 4) for e in loss] == [round(float(r["train_loss"]), 4) for r in curve if r.get("train_loss")]

@@ -12,6 +12,7 @@ exactly. ``init`` fine-tunes from another DDPM run or checkpoint (its EMA weight
 setting of a DDPM pretrained elsewhere and adapted to the exploiter's small unprotected set. At the end: a PNG
 grid of samples drawn with the EMA weights.
 """
+
 from __future__ import annotations
 
 import time
@@ -24,23 +25,31 @@ import torch
 import torch.nn.functional as F
 
 from uedist.checkpoint import latest_checkpoint, load_state
-from uedist.config import config_to_dict, location, require, runtime
+from uedist.config import location, require, runtime
+from uedist.data.grids import write_image_grid
 from uedist.data.loaders import make_train_loader
-from uedist.dist import get_logger
 from uedist.diffusion.ema import EMA
 from uedist.diffusion.purify import sample
 from uedist.diffusion.schedule import Schedule
+from uedist.dist import get_logger
 from uedist.engine.loop import (
-    Checkpointer, OptimConfig, check_finite, config_state, make_scheduler, prepare_training, progress_bar, report_row,
+    Checkpointer,
+    OptimConfig,
+    check_finite,
+    config_state,
+    make_scheduler,
+    prepare_training,
+    progress_bar,
+    report_row,
     save_training,
     write_curve,
 )
 from uedist.engine.victim import ranks_in_sync
-from uedist.io import atomic_write, atomic_write_json
-from uedist.registry import stage
+from uedist.io import atomic_write_json
 from uedist.models.unet import UNETS, UNet
 from uedist.ops import augment
 from uedist.ops.images import to_uint8, to_unit
+from uedist.registry import stage
 
 log = get_logger(__name__)
 
@@ -68,7 +77,9 @@ class DiffusionSpec:
     variance: str = "beta"  # σ_t² of the reverse step (sample grid): "beta" (β_t, DDPM CIFAR-10) or "posterior" (β̃_t)
 
     def validate(self) -> None:
-        require(self.T >= 2 and 0 < self.beta_start < self.beta_end < 1, "diffusion: T >= 2, 0 < beta_start < beta_end < 1")
+        require(
+            self.T >= 2 and 0 < self.beta_start < self.beta_end < 1, "diffusion: T >= 2, 0 < beta_start < beta_end < 1"
+        )
         require(self.variance in ("posterior", "beta"), f"diffusion.variance: posterior or beta, got {self.variance!r}")
 
     def schedule(self) -> Schedule:
@@ -148,8 +159,16 @@ def load_ddpm(path: str, device: torch.device, prefer_ema: bool = True) -> Tuple
     return net.to(device).eval(), cfg
 
 
-def ddpm_batch_loss(net: torch.nn.Module, s: Schedule, x_u8: torch.Tensor, *, t_max: int, flip: bool,
-                    gen: torch.Generator, amp: Dict[str, Any]) -> torch.Tensor:
+def ddpm_batch_loss(
+    net: torch.nn.Module,
+    s: Schedule,
+    x_u8: torch.Tensor,
+    *,
+    t_max: int,
+    flip: bool,
+    gen: torch.Generator,
+    amp: Dict[str, Any],
+) -> torch.Tensor:
     """The simple ε-prediction loss (DDPM Eq. 14) of one uint8 batch (B, 3, H, W)."""
     x0 = to_unit(x_u8) * 2 - 1
     if flip:
@@ -163,11 +182,14 @@ def ddpm_batch_loss(net: torch.nn.Module, s: Schedule, x_u8: torch.Tensor, *, t_
 
 def ddpm_summary(m: Dict[str, Any], run_dir: Path) -> str:
     """The end-of-job text of a DDPM training run and the next command (a purifier that uses it)."""
-    return (f"\n{run_dir.name}: DDPM ({m['params'] / 1e6:.2f} M parameters), {m['steps']} steps; final loss "
-            f"{m['final_loss']}; {m['images_per_s']:.1f} img/s on {m['world_size']} process(es)\n"
-            f"wrote {run_dir / 'metrics.json'}, {run_dir / 'curve.csv'}" + (f", {m['samples']}" if m.get("samples") else "")
-            + f", checkpoints in {run_dir / 'checkpoints'}\n"
-            f"next: accelerate launch launch/purify.py --config configs/jcdp/<name>.yaml ddpm={run_dir}")
+    return (
+        f"\n{run_dir.name}: DDPM ({m['params'] / 1e6:.2f} M parameters), {m['steps']} steps; final loss "
+        f"{m['final_loss']}; {m['images_per_s']:.1f} img/s on {m['world_size']} process(es)\n"
+        f"wrote {run_dir / 'metrics.json'}, {run_dir / 'curve.csv'}"
+        + (f", {m['samples']}" if m.get("samples") else "")
+        + f", checkpoints in {run_dir / 'checkpoints'}\n"
+        f"next: accelerate launch launch/purify.py --config configs/jcdp/<name>.yaml ddpm={run_dir}"
+    )
 
 
 @stage("ddpm", kind="ddpm", schema=DDPMConfig, inputs=("data.train",), output="run", summary=ddpm_summary)
@@ -185,9 +207,19 @@ def train_ddpm(cfg: DDPMConfig, accelerator: Any, run_dir: Path) -> Dict[str, An
         net.load_state_dict(init_weights(cfg.init, cfg.init_ema))
         log.info("fine-tuning from %s (%s weights)", cfg.init, "EMA" if cfg.init_ema else "raw")
     optim = OptimConfig(lr=cfg.lr, schedule="constant", warmup_steps=cfg.warmup_steps, weight_decay=0.0)
-    p = prepare_training(net, optim, cfg.steps, accelerator=accelerator, ckpt_root=run_dir, seed=cfg.seed,
-                         config=cfg, ckpt_every=cfg.ckpt_every, resume=cfg.resume, gen_name="ddpm",
-                         make_opt=lambda params: torch.optim.Adam(params, lr=cfg.lr))
+    p = prepare_training(
+        net,
+        optim,
+        cfg.steps,
+        accelerator=accelerator,
+        ckpt_root=run_dir,
+        seed=cfg.seed,
+        config=cfg,
+        ckpt_every=cfg.ckpt_every,
+        resume=cfg.resume,
+        gen_name="ddpm",
+        make_opt=lambda params: torch.optim.Adam(params, lr=cfg.lr),
+    )
     ema = EMA(p.model, cfg.ema_decay, cfg.ema_warmup)
     if p.start > 0:
         ema.load_state_dict(load_state(latest_checkpoint(p.ckpt.dir))["ema"])  # type: ignore[arg-type]
@@ -196,10 +228,18 @@ def train_ddpm(cfg: DDPMConfig, accelerator: Any, run_dir: Path) -> Dict[str, An
     step, window, seen, t0 = p.start, [], 0, time.time()
     bar = progress_bar(cfg.steps, p.start, cfg.name, cfg.progress and accelerator.is_main_process)
     if p.start < cfg.steps:
-        loader = make_train_loader(cfg.data.train, batch_size=cfg.data.batch_size // world, num_steps=cfg.steps,
-                                   seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.data.workers,
-                                   shuffle_buffer=cfg.data.shuffle_buffer, start_step=p.start,
-                                   pin_memory=device.type == "cuda")
+        loader = make_train_loader(
+            cfg.data.train,
+            batch_size=cfg.data.batch_size // world,
+            num_steps=cfg.steps,
+            seed=cfg.seed,
+            rank=rank,
+            world_size=world,
+            num_workers=cfg.data.workers,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            start_step=p.start,
+            pin_memory=device.type == "cuda",
+        )
         for batch in loader:
             x = batch["image"].to(device, non_blocking=True)
             loss = ddpm_batch_loss(p.ddp, s, x, t_max=cfg.t_max, flip=cfg.data.flip, gen=p.gen, amp=amp)
@@ -217,24 +257,56 @@ def train_ddpm(cfg: DDPMConfig, accelerator: Any, run_dir: Path) -> Dict[str, An
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 p.curve.append({"step": step, "lr": p.sched.get_last_lr()[0], "loss": float(np.mean(window))})
-                report_row(bar, p.curve[-1], cfg.steps, desc="DDPM",
-                           log_lines=not cfg.progress and accelerator.is_main_process)
+                report_row(
+                    bar, p.curve[-1], cfg.steps, desc="DDPM", log_lines=not cfg.progress and accelerator.is_main_process
+                )
                 window = []
             if p.ckpt.due(step, cfg.steps):
                 save_training(p, step, p.elapsed + time.time() - t0, ema=ema.state_dict())
     bar.close()
-    return _finish(cfg, accelerator, run_dir, p.model, ema, s, p.curve, p.elapsed, time.time() - t0, seen,
-                   wrapper=type(p.ddp).__name__)
+    return _finish(
+        cfg,
+        accelerator,
+        run_dir,
+        p.model,
+        ema,
+        s,
+        p.curve,
+        p.elapsed,
+        time.time() - t0,
+        seen,
+        wrapper=type(p.ddp).__name__,
+    )
 
 
-def _finish(cfg: DDPMConfig, accelerator: Any, run_dir: Path, model: torch.nn.Module, ema: EMA, s: Schedule,
-            curve: List[Dict[str, Any]], before: float, dt: float, seen: int, wrapper: str) -> Dict[str, Any]:
+def _finish(
+    cfg: DDPMConfig,
+    accelerator: Any,
+    run_dir: Path,
+    model: torch.nn.Module,
+    ema: EMA,
+    s: Schedule,
+    curve: List[Dict[str, Any]],
+    before: float,
+    dt: float,
+    seen: int,
+    wrapper: str,
+) -> Dict[str, Any]:
     """metrics.json, curve.csv and the sample grid (rank 0), after checking every rank holds the same weights."""
     in_sync = ranks_in_sync(model, accelerator)
-    metrics = {"name": cfg.name, "steps": cfg.steps, "train": cfg.data.train, "world_size": accelerator.num_processes,
-               "wrapper": wrapper, "ranks_in_sync": in_sync, "params": sum(q.numel() for q in model.parameters()),
-               "train_time_s": before + dt, "images_per_s": seen / dt if seen else float("nan"), "curve": curve,
-               "final_loss": curve[-1]["loss"] if curve else None}
+    metrics = {
+        "name": cfg.name,
+        "steps": cfg.steps,
+        "train": cfg.data.train,
+        "world_size": accelerator.num_processes,
+        "wrapper": wrapper,
+        "ranks_in_sync": in_sync,
+        "params": sum(q.numel() for q in model.parameters()),
+        "train_time_s": before + dt,
+        "images_per_s": seen / dt if seen else float("nan"),
+        "curve": curve,
+        "final_loss": curve[-1]["loss"] if curve else None,
+    }
     if accelerator.is_main_process:
         write_curve(run_dir / "curve.csv", curve)
         if cfg.num_samples:
@@ -257,15 +329,22 @@ def train_ddpm_deepspeed(cfg: DDPMConfig, accelerator: Any, run_dir: Path) -> Di
 
     import deepspeed
     from deepspeed.utils import (
-        safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param, safe_set_full_optimizer_state,
+        safe_get_full_fp32_param,
+        safe_get_full_optimizer_state,
+        safe_set_full_fp32_param,
+        safe_set_full_optimizer_state,
     )
 
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     if cfg.data.batch_size % world:
         raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by {world} processes")
     ds = json.loads(Path(cfg.deepspeed).read_text())
-    ds.update(train_batch_size=cfg.data.batch_size, train_micro_batch_size_per_gpu=cfg.data.batch_size // world,
-              gradient_accumulation_steps=1, gradient_clipping=cfg.grad_clip)
+    ds.update(
+        train_batch_size=cfg.data.batch_size,
+        train_micro_batch_size_per_gpu=cfg.data.batch_size // world,
+        gradient_accumulation_steps=1,
+        gradient_clipping=cfg.grad_clip,
+    )
     torch.manual_seed(cfg.seed)
     net = build_unet(cfg.unet)
     if cfg.init:
@@ -277,7 +356,9 @@ def train_ddpm_deepspeed(cfg: DDPMConfig, accelerator: Any, run_dir: Path) -> Di
     if state is not None:
         net.load_state_dict(state["model"])  # the module's (bf16) copy; the fp32 master is restored below
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    sched = make_scheduler(opt, OptimConfig(lr=cfg.lr, schedule="constant", warmup_steps=cfg.warmup_steps), max(cfg.steps, 1))
+    sched = make_scheduler(
+        opt, OptimConfig(lr=cfg.lr, schedule="constant", warmup_steps=cfg.warmup_steps), max(cfg.steps, 1)
+    )
     engine, opt, _, sched = deepspeed.initialize(model=net.to(device), optimizer=opt, lr_scheduler=sched, config=ds)
     ema = EMA(engine.module, cfg.ema_decay, cfg.ema_warmup)
     named = list(engine.module.named_parameters())
@@ -303,22 +384,41 @@ def train_ddpm_deepspeed(cfg: DDPMConfig, accelerator: Any, run_dir: Path) -> Di
         adam = {k: {n: safe_get_full_optimizer_state(q, k).cpu() for n, q in named} for k in ("exp_avg", "exp_avg_sq")}
         steps = [st["step"] for st in engine.optimizer.optimizer.state.values()]
         adam["step"] = torch.as_tensor(steps[0]).clone() if steps else torch.tensor(0.0)
-        ckpt.save(step, {"model": {k: v.float() for k, v in engine.module.state_dict().items()}, "master": master,
-                         "adam": adam, "scheduler": sched.state_dict(), "ema": ema.state_dict(), "curve": curve,
-                         "elapsed": elapsed, **config_state(cfg)})
+        ckpt.save(
+            step,
+            {
+                "model": {k: v.float() for k, v in engine.module.state_dict().items()},
+                "master": master,
+                "adam": adam,
+                "scheduler": sched.state_dict(),
+                "ema": ema.state_dict(),
+                "curve": curve,
+                "elapsed": elapsed,
+                **config_state(cfg),
+            },
+        )
 
     s = cfg.diffusion.schedule()
     bf16 = bool(ds.get("bf16", {}).get("enabled", False))
     step, window, seen, t0 = start, [], 0, time.time()
     bar = progress_bar(cfg.steps, start, f"{cfg.name} (DeepSpeed)", cfg.progress and accelerator.is_main_process)
     if start < cfg.steps:
-        loader = make_train_loader(cfg.data.train, batch_size=cfg.data.batch_size // world, num_steps=cfg.steps,
-                                   seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.data.workers,
-                                   shuffle_buffer=cfg.data.shuffle_buffer, start_step=start)
+        loader = make_train_loader(
+            cfg.data.train,
+            batch_size=cfg.data.batch_size // world,
+            num_steps=cfg.steps,
+            seed=cfg.seed,
+            rank=rank,
+            world_size=world,
+            num_workers=cfg.data.workers,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            start_step=start,
+        )
         amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)  # inputs follow the bf16 module
         for batch in loader:
-            loss = ddpm_batch_loss(engine, s, batch["image"].to(device), t_max=cfg.t_max, flip=cfg.data.flip,
-                                   gen=gen, amp=amp)
+            loss = ddpm_batch_loss(
+                engine, s, batch["image"].to(device), t_max=cfg.t_max, flip=cfg.data.flip, gen=gen, amp=amp
+            )
             check_finite(loss, step + 1, accelerator, ckpt.dir)
             engine.backward(loss)
             engine.step()  # also steps the LR schedule
@@ -329,14 +429,30 @@ def train_ddpm_deepspeed(cfg: DDPMConfig, accelerator: Any, run_dir: Path) -> Di
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 curve.append({"step": step, "lr": sched.get_last_lr()[0], "loss": float(np.mean(window))})
-                report_row(bar, curve[-1], cfg.steps, desc="DDPM (DeepSpeed)",
-                           log_lines=not cfg.progress and accelerator.is_main_process)
+                report_row(
+                    bar,
+                    curve[-1],
+                    cfg.steps,
+                    desc="DDPM (DeepSpeed)",
+                    log_lines=not cfg.progress and accelerator.is_main_process,
+                )
                 window = []
             if ckpt.due(step, cfg.steps):
                 save(step, before + time.time() - t0)
     bar.close()
-    return _finish(cfg, accelerator, run_dir, engine.module, ema, s, curve, before, time.time() - t0, seen,
-                   wrapper=f"DeepSpeedEngine(ZeRO-{engine.zero_optimization_stage()})")
+    return _finish(
+        cfg,
+        accelerator,
+        run_dir,
+        engine.module,
+        ema,
+        s,
+        curve,
+        before,
+        time.time() - t0,
+        seen,
+        wrapper=f"DeepSpeedEngine(ZeRO-{engine.zero_optimization_stage()})",
+    )
 
 
 def sample_grid(cfg: DDPMConfig, ema: EMA, s: Schedule, device: torch.device, out: Path) -> Path:
@@ -352,33 +468,10 @@ def sample_grid(cfg: DDPMConfig, ema: EMA, s: Schedule, device: torch.device, ou
             return net(x, t).float()
 
     size = net.image_size
-    x = sample(eps_fn, s, (cfg.num_samples, net.in_channels, size, size), gen, device)
+    x = sample(eps_fn, s, (cfg.num_samples, net.in_channels, size, size), gen=gen, device=device)
     ncol = int(np.ceil(np.sqrt(cfg.num_samples)))
-    return write_grid([to_uint8((x + 1) / 2)], out, ncol=ncol)
-
-
-def write_grid(rows: List[torch.Tensor], out: Path, *, ncol: int = 0, pad: int = 2) -> Path:
-    """A PNG grid of uint8 (N, 3, H, W) batches: each batch fills whole lines of ``ncol`` tiles (default: one
-    line per batch), so batches given as [poisoned, purified] appear as alternating comparable lines."""
-    import io
-
-    from PIL import Image
-
-    tiles = []
-    for r in rows:
-        n = ncol or r.shape[0]
-        for j in range(0, r.shape[0], n):
-            line = r[j : j + n].permute(0, 2, 3, 1).cpu().numpy()
-            tiles.append(line)
-    h, w = tiles[0].shape[1:3]
-    ncols = max(len(t) for t in tiles)
-    canvas = np.full((len(tiles) * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, np.uint8)
-    for i, line in enumerate(tiles):
-        for j, img in enumerate(line):
-            canvas[pad + i * (h + pad) : pad + i * (h + pad) + h, pad + j * (w + pad) : pad + j * (w + pad) + w] = img
-    buf = io.BytesIO()
-    Image.fromarray(canvas).save(buf, format="PNG")
-    return atomic_write(out, lambda f: f.write(buf.getvalue()))
+    tiles = to_uint8((x + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
+    return write_image_grid([tiles[j : j + ncol] for j in range(0, len(tiles), ncol)], out)
 
 
 def _init_zero_adam_state(zero_opt: Any, step: torch.Tensor) -> None:
@@ -386,6 +479,9 @@ def _init_zero_adam_state(zero_opt: Any, step: torch.Tensor) -> None:
     DeepSpeed links it to the parameters after the first step), so a resumed run can scatter saved moments into
     it. Touches ZeRO-1/2 internals (``single_partition_of_fp32_groups``, ``_lazy_init_hp_params_optimizer_state``)."""
     for flat in zero_opt.single_partition_of_fp32_groups:
-        zero_opt.optimizer.state[flat] = {"step": step.clone().float(), "exp_avg": torch.zeros_like(flat),
-                                          "exp_avg_sq": torch.zeros_like(flat)}
+        zero_opt.optimizer.state[flat] = {
+            "step": step.clone().float(),
+            "exp_avg": torch.zeros_like(flat),
+            "exp_avg_sq": torch.zeros_like(flat),
+        }
     zero_opt._lazy_init_hp_params_optimizer_state()

@@ -15,6 +15,7 @@ Loss per step (Eq. 14 as coded by the reference): ‖x − x̂‖² + ‖clip(x�
 when limit ≥ 1 else 0.5, plus max(‖p̂‖², 0.002) from epoch 11 on. Inference samples z (the reference does) with
 noise seeded by each sample's key, so a resumed pass writes what an uninterrupted one would.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,17 +29,30 @@ import torch
 
 from uedist.config import identity, location, require, runtime
 from uedist.data.loaders import make_train_loader
-from uedist.data.manifest import Manifest, load_manifest
+from uedist.data.manifest import Manifest, ManifestError, load_manifest
 from uedist.engine.loop import (
-    OptimConfig, check_finite, prepare_training, progress_bar, report_row, save_training, write_curve,
+    OptimConfig,
+    check_finite,
+    prepare_training,
+    progress_bar,
+    report_row,
+    save_training,
+    write_curve,
 )
 from uedist.engine.map_pass import run_map_pass
-from uedist.engine.purify import PSNRStats, PurifyInputError, check_clean, check_input, comparison_grid, diff_column, read_columns
+from uedist.engine.purify_common import (
+    PSNRStats,
+    PurifyInputError,
+    check_clean,
+    check_input,
+    comparison_grid,
+    diff_column,
+    read_columns,
+)
 from uedist.engine.victim import ranks_in_sync
 from uedist.io import atomic_write_json
 from uedist.models.dvae import DVAE, dvae_loss
 from uedist.ops.images import to_uint8, to_unit
-from uedist.data.manifest import ManifestError
 from uedist.registry import stage
 
 
@@ -119,11 +133,19 @@ class DVAEConfig:
 
 def build_dvae(cfg: DVAEConfig, m: Manifest) -> DVAE:
     s = cfg.model
-    return DVAE(m.num_classes, latent_dim=s.latent_dim, width=s.width, stem_blocks=s.stem_blocks,
-                latent_blocks=s.latent_blocks, emb_grid=s.emb_grid)
+    return DVAE(
+        m.num_classes,
+        latent_dim=s.latent_dim,
+        width=s.width,
+        stem_blocks=s.stem_blocks,
+        latent_blocks=s.latent_blocks,
+        emb_grid=s.emb_grid,
+    )
 
 
-def train_dvae_stage(cfg: DVAEConfig, stage: int, src: Path, accelerator: Any, run_dir: Path) -> Tuple[DVAE, Dict[str, Any]]:
+def train_dvae_stage(
+    cfg: DVAEConfig, stage: int, src: Path, accelerator: Any, run_dir: Path
+) -> Tuple[DVAE, Dict[str, Any]]:
     """Train stage ``stage`` (1 or 2) afresh on ``src`` (resumable); returns the trained model in eval mode and
     the stage's summary (steps, last logged losses, DDP wrapper, whether every rank holds the same weights)."""
     m = load_manifest(src)
@@ -137,21 +159,36 @@ def train_dvae_stage(cfg: DVAEConfig, stage: int, src: Path, accelerator: Any, r
     o = cfg.optim
     torch.manual_seed(cfg.seed * 10 + stage)  # same initial weights on every rank
     p = prepare_training(
-        build_dvae(cfg, m), OptimConfig(lr=o.lr, weight_decay=o.weight_decay, schedule=o.schedule,
-                                        warmup_steps=o.warmup_steps), total,
-        accelerator=accelerator, ckpt_root=run_dir / f"stage{stage}", seed=cfg.seed * 10 + stage,
-        config=cfg, ckpt_every=cfg.ckpt_every, resume=cfg.resume,
-        channels_last=cfg.channels_last, gen_name="dvae",
-        make_opt=lambda ps: torch.optim.Adam(ps, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay))
+        build_dvae(cfg, m),
+        OptimConfig(lr=o.lr, weight_decay=o.weight_decay, schedule=o.schedule, warmup_steps=o.warmup_steps),
+        total,
+        accelerator=accelerator,
+        ckpt_root=run_dir / f"stage{stage}",
+        seed=cfg.seed * 10 + stage,
+        config=cfg,
+        ckpt_every=cfg.ckpt_every,
+        resume=cfg.resume,
+        channels_last=cfg.channels_last,
+        gen_name="dvae",
+        make_opt=lambda ps: torch.optim.Adam(ps, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay),
+    )
     step, t0, window = p.start, time.time(), []
     gen = torch.Generator(device=device)
     latent_shape = lambda b: (b, cfg.model.latent_dim, m.image_size[0] // 2, m.image_size[1] // 2)  # noqa: E731
     bar = progress_bar(total, step, f"{cfg.name} D-VAE stage {stage}", cfg.progress and accelerator.is_main_process)
     if step < total:
-        loader = make_train_loader(src, batch_size=cfg.data.batch_size // world, num_steps=total, seed=cfg.seed * 10 + stage,
-                                   rank=rank, world_size=world, num_workers=cfg.data.workers,
-                                   shuffle_buffer=cfg.data.shuffle_buffer, start_step=step,
-                                   pin_memory=device.type == "cuda")
+        loader = make_train_loader(
+            src,
+            batch_size=cfg.data.batch_size // world,
+            num_steps=total,
+            seed=cfg.seed * 10 + stage,
+            rank=rank,
+            world_size=world,
+            num_workers=cfg.data.workers,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            start_step=step,
+            pin_memory=device.type == "cuda",
+        )
         for batch in loader:
             x = to_unit(batch["image"].to(device, non_blocking=True))
             if cfg.channels_last:
@@ -163,8 +200,9 @@ def train_dvae_stage(cfg: DVAEConfig, stage: int, src: Path, accelerator: Any, r
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 out = p.ddp(x, batch["label"].to(device, non_blocking=True), noise=eps)
             out = type(out)(*(t.float() for t in out))
-            loss, terms = dvae_loss(out, x, kld_limit=limit, kld_weight=weight,
-                                    p_floor=cfg.p_floor if step >= floor_step else None)
+            loss, terms = dvae_loss(
+                out, x, kld_limit=limit, kld_weight=weight, p_floor=cfg.p_floor if step >= floor_step else None
+            )
             check_finite(loss, step + 1, accelerator, p.ckpt.dir)
             p.opt.zero_grad(set_to_none=True)
             accelerator.backward(loss)
@@ -177,17 +215,29 @@ def train_dvae_stage(cfg: DVAEConfig, stage: int, src: Path, accelerator: Any, r
             if step % cfg.log_every == 0 or step == total:
                 mean = torch.stack(window).mean(0).tolist()
                 p.curve.append({"step": step, "lr": p.sched.get_last_lr()[0], **dict(zip(terms, mean))})
-                report_row(bar, p.curve[-1], total, desc=f"D-VAE stage {stage}",
-                           log_lines=not cfg.progress and accelerator.is_main_process)
+                report_row(
+                    bar,
+                    p.curve[-1],
+                    total,
+                    desc=f"D-VAE stage {stage}",
+                    log_lines=not cfg.progress and accelerator.is_main_process,
+                )
                 window = []
             if p.ckpt.due(step, total):
                 save_training(p, step, p.elapsed + time.time() - t0)
     bar.close()
     if accelerator.is_main_process:
         write_curve(run_dir / f"stage{stage}_curve.csv", p.curve)
-    info = {"steps": total, "epochs": total * cfg.data.batch_size / m.num_samples, "kld_limit": limit,
-            "kld_weight": weight, "last": p.curve[-1] if p.curve else {}, "wrapper": type(p.ddp).__name__,
-            "world_size": world, "ranks_in_sync": ranks_in_sync(p.model, accelerator)}
+    info = {
+        "steps": total,
+        "epochs": total * cfg.data.batch_size / m.num_samples,
+        "kld_limit": limit,
+        "kld_weight": weight,
+        "last": p.curve[-1] if p.curve else {},
+        "wrapper": type(p.ddp).__name__,
+        "world_size": world,
+        "ranks_in_sync": ranks_in_sync(p.model, accelerator),
+    }
     return p.model.eval(), info
 
 
@@ -200,19 +250,40 @@ class PassStats:
     def update(self, x: torch.Tensor, out: Any) -> None:
         b = x.shape[0]
         k = (-0.5 * (1 + out.logvar - out.mu.pow(2) - out.logvar.exp()).sum(1)).flatten(1).mean(1)
-        self.t += torch.stack([torch.tensor(float(b), device=x.device), k.sum(),
-                               (out.rec - x).pow(2).flatten(1).mean(1).sum(), out.p.pow(2).flatten(1).mean(1).sum()]).double()
+        self.t += torch.stack(
+            [
+                torch.tensor(float(b), device=x.device),
+                k.sum(),
+                (out.rec - x).pow(2).flatten(1).mean(1).sum(),
+                out.p.pow(2).flatten(1).mean(1).sum(),
+            ]
+        ).double()
 
     def result(self, accelerator: Any) -> Dict[str, float]:
         n, k, r, p = accelerator.reduce(self.t.clone(), reduction="sum").tolist()
         if not n:
             return {}
-        return {"samples": int(n), "kld": k / n, "rec_mse": r / n, "rec_psnr": -10 * math.log10(max(r / n, 1e-12)),
-                "p_rms_255": 255 * math.sqrt(p / n)}
+        return {
+            "samples": int(n),
+            "kld": k / n,
+            "rec_mse": r / n,
+            "rec_psnr": -10 * math.log10(max(r / n, 1e-12)),
+            "p_rms_255": 255 * math.sqrt(p / n),
+        }
 
 
-def dvae_pass(cfg: DVAEConfig, model: DVAE, *, stage: int, what: Literal["x_minus_p", "rec"], src: Path, dst: Path,
-              accelerator: Any, clean: Optional[Path], run_dir: Path) -> Dict[str, Any]:
+def dvae_pass(
+    cfg: DVAEConfig,
+    model: DVAE,
+    *,
+    stage: int,
+    what: Literal["x_minus_p", "rec"],
+    src: Path,
+    dst: Path,
+    accelerator: Any,
+    clean: Optional[Path],
+    run_dir: Path,
+) -> Dict[str, Any]:
     """One inference map pass over ``src``: writes clip(x − p̂) or x̂ to ``dst``; returns its statistics (also
     kept in ``run_dir/pass_<dst name>.json``, so a rerun that reuses a finished pass still reports them)."""
     device = accelerator.device
@@ -221,13 +292,25 @@ def dvae_pass(cfg: DVAEConfig, model: DVAE, *, stage: int, what: Literal["x_minu
     side = load_manifest(src).image_size
 
     @torch.no_grad()
-    def fn(x_u8: torch.Tensor, y: torch.Tensor, keys: List[str], clean_u8: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def fn(
+        x_u8: torch.Tensor, y: torch.Tensor, keys: List[str], clean_u8: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         x = to_unit(x_u8)
         noise = None
         if cfg.sample_latent:  # ε seeded by each sample's key: the same whatever the batch, rank count or resume
             shape = (model.latent_dim, side[0] // 2, side[1] // 2)
-            noise = torch.stack([torch.randn(shape, device=device, generator=torch.Generator(device=device).manual_seed(
-                cfg.seed * 1_000_003 + 7919 * stage + int(k))) for k in keys])
+            noise = torch.stack(
+                [
+                    torch.randn(
+                        shape,
+                        device=device,
+                        generator=torch.Generator(device=device).manual_seed(
+                            cfg.seed * 1_000_003 + 7919 * stage + int(k)
+                        ),
+                    )
+                    for k in keys
+                ]
+            )
         with torch.autocast(**amp):
             out = model(x, y, noise=noise, sample=cfg.sample_latent)
         out = type(out)(*(t.float() for t in out))
@@ -240,10 +323,19 @@ def dvae_pass(cfg: DVAEConfig, model: DVAE, *, stage: int, what: Literal["x_minu
     record = run_dir / f"pass_{dst.name}.json"
     done_before = (dst / "manifest.json").is_file() and record.is_file()
     t0 = time.time()
-    run_map_pass(src, dst, fn, accelerator=accelerator, stage=f"purify:dvae:{dst.name}",
-                 config={**identity(cfg), "stage": stage, "pass": what},
-                 batch_size=cfg.data.infer_batch_size, num_workers=cfg.data.workers, aux=clean, progress=cfg.progress,
-                 extra={"purify": {"method": "dvae", "stage": stage, "output": what}})
+    run_map_pass(
+        src,
+        dst,
+        fn,
+        accelerator=accelerator,
+        stage=f"purify:dvae:{dst.name}",
+        config={**identity(cfg), "stage": stage, "pass": what},
+        batch_size=cfg.data.infer_batch_size,
+        num_workers=cfg.data.workers,
+        aux=clean,
+        progress=cfg.progress,
+        extra={"purify": {"method": "dvae", "stage": stage, "output": what}},
+    )
     res = {"time_s": time.time() - t0, **stats.result(accelerator), **psnr.result(accelerator)}
     if done_before:
         res = {**json.loads(record.read_text()), "reused": True}
@@ -258,52 +350,85 @@ def dvae_summary(s: Dict[str, Any], run_dir: Path) -> str:
     lines = ["", f"D-VAE purification: {s['name']}  (kld limits {s['kld_limits'][0]} / {s['kld_limits'][1]})"]
     for key, label in (("p1", "P1 = x0 - p0"), ("p2", "P2 = x1 - p1"), ("purified_stats", "P3 = rec(P2)")):
         r = s[key]
-        row = f"  {label:14s} KLD {r.get('kld', float('nan')):.3f}/pos, rec PSNR {r.get('rec_psnr', float('nan')):.2f} dB"
+        row = (
+            f"  {label:14s} KLD {r.get('kld', float('nan')):.3f}/pos, rec PSNR {r.get('rec_psnr', float('nan')):.2f} dB"
+        )
         if "psnr_output_vs_clean" in r:
             row += f", vs clean {r['psnr_input_vs_clean']:.2f} -> {r['psnr_output_vs_clean']:.2f} dB"
         lines.append(row + (" (reused)" if r.get("reused") else ""))
     lines.append(f"  purified set   {s['purified']}")
-    lines.append("  time           " + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in s["timings"].items())
-                 + (f", total {s['wall_s']:.0f}s" if "wall_s" in s else ""))
+    lines.append(
+        "  time           "
+        + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in s["timings"].items())
+        + (f", total {s['wall_s']:.0f}s" if "wall_s" in s else "")
+    )
     lines.append(f"  wrote          {run_dir / 'metrics.json'}, {s['grid']}")
-    lines.append(f"  next           accelerate launch launch/victim.py --config <victim config> "
-                 f"data.train={s['purified']} name={s['name']}_victim")
+    lines.append(
+        f"  next           accelerate launch launch/victim.py --config <victim config> "
+        f"data.train={s['purified']} name={s['name']}_victim"
+    )
     return "\n".join(lines)
 
 
-@stage("dvae", kind="purify", schema=DVAEConfig, inputs=("data.src", "data.clean"), output="purified",
-       summary=dvae_summary, input_errors=(PurifyInputError, ManifestError))
+@stage(
+    "dvae",
+    kind="purify",
+    schema=DVAEConfig,
+    inputs=("data.src", "data.clean"),
+    output="purified",
+    summary=dvae_summary,
+    input_errors=(PurifyInputError, ManifestError),
+)
 def purify_dvae(cfg: DVAEConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """Algorithm 1: two stages of training and inference; writes P¹, P², P³, grid.png, metrics.json."""
     p0, clean = Path(cfg.data.src), Path(cfg.data.clean) if cfg.data.clean else None
     m = load_manifest(p0)
-    check_input(m, f"poisoned set {p0}", num_classes=cfg.data.num_classes, image_size=cfg.data.image_size,
-                num_samples=cfg.data.num_samples)
+    check_input(
+        m,
+        f"poisoned set {p0}",
+        num_classes=cfg.data.num_classes,
+        image_size=cfg.data.image_size,
+        num_samples=cfg.data.num_samples,
+    )
     if clean is not None:
         check_clean(p0, clean)
     p1, p2 = run_dir / "p1", run_dir / "p2"
     p3 = Path(cfg.out) if cfg.out else run_dir / "purified"
     t: Dict[str, float] = {}
-    s: Dict[str, Any] = {"method": "dvae", "name": cfg.name, "input": str(p0), "clean": str(clean or ""),
-                         "kld_limits": cfg.kld_limits, "sets": {"p1": str(p1), "p2": str(p2), "purified": str(p3)}}
+    s: Dict[str, Any] = {
+        "method": "dvae",
+        "name": cfg.name,
+        "input": str(p0),
+        "clean": str(clean or ""),
+        "kld_limits": cfg.kld_limits,
+        "sets": {"p1": str(p1), "p2": str(p2), "purified": str(p3)},
+    }
     t0 = time.time()
     model, s["stage1"] = train_dvae_stage(cfg, 1, p0, accelerator, run_dir)
     t["stage1_train_s"] = time.time() - t0
-    s["p1"] = dvae_pass(cfg, model, stage=1, what="x_minus_p", src=p0, dst=p1, accelerator=accelerator,
-                        clean=clean, run_dir=run_dir)
+    s["p1"] = dvae_pass(
+        cfg, model, stage=1, what="x_minus_p", src=p0, dst=p1, accelerator=accelerator, clean=clean, run_dir=run_dir
+    )
     t0 = time.time()
     model, s["stage2"] = train_dvae_stage(cfg, 2, p1, accelerator, run_dir)
     t["stage2_train_s"] = time.time() - t0
-    s["p2"] = dvae_pass(cfg, model, stage=2, what="x_minus_p", src=p1, dst=p2, accelerator=accelerator,
-                        clean=clean, run_dir=run_dir)
-    s["purified_stats"] = dvae_pass(cfg, model, stage=2, what="rec", src=p2, dst=p3, accelerator=accelerator,
-                                    clean=clean, run_dir=run_dir)
-    s["timings"] = {**t, "p1_pass_s": s["p1"]["time_s"], "p2_pass_s": s["p2"]["time_s"],
-                    "p3_pass_s": s["purified_stats"]["time_s"]}
+    s["p2"] = dvae_pass(
+        cfg, model, stage=2, what="x_minus_p", src=p1, dst=p2, accelerator=accelerator, clean=clean, run_dir=run_dir
+    )
+    s["purified_stats"] = dvae_pass(
+        cfg, model, stage=2, what="rec", src=p2, dst=p3, accelerator=accelerator, clean=clean, run_dir=run_dir
+    )
+    s["timings"] = {
+        **t,
+        "p1_pass_s": s["p1"]["time_s"],
+        "p2_pass_s": s["p2"]["time_s"],
+        "p3_pass_s": s["purified_stats"]["time_s"],
+    }
     s["purified"] = str(p3)
     if accelerator.is_main_process:
-        cols = read_columns([("poisoned", p0), ("P1", p1), ("P2", p2), ("purified", p3), ("clean", clean)],
-                            cfg.grid_samples)
+        cols = read_columns(
+            [("poisoned", p0), ("P1", p1), ("P2", p2), ("purified", p3), ("clean", clean)], cfg.grid_samples
+        )
         cols.insert(1, ("p^0 x8", diff_column(cols[0][1], cols[1][1])))  # p̂⁰ ≈ P⁰ − P¹ (up to clipping)
         s["grid"] = str(comparison_grid(cols, run_dir / "grid.png"))
         atomic_write_json(run_dir / "metrics.json", s)

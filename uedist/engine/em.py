@@ -12,6 +12,7 @@ State lives on disk between rounds (the round's poisoned shard set, the surrogat
 noise tensor), so no sample-wise noise is ever held for the whole set, and a killed job resumes at its round.
 EM's δ has no EOT and no inner perturbation (REFERENCE.md: ρ_u 8, 20 steps of 0.8, 10 surrogate steps).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -28,17 +29,26 @@ from uedist.data.manifest import load_manifest
 from uedist.dist import get_logger
 from uedist.engine.evaluate import evaluate
 from uedist.engine.loop import Checkpointer, config_state, data_digests, make_optimizer, make_scheduler, sync_buffers
-from uedist.engine.noise import NoiseConfig, _batch_gen, _set_grad, make_eot, noise_summary, surrogate_for, write_poisoned
-from uedist.registry import stage
+from uedist.engine.noise import (
+    NoiseConfig,
+    _batch_gen,
+    _set_grad,
+    make_eot,
+    noise_summary,
+    surrogate_for,
+    write_poisoned,
+)
 from uedist.io import atomic_write_json
 from uedist.ops.images import to_unit
 from uedist.ops.noise import min_min_noise
+from uedist.registry import stage
 
 log = get_logger(__name__)
 
 
-@stage("em", kind="noise", schema=NoiseConfig, inputs=("data.train", "data.test"), output="poisoned",
-       summary=noise_summary)
+@stage(
+    "em", kind="noise", schema=NoiseConfig, inputs=("data.train", "data.test"), output="poisoned", summary=noise_summary
+)
 def generate_em(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """Run EM rounds to the stop criterion, write the poisoned set; returns the summary (also metrics.json)."""
     m = load_manifest(cfg.data.train)
@@ -49,8 +59,7 @@ def generate_em(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[str, 
     opt = make_optimizer(model.parameters(), cfg.optim)
     sched = make_scheduler(opt, cfg.optim, total_steps)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    ckpt = Checkpointer(run_dir / "surrogate", accelerator, every=0, gens={"noise": gen},
-                        data=data_digests(cfg))
+    ckpt = Checkpointer(run_dir / "surrogate", accelerator, every=0, gens={"noise": gen}, data=data_digests(cfg))
     state = ckpt.resume(model, opt, sched, config=cfg) if cfg.resume else None
     rnd = state["round"] if state else 0
     classwise = state["classwise"].to(device) if state and state.get("classwise") is not None else None
@@ -69,21 +78,45 @@ def generate_em(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[str, 
         rnd += 1
         nxt = rounds_dir / f"round-{rnd:03d}"
         _write_round(cfg, model, m, current, nxt, classwise, accelerator, rnd)
-        error = 1.0 - evaluate(model, nxt, accelerator=accelerator, batch_size=cfg.final_batch_size,
-                               num_workers=cfg.data.workers)["top1"] / 100.0
+        error = (
+            1.0
+            - evaluate(
+                model, nxt, accelerator=accelerator, batch_size=cfg.final_batch_size, num_workers=cfg.data.workers
+            )["top1"]
+            / 100.0
+        )
         history.append({"round": rnd, "error": error, "time_s": time.time() - t0})
         log.info("EM round %d: surrogate error on x+δ %.4f (stop below %.4f)", rnd, error, cfg.em.stop_error)
-        ckpt.save(rnd, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "round": rnd, "history": history, **config_state(cfg),
-                        "classwise": classwise.cpu() if classwise is not None else None})
+        ckpt.save(
+            rnd,
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "round": rnd,
+                "history": history,
+                **config_state(cfg),
+                "classwise": classwise.cpu() if classwise is not None else None,
+            },
+        )
         if accelerator.is_main_process and current != Path(cfg.data.train):
             shutil.rmtree(current, ignore_errors=True)  # keep only the newest round on disk
         current = nxt
     t_rounds = time.time() - t0
     final = _finalize(cfg, model, m, current, classwise, accelerator, run_dir)
-    summary = {"method": "em", "mode": cfg.em.mode, "name": cfg.name, "train": cfg.data.train, "eps": cfg.eps,
-               "rounds": rnd, "final_error": error, "history": history, "poisoned": final.pop("out"),
-               "noise": final, "timings": {"rounds_s": t_rounds, "final_pass_s": final.pop("time_s")}}
+    summary = {
+        "method": "em",
+        "mode": cfg.em.mode,
+        "name": cfg.name,
+        "train": cfg.data.train,
+        "eps": cfg.eps,
+        "rounds": rnd,
+        "final_error": error,
+        "history": history,
+        "poisoned": final.pop("out"),
+        "noise": final,
+        "timings": {"rounds_s": t_rounds, "final_pass_s": final.pop("time_s")},
+    }
     summary["noise"].pop("manifest", None)
     summary["surrogate_acc_poisoned"] = 100.0 * (1.0 - error)
     if accelerator.is_main_process:
@@ -92,12 +125,28 @@ def generate_em(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[str, 
     return summary
 
 
-def _train_steps(cfg: NoiseConfig, ddp: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                 sched: Any, data: Path, eot: Any, rnd: int, accelerator: Any) -> None:
+def _train_steps(
+    cfg: NoiseConfig,
+    ddp: torch.nn.Module,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    data: Path,
+    eot: Any,
+    rnd: int,
+    accelerator: Any,
+) -> None:
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    loader = make_train_loader(data, batch_size=cfg.data.batch_size // world, num_steps=cfg.em.train_steps,
-                               seed=cfg.seed * 7 + rnd, rank=rank, world_size=world, num_workers=0,
-                               shuffle_buffer=cfg.data.shuffle_buffer)
+    loader = make_train_loader(
+        data,
+        batch_size=cfg.data.batch_size // world,
+        num_steps=cfg.em.train_steps,
+        seed=cfg.seed * 7 + rnd,
+        rank=rank,
+        world_size=world,
+        num_workers=0,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )
     model.train()
     for batch in loader:
         x = eot(to_unit(batch["image"].to(device)))
@@ -108,41 +157,75 @@ def _train_steps(cfg: NoiseConfig, ddp: torch.nn.Module, model: torch.nn.Module,
         sched.step()
 
 
-def _delta(cfg: NoiseConfig, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, start: torch.Tensor,
-           keys: List[str]) -> torch.Tensor:
+def _delta(
+    cfg: NoiseConfig, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, start: torch.Tensor, keys: List[str]
+) -> torch.Tensor:
     model.eval()
     _set_grad(model, False)
     try:
-        return min_min_noise(model, x, y, eps=cfg.eps / 255, alpha=cfg.noise_step_size / 255, steps=cfg.noise_steps,
-                             eot=lambda z: z, samples=1, inner="none", delta=start, gen=_batch_gen(cfg.seed, keys))
+        return min_min_noise(
+            model,
+            x,
+            y,
+            eps=cfg.eps / 255,
+            alpha=cfg.noise_step_size / 255,
+            steps=cfg.noise_steps,
+            eot=lambda z: z,
+            samples=1,
+            inner="none",
+            delta=start,
+            gen=_batch_gen(cfg.seed, keys),
+        )
     finally:
         _set_grad(model, True)
 
 
-def _write_round(cfg: NoiseConfig, model: torch.nn.Module, m: Any, current: Path, nxt: Path, classwise: Any,
-                 accelerator: Any, rnd: int) -> None:
+def _write_round(
+    cfg: NoiseConfig,
+    model: torch.nn.Module,
+    m: Any,
+    current: Path,
+    nxt: Path,
+    classwise: Any,
+    accelerator: Any,
+    rnd: int,
+) -> None:
     """Sample-wise: continue every δ from the current poisoned set; class-wise: apply the class noises."""
     from uedist.engine.map_pass import run_map_pass
     from uedist.ops.noise import quantize_noise
 
     eps_u8 = int(cfg.eps)
     if cfg.em.mode == "classwise":
+
         def fn(x_u8, y, keys):
             return quantize_noise(x_u8, classwise[y], eps_u8)
+
         aux = None
     else:
+
         def fn(x_u8, y, keys, prev_u8=None):
             x = to_unit(x_u8)
             start = (prev_u8.float() - x_u8.float()) / 255 if prev_u8 is not None else None
             return quantize_noise(x_u8, _delta(cfg, model, x, y, start, keys), eps_u8)
+
         aux = current if current != Path(cfg.data.train) else None
-    run_map_pass(Path(cfg.data.train), nxt, fn, accelerator=accelerator, stage=f"em:round{rnd}",
-                 config={**identity(cfg), "round": rnd}, batch_size=cfg.final_batch_size,
-                 num_workers=cfg.data.workers, aux=aux, progress=cfg.progress)
+    run_map_pass(
+        Path(cfg.data.train),
+        nxt,
+        fn,
+        accelerator=accelerator,
+        stage=f"em:round{rnd}",
+        config={**identity(cfg), "round": rnd},
+        batch_size=cfg.final_batch_size,
+        num_workers=cfg.data.workers,
+        aux=aux,
+        progress=cfg.progress,
+    )
 
 
-def _classwise_update(cfg: NoiseConfig, model: torch.nn.Module, m: Any, noise: Any, eot: Any, rnd: int,
-                      accelerator: Any) -> torch.Tensor:
+def _classwise_update(
+    cfg: NoiseConfig, model: torch.nn.Module, m: Any, noise: Any, eot: Any, rnd: int, accelerator: Any
+) -> torch.Tensor:
     """K_u signed descent steps of the per-class noises, each on a fresh batch; gradients summed across ranks."""
     device = accelerator.device
     h, w = m.image_size
@@ -150,9 +233,16 @@ def _classwise_update(cfg: NoiseConfig, model: torch.nn.Module, m: Any, noise: A
         g = torch.Generator().manual_seed(cfg.seed)
         noise = ((torch.rand(m.num_classes, 3, h, w, generator=g) * 2 - 1) * cfg.eps / 255).to(device)
     world = accelerator.num_processes
-    loader = make_train_loader(cfg.data.train, batch_size=cfg.data.batch_size // world, num_steps=cfg.noise_steps,
-                               seed=cfg.seed * 13 + rnd, rank=accelerator.process_index, world_size=world,
-                               num_workers=0, shuffle_buffer=cfg.data.shuffle_buffer)
+    loader = make_train_loader(
+        cfg.data.train,
+        batch_size=cfg.data.batch_size // world,
+        num_steps=cfg.noise_steps,
+        seed=cfg.seed * 13 + rnd,
+        rank=accelerator.process_index,
+        world_size=world,
+        num_workers=0,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )
     model.eval()
     _set_grad(model, False)
     for batch in loader:
@@ -168,8 +258,9 @@ def _classwise_update(cfg: NoiseConfig, model: torch.nn.Module, m: Any, noise: A
     return noise.detach()
 
 
-def _finalize(cfg: NoiseConfig, model: torch.nn.Module, m: Any, current: Path, classwise: Any, accelerator: Any,
-              run_dir: Path) -> Dict[str, Any]:
+def _finalize(
+    cfg: NoiseConfig, model: torch.nn.Module, m: Any, current: Path, classwise: Any, accelerator: Any, run_dir: Path
+) -> Dict[str, Any]:
     """Write the final poisoned set (the newest round's noise, applied to the clean set) with noise statistics."""
     if cfg.em.mode == "classwise":
         make = lambda x, y, keys: classwise[y]  # noqa: E731
@@ -177,5 +268,4 @@ def _finalize(cfg: NoiseConfig, model: torch.nn.Module, m: Any, current: Path, c
     if current == Path(cfg.data.train):
         raise RuntimeError("EM finished without a single round (max_rounds=0?)")
     # the newest round already is clip(x + δ): copy it as the result through a map pass that checks ε per pixel
-    return write_poisoned(cfg, accelerator, run_dir, None, stage="noise:em", extra={"mode": "samplewise"},
-                          aux=current)
+    return write_poisoned(cfg, accelerator, run_dir, None, stage="noise:em", extra={"mode": "samplewise"}, aux=current)

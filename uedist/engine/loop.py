@@ -3,10 +3,12 @@ config, resume-by-default, periodic atomic checkpoints, a non-finite-loss guard,
 
 Victim, surrogate (REM/SEM), D-VAE and DDPM training all use these; each supplies its own step function.
 """
+
 from __future__ import annotations
 
 import csv
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Literal, Optional
@@ -40,8 +42,9 @@ class OptimConfig:
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           nesterov=cfg.nesterov)
+    return torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
+    )
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -84,8 +87,10 @@ def check_finite_params(model: torch.nn.Module, step: int, ckpt_dir: Path) -> No
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             last = latest_checkpoint(ckpt_dir)
-            raise NonFiniteLoss(f"parameter {name} is not finite at step {step}; not saving it. Last good "
-                                f"checkpoint: {last if last else 'none yet'}")
+            raise NonFiniteLoss(
+                f"parameter {name} is not finite at step {step}; not saving it. Last good "
+                f"checkpoint: {last if last else 'none yet'}"
+            )
 
 
 class CheckpointMismatch(ValueError):
@@ -95,8 +100,16 @@ class CheckpointMismatch(ValueError):
 class Checkpointer:
     """Resume-by-default and periodic checkpoints for one run (``<run_dir>/checkpoints``)."""
 
-    def __init__(self, run_dir: Path, accelerator: Any, *, every: int, keep: int = 2,
-                 gens: Optional[Dict[str, torch.Generator]] = None, data: Optional[Dict[str, str]] = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        accelerator: Any,
+        *,
+        every: int,
+        keep: int = 2,
+        gens: Optional[Dict[str, torch.Generator]] = None,
+        data: Optional[Dict[str, str]] = None,
+    ) -> None:
         """``data``: the content digests of the run's input shard sets (:func:`data_digests`), saved with every
         checkpoint; a checkpoint saved with other digests (a training set rebuilt in place since, e.g. by a newer
         synthetic generator) is refused on resume instead of continuing a model trained on other pictures."""
@@ -104,8 +117,14 @@ class Checkpointer:
         self.acc, self.every, self.keep, self.gens = accelerator, every, keep, gens or {}
         self.data = data
 
-    def resume(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-               scheduler: Any = None, *, config: Any = None) -> Optional[Dict[str, Any]]:
+    def resume(
+        self,
+        model: torch.nn.Module,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        scheduler: Any = None,
+        *,
+        config: Any = None,
+    ) -> Optional[Dict[str, Any]]:
         """Load the newest checkpoint into the (unwrapped) model, optimizer and scheduler; return its state or
         None. A checkpoint written with a different config (:func:`uedist.config.identity`: runtime fields such as
         ``progress`` or ``data.workers`` may differ) is refused, never silently mixed."""
@@ -120,16 +139,21 @@ class Checkpointer:
         saved = state.get("data_digests")
         if self.data is not None and saved is not None and saved != self.data:
             changed = sorted(k for k in set(saved) | set(self.data) if saved.get(k) != self.data.get(k))
-            raise CheckpointMismatch(f"{path} was trained on other data: data.{', data.'.join(changed)} changed since (rebuilt "
-                             "in place?); use a new run name, or resume=false to start over")
+            raise CheckpointMismatch(
+                f"{path} was trained on other data: data.{', data.'.join(changed)} changed since (rebuilt "
+                "in place?); use a new run name, or resume=false to start over"
+            )
         model.load_state_dict(state["model"])
         if optimizer is not None and "optimizer" in state:
             optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and "scheduler" in state:
             scheduler.load_state_dict(state["scheduler"])
         if not restore_rng(path, self.acc.process_index, self.gens):
-            log.warning("%s has no RNG state for rank %d (different world size?): RNG not restored",
-                        path, self.acc.process_index)
+            log.warning(
+                "%s has no RNG state for rank %d (different world size?): RNG not restored",
+                path,
+                self.acc.process_index,
+            )
         log.info("resumed from %s (step %d)", path, state["step"])
         return state
 
@@ -139,8 +163,15 @@ class Checkpointer:
     def save(self, step: int, state: Dict[str, Any]) -> Path:
         if self.data is not None:
             state = {**state, "data_digests": self.data}
-        return save_checkpoint(self.dir, step, state, rank=self.acc.process_index, barrier=self.acc.wait_for_everyone,
-                               gens=self.gens, keep=self.keep)
+        return save_checkpoint(
+            self.dir,
+            step,
+            state,
+            rank=self.acc.process_index,
+            barrier=self.acc.wait_for_everyone,
+            gens=self.gens,
+            keep=self.keep,
+        )
 
 
 def write_curve(path: Path, rows: List[Dict[str, Any]]) -> None:
@@ -184,8 +215,18 @@ def data_digests(config: Any) -> Dict[str, str]:
 
 
 def prepare_training(
-    model: torch.nn.Module, optim: OptimConfig, total_steps: int, *, accelerator: Any, ckpt_root: Path, seed: int,
-    config: Any, ckpt_every: int, resume: bool = True, channels_last: bool = False, gen_name: str = "augment",
+    model: torch.nn.Module,
+    optim: OptimConfig,
+    total_steps: int,
+    *,
+    accelerator: Any,
+    ckpt_root: Path,
+    seed: int,
+    config: Any,
+    ckpt_every: int,
+    resume: bool = True,
+    channels_last: bool = False,
+    gen_name: str = "augment",
     make_opt: Optional[Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]] = None,
 ) -> Prepared:
     """Move ``model`` to the device, build SGD (or ``make_opt(params)``, e.g. Adam) and the schedule of ``optim``,
@@ -200,17 +241,36 @@ def prepare_training(
     ckpt = Checkpointer(ckpt_root, accelerator, every=ckpt_every, gens={gen_name: gen}, data=data_digests(config))
     state = ckpt.resume(model, opt, sched, config=config) if resume else None
     ddp, opt = accelerator.prepare(model, opt)
-    return Prepared(model, ddp, opt, sched, gen, ckpt, state["step"] if state else 0,
-                    list(state.get("curve", [])) if state else [], float(state.get("elapsed", 0.0)) if state else 0.0,
-                    config)
+    return Prepared(
+        model,
+        ddp,
+        opt,
+        sched,
+        gen,
+        ckpt,
+        state["step"] if state else 0,
+        list(state.get("curve", [])) if state else [],
+        float(state.get("elapsed", 0.0)) if state else 0.0,
+        config,
+    )
 
 
 def save_training(p: Prepared, step: int, elapsed: float, **extra: Any) -> None:
     """Collective checkpoint of a prepared run (buffers synced from rank 0, weights checked finite first)."""
     sync_buffers(p.model, p.ckpt.acc)
     check_finite_params(p.model, step, p.ckpt.dir)
-    p.ckpt.save(step, {"model": p.model.state_dict(), "optimizer": p.opt.state_dict(), "scheduler": p.sched.state_dict(),
-                       "curve": p.curve, "elapsed": elapsed, **config_state(p.config), **extra})
+    p.ckpt.save(
+        step,
+        {
+            "model": p.model.state_dict(),
+            "optimizer": p.opt.state_dict(),
+            "scheduler": p.sched.state_dict(),
+            "curve": p.curve,
+            "elapsed": elapsed,
+            **config_state(p.config),
+            **extra,
+        },
+    )
 
 
 def config_state(config: Any) -> Dict[str, Any]:
@@ -241,3 +301,95 @@ def report_row(bar: Any, row: Dict[str, float], total: int, *, desc: str, log_li
         bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k != "lr"})
     elif log_lines:
         log.info("%s step %d/%d: %s", desc, row["step"], total, " ".join(f"{k} {v:.4g}" for k, v in values.items()))
+
+
+class Tracker:
+    """Optional TensorBoard scalars (``log_with="tensorboard"``): through the accelerator's trackers when it was
+    made with ``log_with``, else a ``SummaryWriter`` on the main process writing to ``log_dir``. Off: no-ops."""
+
+    def __init__(self, log_with: str, log_dir: Path, accelerator: Any) -> None:
+        require(log_with in ("", "tensorboard"), f"log_with is '' or 'tensorboard', got {log_with!r}")
+        self.acc, self.writer = accelerator, None
+        self.via_acc = bool(log_with) and bool(getattr(accelerator, "trackers", None))
+        if log_with and not self.via_acc and accelerator.is_main_process:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(log_dir))
+
+    def log(self, row: Dict[str, float], step: int) -> None:
+        """One curve row (every value but ``step``) as scalars at ``step``."""
+        values = {k: float(v) for k, v in row.items() if k != "step"}
+        if self.via_acc:
+            self.acc.log(values, step=step)
+        elif self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+@dataclass
+class StepsDone:
+    """What :func:`run_steps` leaves: the last step, training seconds across resumes, and this process's seconds."""
+
+    step: int
+    train_time: float
+    wall: float
+
+
+def run_steps(
+    p: Prepared,
+    step_fn: Callable[[Any, int], Dict[str, float]],
+    batches: Any,
+    *,
+    total: int,
+    desc: str,
+    log_every: int,
+    progress: bool,
+    accelerator: Any,
+    tracker: Optional[Tracker] = None,
+    on_step: Optional[Callable[[int], Optional[Dict[str, float]]]] = None,
+    extra_state: Optional[Callable[[], Dict[str, Any]]] = None,
+    save: Optional[Callable[[int, float], None]] = None,
+) -> StepsDone:
+    """The one step loop: for each batch, ``step_fn(batch, step_no)`` (1-based; it does forward, ``check_finite``,
+    backward and the optimizer update) returns floats that are averaged over a window; a curve row
+    ``{step, lr, <keys>}`` is appended to ``p.curve`` every ``log_every`` steps and at ``total``, shown by
+    :func:`report_row` and sent to ``tracker``; ``p.sched`` steps once per step; ``on_step(step)`` may return an
+    extra row (e.g. an evaluation); checkpoints at ``p.ckpt.due`` through ``save(step, elapsed)`` (default
+    :func:`save_training` with ``extra_state()``). ``batches``: an iterable, or a zero-argument callable making
+    one, called only if the run is not finished (``p.start < total``)."""
+    bar = progress_bar(total, p.start, desc, progress and accelerator.is_main_process)
+    tracker = tracker or Tracker("", Path("."), accelerator)
+    save = save or (lambda s, e: save_training(p, s, e, **(extra_state() if extra_state else {})))
+    t0, step, window = time.time(), p.start, []
+    if p.start < total:
+        for batch in batches() if callable(batches) else batches:
+            values = step_fn(batch, step + 1)
+            step += 1
+            p.sched.step()
+            window.append(values)
+            bar.update(1)
+            rows = []
+            if step % log_every == 0 or step == total:
+                rows.append(
+                    {
+                        "step": step,
+                        "lr": p.sched.get_last_lr()[0],
+                        **{k: sum(w[k] for w in window) / len(window) for k in window[0]},
+                    }
+                )
+                report_row(bar, rows[-1], total, desc=desc, log_lines=not progress and accelerator.is_main_process)
+                window = []
+            extra = on_step(step) if on_step is not None else None
+            rows += [{"step": step, **extra}] if extra else []
+            for row in rows:
+                p.curve.append(row)
+                tracker.log(row, step)
+            if p.ckpt.due(step, total):
+                save(step, p.elapsed + time.time() - t0)
+    bar.close()
+    tracker.close()
+    return StepsDone(step, p.elapsed + time.time() - t0, time.time() - t0)

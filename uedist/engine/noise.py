@@ -9,6 +9,7 @@ t(x + δ). Phase 2 (final pass, surrogate frozen): a shard map pass computes δ 
 writes ``clip(x + δ)`` (δ quantized to 1/255, |δ| ≤ ε checked for every pixel) losslessly, keys and labels kept.
 Nothing holds all the noise in memory: each batch's noise lives only until its shard is written.
 """
+
 from __future__ import annotations
 
 import time
@@ -24,12 +25,18 @@ from uedist.config import identity, location, require, runtime
 from uedist.data.loaders import make_train_loader
 from uedist.data.manifest import Manifest, load_manifest
 from uedist.engine.evaluate import evaluate
-from uedist.io import atomic_write_json
 from uedist.engine.loop import (
-    OptimConfig, check_finite, prepare_training, progress_bar, report_row, save_training, write_curve,
+    OptimConfig,
+    check_finite,
+    prepare_training,
+    progress_bar,
+    report_row,
+    save_training,
+    write_curve,
 )
 from uedist.engine.map_pass import npy_bytes, run_map_pass
 from uedist.engine.victim import ModelSpec
+from uedist.io import atomic_write_json
 from uedist.models.wrappers import Normalized
 from uedist.ops import augment
 from uedist.ops.images import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, to_unit
@@ -128,8 +135,15 @@ def _set_grad(model: torch.nn.Module, flag: bool) -> None:
         p.requires_grad_(flag)
 
 
-def noise_for_batch(cfg: NoiseConfig, model: Normalized, x: torch.Tensor, y: torch.Tensor,
-                    eot: Callable[[torch.Tensor], torch.Tensor], gen: torch.Generator, amp: Dict[str, Any]) -> torch.Tensor:
+def noise_for_batch(
+    cfg: NoiseConfig,
+    model: Normalized,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eot: Callable[[torch.Tensor], torch.Tensor],
+    gen: torch.Generator,
+    amp: Dict[str, Any],
+) -> torch.Tensor:
     """Fresh error-minimizing δ for x (B, C, H, W) in [0, 1], surrogate in eval mode with frozen parameters."""
 
     def fwd(z: torch.Tensor) -> torch.Tensor:
@@ -141,9 +155,19 @@ def noise_for_batch(cfg: NoiseConfig, model: Normalized, x: torch.Tensor, y: tor
     _set_grad(model, False)
     try:
         return min_min_noise(
-            fwd, x, y, eps=cfg.eps / 255, alpha=cfg.noise_step_size / 255, steps=cfg.noise_steps, eot=eot,
-            samples=cfg.eot_samples, inner=cfg.inner, inner_eps=cfg.adv_eps / 255, inner_steps=cfg.adv_steps,
-            inner_alpha=cfg.adv_step_size / 255, gen=gen,
+            fwd,
+            x,
+            y,
+            eps=cfg.eps / 255,
+            alpha=cfg.noise_step_size / 255,
+            steps=cfg.noise_steps,
+            eot=eot,
+            samples=cfg.eot_samples,
+            inner=cfg.inner,
+            inner_eps=cfg.adv_eps / 255,
+            inner_steps=cfg.adv_steps,
+            inner_alpha=cfg.adv_step_size / 255,
+            gen=gen,
         )
     finally:
         _set_grad(model, True)
@@ -157,9 +181,19 @@ def train_surrogate(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[s
     if cfg.data.batch_size % world:
         raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by {world} processes")
     torch.manual_seed(cfg.seed)
-    p = prepare_training(surrogate_for(cfg, m), cfg.optim, cfg.steps, accelerator=accelerator,
-                         ckpt_root=run_dir / "surrogate", seed=cfg.seed, config=cfg,
-                         ckpt_every=cfg.ckpt_every, resume=cfg.resume, channels_last=cfg.channels_last, gen_name="noise")
+    p = prepare_training(
+        surrogate_for(cfg, m),
+        cfg.optim,
+        cfg.steps,
+        accelerator=accelerator,
+        ckpt_root=run_dir / "surrogate",
+        seed=cfg.seed,
+        config=cfg,
+        ckpt_every=cfg.ckpt_every,
+        resume=cfg.resume,
+        channels_last=cfg.channels_last,
+        gen_name="noise",
+    )
     model, ddp, opt, sched, gen, ckpt = p.model, p.ddp, p.opt, p.sched, p.gen, p.ckpt
     start, curve, t_before = p.start, p.curve, p.elapsed
     eot = make_eot(cfg, m, gen)
@@ -167,27 +201,58 @@ def train_surrogate(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[s
     t0, window, step = time.time(), [], start
     bar = progress_bar(cfg.steps, start, f"{cfg.name} surrogate", cfg.progress and accelerator.is_main_process)
     if start < cfg.steps:
-        loader = make_train_loader(cfg.data.train, batch_size=cfg.data.batch_size // world, num_steps=cfg.steps,
-                                   seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.data.workers,
-                                   shuffle_buffer=cfg.data.shuffle_buffer, start_step=start,
-                                   pin_memory=device.type == "cuda")
+        loader = make_train_loader(
+            cfg.data.train,
+            batch_size=cfg.data.batch_size // world,
+            num_steps=cfg.steps,
+            seed=cfg.seed,
+            rank=rank,
+            world_size=world,
+            num_workers=cfg.data.workers,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            start_step=start,
+            pin_memory=device.type == "cuda",
+        )
         for batch in loader:
             x = to_unit(batch["image"].to(device, non_blocking=True))
             y = batch["label"].to(device, non_blocking=True)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             delta = noise_for_batch(cfg, model, x, y, eot, gen, amp)
-            loss, acc = surrogate_step(cfg, x + delta, y, ddp=ddp, model=model, opt=opt, eot=eot, gen=gen, amp=amp,
-                                       accelerator=accelerator, step=step + 1, ckpt_dir=ckpt.dir)
+            loss, acc = surrogate_step(
+                cfg,
+                x + delta,
+                y,
+                ddp=ddp,
+                model=model,
+                opt=opt,
+                eot=eot,
+                gen=gen,
+                amp=amp,
+                accelerator=accelerator,
+                step=step + 1,
+                ckpt_dir=ckpt.dir,
+            )
             step += 1
             sched.step()
             window.append((loss, acc))
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                curve.append({"step": step, "lr": sched.get_last_lr()[0], "loss": float(np.mean([w[0] for w in window])),
-                              "acc_poisoned_adv": 100 * float(np.mean([w[1] for w in window]))})
-                report_row(bar, curve[-1], cfg.steps, desc="surrogate",
-                           log_lines=not cfg.progress and accelerator.is_main_process)
+                curve.append(
+                    {
+                        "step": step,
+                        "lr": sched.get_last_lr()[0],
+                        "loss": float(np.mean([w[0] for w in window])),
+                        "acc_poisoned_adv": 100 * float(np.mean([w[1] for w in window])),
+                    }
+                )
+                report_row(
+                    bar,
+                    curve[-1],
+                    cfg.steps,
+                    desc="surrogate",
+                    log_lines=not cfg.progress and accelerator.is_main_process,
+                )
                 window = []
             if ckpt.due(step, cfg.steps):
                 save_training(p, step, t_before + time.time() - t0)
@@ -197,9 +262,21 @@ def train_surrogate(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[s
     return {"steps": cfg.steps, "time_s": t_before + time.time() - t0, "curve": curve}
 
 
-def surrogate_step(cfg: NoiseConfig, xp: torch.Tensor, y: torch.Tensor, *, ddp: torch.nn.Module, model: Normalized,
-                   opt: torch.optim.Optimizer, eot: Callable, gen: torch.Generator, amp: Dict[str, Any],
-                   accelerator: Any, step: int, ckpt_dir: Path) -> Tuple[float, float]:
+def surrogate_step(
+    cfg: NoiseConfig,
+    xp: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    ddp: torch.nn.Module,
+    model: Normalized,
+    opt: torch.optim.Optimizer,
+    eot: Callable,
+    gen: torch.Generator,
+    amp: Dict[str, Any],
+    accelerator: Any,
+    step: int,
+    ckpt_dir: Path,
+) -> Tuple[float, float]:
     """One SGD step of the surrogate on PGD(ρ_a, K_a, α_a)-attacked t(x + δ) (adversarial training).
 
     ``xp`` (B, C, H, W) in [0, 1] is the perturbed batch x + δ, ``y`` (B,) its labels; ``ddp`` is the (possibly
@@ -208,6 +285,7 @@ def surrogate_step(cfg: NoiseConfig, xp: torch.Tensor, y: torch.Tensor, *, ddp: 
     with torch.no_grad():
         xa = eot(xp)
     if cfg.adv_steps > 0 and cfg.adv_eps > 0:
+
         def fwd(z: torch.Tensor) -> torch.Tensor:
             with torch.autocast(**amp):
                 return model(z).float()
@@ -260,8 +338,15 @@ class NoiseStats:
         return {"samples": int(n), "linf_max": linf, "l2_mean": l2 / max(n, 1.0), "eps_violations": int(viol)}
 
 
-def write_poisoned(cfg: NoiseConfig, accelerator: Any, run_dir: Path, make_delta: Optional[Callable], stage: str,
-                   extra: Optional[Dict[str, Any]] = None, aux: Optional[Path] = None) -> Dict[str, Any]:
+def write_poisoned(
+    cfg: NoiseConfig,
+    accelerator: Any,
+    run_dir: Path,
+    make_delta: Optional[Callable],
+    stage: str,
+    extra: Optional[Dict[str, Any]] = None,
+    aux: Optional[Path] = None,
+) -> Dict[str, Any]:
     """Phase 2: the shard map pass that writes clip(x + δ) for every sample (resumable by shard).
 
     ``make_delta(x, y, keys)`` gives δ in [0, 1] units; or, with ``make_delta=None`` and ``aux`` (an already
@@ -270,7 +355,9 @@ def write_poisoned(cfg: NoiseConfig, accelerator: Any, run_dir: Path, make_delta
     eps_u8 = int(cfg.eps)
     stats = NoiseStats(accelerator.device)
 
-    def fn(x_u8: torch.Tensor, y: torch.Tensor, keys: List[str], prev_u8: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def fn(
+        x_u8: torch.Tensor, y: torch.Tensor, keys: List[str], prev_u8: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         if make_delta is None:
             delta = (prev_u8.float() - x_u8.float()) / 255  # type: ignore[union-attr]
         else:
@@ -286,10 +373,20 @@ def write_poisoned(cfg: NoiseConfig, accelerator: Any, run_dir: Path, make_delta
         return [{"noise.npy": npy_bytes(a)} for a in d]
 
     t0 = time.time()
-    m = run_map_pass(Path(cfg.data.train), out, fn, accelerator=accelerator, stage=stage, config=identity(cfg),
-                     batch_size=cfg.final_batch_size, num_workers=cfg.data.workers, extras_fn=extras,
-                     extra={"noise": {"method": cfg.method, "eps": cfg.eps, **(extra or {})}}, progress=cfg.progress,
-                     aux=aux)
+    m = run_map_pass(
+        Path(cfg.data.train),
+        out,
+        fn,
+        accelerator=accelerator,
+        stage=stage,
+        config=identity(cfg),
+        batch_size=cfg.final_batch_size,
+        num_workers=cfg.data.workers,
+        extras_fn=extras,
+        extra={"noise": {"method": cfg.method, "eps": cfg.eps, **(extra or {})}},
+        progress=cfg.progress,
+        aux=aux,
+    )
     res = stats.result(accelerator)
     if res["eps_violations"]:
         raise RuntimeError(f"{res['eps_violations']} samples exceed eps={eps_u8}/255: refusing to trust {out}")
@@ -307,7 +404,15 @@ def random_delta(cfg: NoiseConfig) -> Callable:
     def make(x: torch.Tensor, y: torch.Tensor, keys: List[str]) -> torch.Tensor:
         seeds = y.tolist() if cfg.random_mode == "classwise" else [int(k) for k in keys]
         shape = x.shape[1:]
-        d = [torch.rand(shape, generator=torch.Generator().manual_seed(cfg.seed * 7919 + s + (1 << 40) * (cfg.random_mode == "classwise"))) for s in seeds]
+        d = [
+            torch.rand(
+                shape,
+                generator=torch.Generator().manual_seed(
+                    cfg.seed * 7919 + s + (1 << 40) * (cfg.random_mode == "classwise")
+                ),
+            )
+            for s in seeds
+        ]
         return (torch.stack(d).to(x) * 2 - 1) * cfg.eps / 255
 
     return make
@@ -317,32 +422,43 @@ def noise_summary(s: Dict[str, Any], run_dir: Path) -> str:
     """The end-of-job text of a noise stage: where the poisoned set is, its noise, the surrogate, the times, and
     the next command (a victim on the poisoned set)."""
     n = s["noise"]
-    lines = ["", f"{s['method'].upper()} noise: {s['name']}",
-             f"  poisoned shard set   {s['poisoned']}  ({n['samples']} samples written in this run)",
-             f"  noise                L∞ max {n['linf_max']:.0f}/255 (ε = {s['eps']:.0f}/255, 0 violations), "
-             f"mean L2 {n['l2_mean']:.1f}/255 per image"]
+    lines = [
+        "",
+        f"{s['method'].upper()} noise: {s['name']}",
+        f"  poisoned shard set   {s['poisoned']}  ({n['samples']} samples written in this run)",
+        f"  noise                L∞ max {n['linf_max']:.0f}/255 (ε = {s['eps']:.0f}/255, 0 violations), "
+        f"mean L2 {n['l2_mean']:.1f}/255 per image",
+    ]
     if "surrogate_acc_poisoned" in s:
         clean = s.get("surrogate_acc_clean_test")
-        lines.append(f"  surrogate            {s['surrogate_acc_poisoned']:.2f}% on the poisoned train set"
-                     + (f", {clean:.2f}% on the clean test set" if clean is not None else ""))
+        lines.append(
+            f"  surrogate            {s['surrogate_acc_poisoned']:.2f}% on the poisoned train set"
+            + (f", {clean:.2f}% on the clean test set" if clean is not None else "")
+        )
     if "rounds" in s:
         lines.append(f"  EM rounds            {s['rounds']} (surrogate error on x+δ {s['final_error']:.4f})")
     t = s["timings"]
-    lines.append("  time                 " + ", ".join(f"{k.replace('_s', '')} {v:.1f}s" for k, v in t.items())
-                 + (f", total {s['wall_s']:.1f}s" if "wall_s" in s else ""))
+    lines.append(
+        "  time                 "
+        + ", ".join(f"{k.replace('_s', '')} {v:.1f}s" for k, v in t.items())
+        + (f", total {s['wall_s']:.1f}s" if "wall_s" in s else "")
+    )
     lines.append(f"  wrote                {run_dir / 'metrics.json'}, {run_dir / 'config.yaml'}")
     train = Path(str(s["train"]))
     victim, test = "<victim config>", ""
     if train.parent.name.startswith("synthetic"):  # the built-in sets: the synthetic victim, on the set's own test
         victim = "synthetic"
         test = "" if train.parent.name == "synthetic" else f" data.test={train.parent / 'test'}"
-    lines.append(f"  next                 accelerate launch launch/victim.py --config configs/victim/{victim}.yaml "
-                 f"data.train={s['poisoned']}{test} name={s['name']}_victim")
+    lines.append(
+        f"  next                 accelerate launch launch/victim.py --config configs/victim/{victim}.yaml "
+        f"data.train={s['poisoned']}{test} name={s['name']}_victim"
+    )
     return "\n".join(lines)
 
 
-_NOISE_STAGE = dict(kind="noise", schema=NoiseConfig, inputs=("data.train", "data.test"), output="poisoned",
-                    summary=noise_summary)
+_NOISE_STAGE = dict(
+    kind="noise", schema=NoiseConfig, inputs=("data.train", "data.test"), output="poisoned", summary=noise_summary
+)
 
 
 @stage("sem", **_NOISE_STAGE)
@@ -385,11 +501,23 @@ def generate_noise(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[st
 
 def surrogate_eval(cfg: NoiseConfig, model: Normalized, poisoned: Path, accelerator: Any) -> Dict[str, float]:
     """The frozen surrogate's accuracy on the poisoned train set (and on the clean test set, when given)."""
-    res = {"surrogate_acc_poisoned": evaluate(model, poisoned, accelerator=accelerator,
-                                              batch_size=cfg.final_batch_size, num_workers=cfg.data.workers,
-                                              bf16=cfg.bf16)["top1"]}
+    res = {
+        "surrogate_acc_poisoned": evaluate(
+            model,
+            poisoned,
+            accelerator=accelerator,
+            batch_size=cfg.final_batch_size,
+            num_workers=cfg.data.workers,
+            bf16=cfg.bf16,
+        )["top1"]
+    }
     if cfg.data.test:
-        res["surrogate_acc_clean_test"] = evaluate(model, Path(cfg.data.test), accelerator=accelerator,
-                                                   batch_size=cfg.final_batch_size, num_workers=cfg.data.workers,
-                                                   bf16=cfg.bf16)["top1"]
+        res["surrogate_acc_clean_test"] = evaluate(
+            model,
+            Path(cfg.data.test),
+            accelerator=accelerator,
+            batch_size=cfg.final_batch_size,
+            num_workers=cfg.data.workers,
+            bf16=cfg.bf16,
+        )["top1"]
     return res

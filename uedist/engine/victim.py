@@ -7,10 +7,10 @@ Per step (global batch split evenly across ranks): uint8 batch -> device -> [0, 
 JPEG / bit depth) -> augmentation (crop+flip or random-resized-crop+flip) -> cutout -> PGD (adversarial
 training; on the unwrapped model, parameters frozen) -> mixup / cutmix -> forward/backward through DDP.
 """
+
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Literal, Optional
@@ -18,12 +18,18 @@ from typing import Any, Callable, Dict, Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from uedist.config import config_to_dict, location, require, runtime
+from uedist.config import location, require, runtime
 from uedist.data.loaders import make_train_loader
 from uedist.data.manifest import Manifest, load_manifest
 from uedist.engine.evaluate import evaluate
 from uedist.engine.loop import (
-    OptimConfig, check_finite, prepare_training, progress_bar, report_row, save_training, sync_buffers, write_curve,
+    OptimConfig,
+    Tracker,
+    check_finite,
+    prepare_training,
+    run_steps,
+    sync_buffers,
+    write_curve,
 )
 from uedist.io import atomic_write_json
 from uedist.models.wrappers import Normalized
@@ -41,7 +47,9 @@ class VictimData:
     workers: int = runtime(2)
     shuffle_buffer: int = 2000
     eval_batch_size: int = runtime(256)
-    augment: Literal["auto", "crop_flip", "rrc_flip", "flip", "none"] = "auto"  # auto: crop_flip <= 64 px, else rrc_flip
+    augment: Literal["auto", "crop_flip", "rrc_flip", "flip", "none"] = (
+        "auto"  # auto: crop_flip <= 64 px, else rrc_flip
+    )
     crop_pad: int = 4
     train_size: int = 0  # rrc output size; 0 = 7/8 of the stored size (224 for 256)
     norm: Literal["auto", "cifar", "imagenet", "none"] = "auto"  # auto: cifar stats for cifar*, else imagenet
@@ -82,7 +90,9 @@ class DefenseConfig:
 
     def validate(self) -> None:
         require(not (self.mixup and self.cutmix), "defense: choose mixup or cutmix, not both")
-        require(0 <= self.jpeg_quality <= 100 and 0 <= self.bit_depth <= 8, "defense: jpeg_quality 0..100, bit_depth 0..8")
+        require(
+            0 <= self.jpeg_quality <= 100 and 0 <= self.bit_depth <= 8, "defense: jpeg_quality 0..100, bit_depth 0..8"
+        )
 
 
 @dataclass
@@ -104,6 +114,7 @@ class VictimConfig:
     log_every: int = runtime(50)
     resume: bool = runtime(True)
     progress: bool = runtime(True)
+    log_with: str = runtime("")  # "tensorboard": scalars of every curve row under <run>/tb (off by default)
 
     def validate(self) -> None:
         require((self.steps > 0) != (self.epochs > 0), "set exactly one of steps or epochs")
@@ -117,8 +128,11 @@ def _norm_stats(cfg: VictimConfig, m: Manifest):
     kind = cfg.data.norm
     if kind == "auto":
         kind = "cifar" if m.dataset.startswith("cifar") else "imagenet"
-    return {"cifar": (CIFAR10_MEAN, CIFAR10_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-            "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}[kind]
+    return {
+        "cifar": (CIFAR10_MEAN, CIFAR10_STD),
+        "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+        "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    }[kind]
 
 
 def build_victim(cfg: VictimConfig, train: Manifest) -> Normalized:
@@ -170,10 +184,12 @@ def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def victim_summary(m: Dict[str, Any], run_dir: Path) -> str:
     """The end-of-job text of a victim run: clean test accuracy, length, speed, what was written."""
-    return (f"\n{run_dir.name}: clean test top-1 {m['test_top1']:.2f}%  top-5 {m['test_top5']:.2f}%  "
-            f"({m['test_samples']} test images; {m['steps']} steps = {m['epochs']:.1f} epochs; "
-            f"{m['images_per_s']:.0f} img/s; {m['train_time_s']:.0f} s training on {m['world_size']} process(es))\n"
-            f"wrote {run_dir / 'metrics.json'}, {run_dir / 'curve.csv'}, checkpoints in {run_dir / 'checkpoints'}")
+    return (
+        f"\n{run_dir.name}: clean test top-1 {m['test_top1']:.2f}%  top-5 {m['test_top5']:.2f}%  "
+        f"({m['test_samples']} test images; {m['steps']} steps = {m['epochs']:.1f} epochs; "
+        f"{m['images_per_s']:.0f} img/s; {m['train_time_s']:.0f} s training on {m['world_size']} process(es))\n"
+        f"wrote {run_dir / 'metrics.json'}, {run_dir / 'curve.csv'}, checkpoints in {run_dir / 'checkpoints'}"
+    )
 
 
 @stage("victim", kind="victim", schema=VictimConfig, inputs=("data.train", "data.test"), summary=victim_summary)
@@ -186,56 +202,87 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
         raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by {world} processes")
     total = cfg.total_steps(train_m.num_samples)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    p = prepare_training(build_victim(cfg, train_m), cfg.optim, total, accelerator=accelerator, ckpt_root=run_dir,
-                         seed=cfg.seed, config=cfg, ckpt_every=cfg.ckpt_every, resume=cfg.resume,
-                         channels_last=cfg.channels_last)
-    model, ddp_model, opt, sched, gen, ckpt = p.model, p.ddp, p.opt, p.sched, p.gen, p.ckpt
-    start, curve, elapsed_before = p.start, p.curve, p.elapsed
+    p = prepare_training(
+        build_victim(cfg, train_m),
+        cfg.optim,
+        total,
+        accelerator=accelerator,
+        ckpt_root=run_dir,
+        seed=cfg.seed,
+        config=cfg,
+        ckpt_every=cfg.ckpt_every,
+        resume=cfg.resume,
+        channels_last=cfg.channels_last,
+    )
+    model, ddp_model, opt, gen, ckpt, start, curve = p.model, p.ddp, p.opt, p.gen, p.ckpt, p.start, p.curve
     train_tf, eval_tf = _transforms(cfg, train_m, gen)
-    step_fn = _make_step(cfg, ddp_model, model, opt, accelerator, num_classes=train_m.num_classes, gen=gen,
-                         ckpt_dir=ckpt.dir)
-    loader = make_train_loader(cfg.data.train, batch_size=cfg.data.batch_size // world, num_steps=total,
-                               seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.data.workers,
-                               shuffle_buffer=cfg.data.shuffle_buffer, start_step=start,
-                               pin_memory=device.type == "cuda")
-    bar = progress_bar(total, start, cfg.name, cfg.progress and accelerator.is_main_process)
-    t_train, seen, window = time.time(), 0, []
-    step = start
-    for batch in loader:
-        x = train_tf(to_unit(batch["image"].to(device, non_blocking=True)))
+    step_fn = _make_step(
+        cfg, ddp_model, model, opt, accelerator, num_classes=train_m.num_classes, gen=gen, ckpt_dir=ckpt.dir
+    )
+    loader = make_train_loader(
+        cfg.data.train,
+        batch_size=cfg.data.batch_size // world,
+        num_steps=total,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world,
+        num_workers=cfg.data.workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        start_step=start,
+        pin_memory=device.type == "cuda",
+    )
+    seen = [0]
+
+    def one(batch: Dict[str, torch.Tensor], step_no: int) -> Dict[str, float]:
+        x = train_tf(to_unit(batch["image"].to(device, non_blocking=True)))  # (B/N, C, H, W) in [0, 1]
         y = batch["label"].to(device, non_blocking=True)
-        loss, acc = step_fn(x, y, step + 1)
-        step += 1
-        sched.step()
-        window.append((loss.item(), acc))
-        seen += y.shape[0] * world
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == total:
-            curve.append({"step": step, "lr": sched.get_last_lr()[0], "train_loss": sum(w[0] for w in window) / len(window),
-                          "train_acc": 100.0 * sum(w[1] for w in window) / len(window)})
-            report_row(bar, curve[-1], total, desc="victim", log_lines=not cfg.progress and accelerator.is_main_process)
-            window = []
-        if cfg.eval_every and step % cfg.eval_every == 0 and step != total:
-            sync_buffers(model, accelerator)
-            ev = _eval(cfg, model, accelerator, eval_tf)
-            curve.append({"step": step, "test_top1": ev["top1"]})
-        if ckpt.due(step, total):
-            save_training(p, step, elapsed_before + time.time() - t_train)
-    bar.close()
-    train_time = elapsed_before + time.time() - t_train
-    ips = seen / max(time.time() - t_train, 1e-9) if seen else float("nan")
+        loss, acc = step_fn(x, y, step_no)
+        seen[0] += y.shape[0] * world
+        return {"train_loss": loss.item(), "train_acc": 100.0 * acc}
+
+    def evaluate_due(step: int) -> Optional[Dict[str, float]]:
+        if not (cfg.eval_every and step % cfg.eval_every == 0 and step != total):
+            return None
+        sync_buffers(model, accelerator)
+        return {"test_top1": _eval(cfg, model, accelerator, eval_tf)["top1"]}
+
+    done = run_steps(
+        p,
+        one,
+        loader,
+        total=total,
+        desc=cfg.name,
+        log_every=cfg.log_every,
+        progress=cfg.progress,
+        accelerator=accelerator,
+        tracker=Tracker(cfg.log_with, run_dir / "tb", accelerator),
+        on_step=evaluate_due,
+    )
+    train_time, seen = done.train_time, seen[0]
+    ips = seen / max(done.wall, 1e-9) if seen else float("nan")
     sync_buffers(model, accelerator)
     in_sync = ranks_in_sync(model, accelerator)
     ev = _eval(cfg, model, accelerator, eval_tf)
     if ev["samples"] != ev["expected_samples"]:
         raise RuntimeError(f"evaluated {ev['samples']} test samples, the test set has {ev['expected_samples']}")
     metrics = {
-        "name": cfg.name, "steps": total, "epochs": total * cfg.data.batch_size / train_m.num_samples,
-        "test_top1": ev["top1"], "test_top5": ev["top5"], "per_class_top1": ev["per_class"],
-        "test_samples": ev["samples"], "train": cfg.data.train, "test": cfg.data.test,
-        "model": cfg.model.name, "adversarial": cfg.adv.enabled, "world_size": world,
-        "wrapper": type(ddp_model).__name__, "ranks_in_sync": in_sync,
-        "images_per_s": ips, "train_time_s": train_time, "curve": curve,
+        "name": cfg.name,
+        "steps": total,
+        "epochs": total * cfg.data.batch_size / train_m.num_samples,
+        "test_top1": ev["top1"],
+        "test_top5": ev["top5"],
+        "per_class_top1": ev["per_class"],
+        "test_samples": ev["samples"],
+        "train": cfg.data.train,
+        "test": cfg.data.test,
+        "model": cfg.model.name,
+        "adversarial": cfg.adv.enabled,
+        "world_size": world,
+        "wrapper": type(ddp_model).__name__,
+        "ranks_in_sync": in_sync,
+        "images_per_s": ips,
+        "train_time_s": train_time,
+        "curve": curve,
         "final_train_loss": curve[-1]["train_loss"] if curve else None,
     }
     if accelerator.is_main_process:
@@ -249,18 +296,37 @@ def ranks_in_sync(model: torch.nn.Module, accelerator: Any) -> bool:
     """True if every rank holds bit-identical parameters and buffers (a float64 checksum per rank, gathered)."""
     with torch.no_grad():
         sums = torch.stack([t.detach().double().sum() for t in model.state_dict().values() if t.is_floating_point()])
-        sig = torch.stack([sums.sum(), (sums * torch.arange(1, len(sums) + 1, dtype=torch.float64, device=sums.device)).sum()])
+        sig = torch.stack(
+            [sums.sum(), (sums * torch.arange(1, len(sums) + 1, dtype=torch.float64, device=sums.device)).sum()]
+        )
     gathered = accelerator.gather(sig[None].to(accelerator.device))
     return bool((gathered == gathered[0]).all())
 
 
 def _eval(cfg: VictimConfig, model: torch.nn.Module, accelerator: Any, eval_tf: Callable) -> Dict[str, Any]:
-    return evaluate(model, Path(cfg.data.test), accelerator=accelerator, batch_size=cfg.data.eval_batch_size,
-                    num_workers=cfg.data.workers, transform=eval_tf, bf16=cfg.bf16, channels_last=cfg.channels_last)
+    return evaluate(
+        model,
+        Path(cfg.data.test),
+        accelerator=accelerator,
+        batch_size=cfg.data.eval_batch_size,
+        num_workers=cfg.data.workers,
+        transform=eval_tf,
+        bf16=cfg.bf16,
+        channels_last=cfg.channels_last,
+    )
 
 
-def _make_step(cfg: VictimConfig, ddp_model: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer,
-               accelerator: Any, *, num_classes: int, gen: torch.Generator, ckpt_dir: Path) -> Callable[..., Any]:
+def _make_step(
+    cfg: VictimConfig,
+    ddp_model: torch.nn.Module,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    accelerator: Any,
+    *,
+    num_classes: int,
+    gen: torch.Generator,
+    ckpt_dir: Path,
+) -> Callable[..., Any]:
     """One training update on a [0, 1] batch; returns (loss tensor, accuracy fraction)."""
     a, d = cfg.adv, cfg.defense
     amp = dict(device_type=accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
@@ -277,7 +343,9 @@ def _make_step(cfg: VictimConfig, ddp_model: torch.nn.Module, model: torch.nn.Mo
             model.train(a.bn_mode == "train")
             for p in model.parameters():
                 p.requires_grad_(False)
-            x = x + pgd(attack_forward, x, y, eps=a.eps / 255, alpha=a.step_size / 255, steps=a.steps, norm=a.norm, gen=gen)
+            x = x + pgd(
+                attack_forward, x, y, eps=a.eps / 255, alpha=a.step_size / 255, steps=a.steps, norm=a.norm, gen=gen
+            )
             for p in model.parameters():
                 p.requires_grad_(True)
             model.train(was)
