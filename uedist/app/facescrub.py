@@ -49,6 +49,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _say(text: str, *, err: bool = False) -> None:
+    """The command's own report lines, bare on stdout (errors on stderr), as the ``uedist`` CLI writes its product."""
+    (sys.stderr if err else sys.stdout).write(text + "\n")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse the metadata, download and crop, print where everything went; returns the exit status."""
     args = parse_args(argv)
@@ -56,9 +61,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         rows, bad = read_facescrub_meta(args.meta, skip_bad=args.skip_bad_rows)
     except (FacescrubMetadataError, OSError) as exc:
-        print(
-            f"error: {exc}\n(--skip-bad-rows skips such rows and lists them in <out>/{BAD_ROWS_TSV})", file=sys.stderr
-        )
+        _say(f"error: {exc}\n(--skip-bad-rows skips such rows and lists them in <out>/{BAD_ROWS_TSV})", err=True)
         return 2
     bad_tsv = write_bad_rows_tsv(bad, args.out / BAD_ROWS_TSV)
     try:
@@ -75,19 +78,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             progress=not args.no_progress,
         )
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _say(f"error: {exc}", err=True)
         return 2
     present = sum(summary.per_identity.values())
-    print(
+    _say(
         f"{present} crops of {len(summary.per_identity)} identities in {summary.out_dir}/<Identity>/"
         f"<face_id>.{summary.image_format} ({summary.downloaded} new, {summary.skipped_existing} already there)"
     )
-    print(f"{summary.failed} of {summary.total} rows failed {summary.failed_by_reason}: {summary.failed_tsv}")
-    print(f"{len(bad)} bad metadata rows skipped: {bad_tsv}")
-    print(f"summary: {summary.summary_json} ({summary.elapsed_s:.1f} s)")
+    _say(f"{summary.failed} of {summary.total} rows failed {summary.failed_by_reason}: {summary.failed_tsv}")
+    _say(f"{len(bad)} bad metadata rows skipped: {bad_tsv}")
+    _say(f"summary: {summary.summary_json} ({summary.elapsed_s:.1f} s)")
     below = {name: n for name, n in summary.per_identity.items() if n < args.min_images}
     if below:
-        print(f"{len(below)} identities have fewer than {args.min_images} crops: {below}", file=sys.stderr)
+        _say(f"{len(below)} identities have fewer than {args.min_images} crops: {below}", err=True)
         return 1
     return 0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Type, TypeVar
@@ -147,7 +148,8 @@ def _run(st: StageDef, cfg: Any, *, accelerator: Any, run_dir: Path) -> int:
     if isinstance(s, int):
         return s
     if accelerator.is_main_process and st.summary is not None:
-        print(st.summary({**s, "wall_s": time.time() - t0}, run_dir), flush=True)
+        sys.stdout.write(st.summary({**s, "wall_s": time.time() - t0}, run_dir) + "\n")  # the job's product, bare
+        sys.stdout.flush()
     return 0
 
 
