@@ -307,10 +307,10 @@ def noise_steps(cfg: Any, m: Manifest, *, batch: int, accelerator: Any) -> dict[
     kw.update(step=1, ckpt_dir=Path(tempfile.gettempdir()))  # where a non-finite loss would leave its report
 
     def final() -> None:
-        noise_for_batch(cfg, model, x, y, eot, gen, amp)
+        noise_for_batch(cfg, model, x, y=y, eot=eot, gen=gen, amp=amp)
 
     def step() -> None:
-        d = noise_for_batch(cfg, model, x, y, eot, gen, amp)
+        d = noise_for_batch(cfg, model, x, y=y, eot=eot, gen=gen, amp=amp)
         surrogate_step(cfg, x + d, y, **kw)
 
     return {"surrogate step": (step, final_passes + cfg.adv_steps + 1), "final pass": (final, final_passes)}

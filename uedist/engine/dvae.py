@@ -28,15 +28,14 @@ from typing import Any, Dict, List, Literal, Optional, Tuple
 import torch
 
 from uedist.config import identity, location, require, runtime
-from uedist.data.loaders import make_train_loader
 from uedist.data.manifest import Manifest, ManifestError, load_manifest
 from uedist.engine.loop import (
     OptimConfig,
+    Tracker,
     check_finite,
     prepare_training,
-    progress_bar,
-    report_row,
-    save_training,
+    run_steps,
+    train_batches,
     write_curve,
 )
 from uedist.engine.map_pass import run_map_pass
@@ -49,6 +48,7 @@ from uedist.engine.purify_common import (
     diff_column,
     read_columns,
 )
+from uedist.engine.stats import RunningSums
 from uedist.engine.victim import ranks_in_sync
 from uedist.io import atomic_write_json
 from uedist.models.dvae import DVAE, dvae_loss
@@ -120,6 +120,7 @@ class DVAEConfig:
     log_every: int = runtime(50)
     resume: bool = runtime(True)
     progress: bool = runtime(True)
+    log_with: str = runtime("")  # "tensorboard": scalars of every curve row under <run>/tb/stage<k> (off by default)
 
     def validate(self) -> None:
         require(bool(self.data.src), "data.src (the poisoned shard set) is required")
@@ -150,8 +151,6 @@ def train_dvae_stage(
     the stage's summary (steps, last logged losses, DDP wrapper, whether every rank holds the same weights)."""
     m = load_manifest(src)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    if cfg.data.batch_size % world:
-        raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by {world} processes")
     total, per_epoch = cfg.total_steps(m.num_samples), m.num_samples / cfg.data.batch_size
     limit = cfg.kld_limits[stage - 1]
     weight = cfg.kld_weight if limit >= 0.99 else cfg.kld_weight_small  # the reference's `kld_target > 0.99`
@@ -172,60 +171,41 @@ def train_dvae_stage(
         gen_name="dvae",
         make_opt=lambda ps: torch.optim.Adam(ps, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay),
     )
-    step, t0, window = p.start, time.time(), []
     gen = torch.Generator(device=device)
     latent_shape = lambda b: (b, cfg.model.latent_dim, m.image_size[0] // 2, m.image_size[1] // 2)  # noqa: E731
-    bar = progress_bar(total, step, f"{cfg.name} D-VAE stage {stage}", cfg.progress and accelerator.is_main_process)
-    if step < total:
-        loader = make_train_loader(
-            src,
-            batch_size=cfg.data.batch_size // world,
-            num_steps=total,
-            seed=cfg.seed * 10 + stage,
-            rank=rank,
-            world_size=world,
-            num_workers=cfg.data.workers,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            start_step=step,
-            pin_memory=device.type == "cuda",
+
+    def one(batch: Dict[str, torch.Tensor], step_no: int) -> Dict[str, torch.Tensor]:
+        x = to_unit(batch["image"].to(device, non_blocking=True))
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # ε of the reparameterization from (seed, stage, rank, step) alone: a resumed run draws what an
+        # uninterrupted one did, whatever else consumed the global RNG (e.g. the loader's worker seeds).
+        g = gen.manual_seed(((cfg.seed * 10 + stage) * 1009 + rank) * 10_000_019 + step_no - 1)
+        eps = torch.randn(latent_shape(x.shape[0]), generator=g, device=device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            out = p.ddp(x, batch["label"].to(device, non_blocking=True), noise=eps)
+        out = type(out)(*(t.float() for t in out))
+        loss, terms = dvae_loss(
+            out, x, kld_limit=limit, kld_weight=weight, p_floor=cfg.p_floor if step_no > floor_step else None
         )
-        for batch in loader:
-            x = to_unit(batch["image"].to(device, non_blocking=True))
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            # ε of the reparameterization from (seed, stage, rank, step) alone: a resumed run draws what an
-            # uninterrupted one did, whatever else consumed the global RNG (e.g. the loader's worker seeds).
-            g = gen.manual_seed(((cfg.seed * 10 + stage) * 1009 + rank) * 10_000_019 + step)
-            eps = torch.randn(latent_shape(x.shape[0]), generator=g, device=device)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                out = p.ddp(x, batch["label"].to(device, non_blocking=True), noise=eps)
-            out = type(out)(*(t.float() for t in out))
-            loss, terms = dvae_loss(
-                out, x, kld_limit=limit, kld_weight=weight, p_floor=cfg.p_floor if step >= floor_step else None
-            )
-            check_finite(loss, step + 1, accelerator, p.ckpt.dir)
-            p.opt.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            torch.nn.utils.clip_grad_norm_(p.model.parameters(), cfg.grad_clip)
-            p.opt.step()
-            p.sched.step()
-            step += 1
-            window.append(torch.stack(list(terms.values())))
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total:
-                mean = torch.stack(window).mean(0).tolist()
-                p.curve.append({"step": step, "lr": p.sched.get_last_lr()[0], **dict(zip(terms, mean))})
-                report_row(
-                    bar,
-                    p.curve[-1],
-                    total,
-                    desc=f"D-VAE stage {stage}",
-                    log_lines=not cfg.progress and accelerator.is_main_process,
-                )
-                window = []
-            if p.ckpt.due(step, total):
-                save_training(p, step, p.elapsed + time.time() - t0)
-    bar.close()
+        check_finite(loss, step_no, accelerator, p.ckpt.dir)
+        p.opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        torch.nn.utils.clip_grad_norm_(p.model.parameters(), cfg.grad_clip)
+        p.opt.step()
+        return terms
+
+    run_steps(
+        p,
+        one,
+        lambda: train_batches(cfg.data, p, total=total, seed=cfg.seed * 10 + stage, accelerator=accelerator, src=src),
+        total=total,
+        desc=f"{cfg.name} D-VAE stage {stage}",
+        log_every=cfg.log_every,
+        progress=cfg.progress,
+        accelerator=accelerator,
+        tracker=Tracker(cfg.log_with, run_dir / "tb" / f"stage{stage}", accelerator),
+    )
     if accelerator.is_main_process:
         write_curve(run_dir / f"stage{stage}_curve.csv", p.curve)
     info = {
@@ -245,22 +225,16 @@ class PassStats:
     """Per-pass sums: KLD per position, reconstruction MSE (x̂ vs the pass input), mean p̂², in [0, 1] units."""
 
     def __init__(self, device: torch.device) -> None:
-        self.t = torch.zeros(4, dtype=torch.float64, device=device)  # n, Σ kld, Σ mse(x̂, x), Σ mean(p̂²)
+        self.sums = RunningSums(device, sums=("n", "kld", "rec", "p2"))  # n, Σ kld, Σ mse(x̂, x), Σ mean(p̂²)
 
     def update(self, x: torch.Tensor, out: Any) -> None:
-        b = x.shape[0]
         k = (-0.5 * (1 + out.logvar - out.mu.pow(2) - out.logvar.exp()).sum(1)).flatten(1).mean(1)
-        self.t += torch.stack(
-            [
-                torch.tensor(float(b), device=x.device),
-                k.sum(),
-                (out.rec - x).pow(2).flatten(1).mean(1).sum(),
-                out.p.pow(2).flatten(1).mean(1).sum(),
-            ]
-        ).double()
+        rec = (out.rec - x).pow(2).flatten(1).mean(1).sum()
+        self.sums.add(n=x.shape[0], kld=k.sum(), rec=rec, p2=out.p.pow(2).flatten(1).mean(1).sum())
 
     def result(self, accelerator: Any) -> Dict[str, float]:
-        n, k, r, p = accelerator.reduce(self.t.clone(), reduction="sum").tolist()
+        r = self.sums.result(accelerator)
+        n, k, r, p = r["n"], r["kld"], r["rec"], r["p2"]
         if not n:
             return {}
         return {

@@ -255,6 +255,31 @@ def prepare_training(
     )
 
 
+def train_batches(
+    data: Any, p: Prepared, *, total: int, seed: int, accelerator: Any, src: str = "", start: int = -1
+) -> Any:
+    """This rank's training batches for steps ``start + 1 .. total`` (default ``p.start``) of the set ``src``
+    (default ``data.train``), read with the ``data`` section's global batch size (split evenly across ranks),
+    workers and shuffle buffer: exactly what an uninterrupted run would have read."""
+    from uedist.data.loaders import make_train_loader
+
+    world = accelerator.num_processes
+    if data.batch_size % world:
+        raise ValueError(f"data.batch_size {data.batch_size} is not divisible by {world} processes")
+    return make_train_loader(
+        src or data.train,
+        batch_size=data.batch_size // world,
+        num_steps=total,
+        seed=seed,
+        rank=accelerator.process_index,
+        world_size=world,
+        num_workers=data.workers,
+        shuffle_buffer=data.shuffle_buffer,
+        start_step=p.start if start < 0 else start,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+
+
 def save_training(p: Prepared, step: int, elapsed: float, **extra: Any) -> None:
     """Collective checkpoint of a prepared run (buffers synced from rank 0, weights checked finite first)."""
     sync_buffers(p.model, p.ckpt.acc)
@@ -355,7 +380,8 @@ def run_steps(
     save: Optional[Callable[[int, float], None]] = None,
 ) -> StepsDone:
     """The one step loop: for each batch, ``step_fn(batch, step_no)`` (1-based; it does forward, ``check_finite``,
-    backward and the optimizer update) returns floats that are averaged over a window; a curve row
+    backward and the optimizer update) returns floats or 0-d tensors (not synchronized with the device until a
+    row is due) that are averaged over a window; a curve row
     ``{step, lr, <keys>}`` is appended to ``p.curve`` every ``log_every`` steps and at ``total``, shown by
     :func:`report_row` and sent to ``tracker``; ``p.sched`` steps once per step; ``on_step(step)`` may return an
     extra row (e.g. an evaluation); checkpoints at ``p.ckpt.due`` through ``save(step, elapsed)`` (default
@@ -378,7 +404,7 @@ def run_steps(
                     {
                         "step": step,
                         "lr": p.sched.get_last_lr()[0],
-                        **{k: sum(w[k] for w in window) / len(window) for k in window[0]},
+                        **{k: float(sum(w[k] for w in window) / len(window)) for k in window[0]},
                     }
                 )
                 report_row(bar, rows[-1], total, desc=desc, log_lines=not progress and accelerator.is_main_process)

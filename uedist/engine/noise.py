@@ -17,24 +17,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from uedist.config import identity, location, require, runtime
-from uedist.data.loaders import make_train_loader
 from uedist.data.manifest import Manifest, load_manifest
 from uedist.engine.evaluate import evaluate
 from uedist.engine.loop import (
     OptimConfig,
+    Tracker,
     check_finite,
     prepare_training,
-    progress_bar,
-    report_row,
-    save_training,
+    run_steps,
+    train_batches,
     write_curve,
 )
 from uedist.engine.map_pass import npy_bytes, run_map_pass
+from uedist.engine.stats import RunningSums
 from uedist.engine.victim import ModelSpec
 from uedist.io import atomic_write_json
 from uedist.models.wrappers import Normalized
@@ -96,6 +95,7 @@ class NoiseConfig:
     log_every: int = runtime(50)
     resume: bool = runtime(True)
     progress: bool = runtime(True)
+    log_with: str = runtime("")  # "tensorboard": scalars of every curve row under <run>/tb (off by default)
 
     def validate(self) -> None:
         require(0 < self.eps <= 64, f"eps must be in (0, 64] (/255), got {self.eps}")
@@ -139,6 +139,7 @@ def noise_for_batch(
     cfg: NoiseConfig,
     model: Normalized,
     x: torch.Tensor,
+    *,
     y: torch.Tensor,
     eot: Callable[[torch.Tensor], torch.Tensor],
     gen: torch.Generator,
@@ -177,9 +178,7 @@ def noise_for_batch(
 def train_surrogate(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """Phase 1: M steps of min-min surrogate training (resumable). Returns stats; the weights stay in run_dir."""
     m = load_manifest(cfg.data.train)
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    if cfg.data.batch_size % world:
-        raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by {world} processes")
+    device = accelerator.device
     torch.manual_seed(cfg.seed)
     p = prepare_training(
         surrogate_for(cfg, m),
@@ -194,72 +193,45 @@ def train_surrogate(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[s
         channels_last=cfg.channels_last,
         gen_name="noise",
     )
-    model, ddp, opt, sched, gen, ckpt = p.model, p.ddp, p.opt, p.sched, p.gen, p.ckpt
-    start, curve, t_before = p.start, p.curve, p.elapsed
-    eot = make_eot(cfg, m, gen)
+    eot = make_eot(cfg, m, p.gen)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
-    t0, window, step = time.time(), [], start
-    bar = progress_bar(cfg.steps, start, f"{cfg.name} surrogate", cfg.progress and accelerator.is_main_process)
-    if start < cfg.steps:
-        loader = make_train_loader(
-            cfg.data.train,
-            batch_size=cfg.data.batch_size // world,
-            num_steps=cfg.steps,
-            seed=cfg.seed,
-            rank=rank,
-            world_size=world,
-            num_workers=cfg.data.workers,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            start_step=start,
-            pin_memory=device.type == "cuda",
+
+    def one(batch: Dict[str, torch.Tensor], step_no: int) -> Dict[str, float]:
+        x = to_unit(batch["image"].to(device, non_blocking=True))
+        y = batch["label"].to(device, non_blocking=True)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        delta = noise_for_batch(cfg, p.model, x, y=y, eot=eot, gen=p.gen, amp=amp)
+        loss, acc = surrogate_step(
+            cfg,
+            x + delta,
+            y,
+            ddp=p.ddp,
+            model=p.model,
+            opt=p.opt,
+            eot=eot,
+            gen=p.gen,
+            amp=amp,
+            accelerator=accelerator,
+            step=step_no,
+            ckpt_dir=p.ckpt.dir,
         )
-        for batch in loader:
-            x = to_unit(batch["image"].to(device, non_blocking=True))
-            y = batch["label"].to(device, non_blocking=True)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            delta = noise_for_batch(cfg, model, x, y, eot, gen, amp)
-            loss, acc = surrogate_step(
-                cfg,
-                x + delta,
-                y,
-                ddp=ddp,
-                model=model,
-                opt=opt,
-                eot=eot,
-                gen=gen,
-                amp=amp,
-                accelerator=accelerator,
-                step=step + 1,
-                ckpt_dir=ckpt.dir,
-            )
-            step += 1
-            sched.step()
-            window.append((loss, acc))
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                curve.append(
-                    {
-                        "step": step,
-                        "lr": sched.get_last_lr()[0],
-                        "loss": float(np.mean([w[0] for w in window])),
-                        "acc_poisoned_adv": 100 * float(np.mean([w[1] for w in window])),
-                    }
-                )
-                report_row(
-                    bar,
-                    curve[-1],
-                    cfg.steps,
-                    desc="surrogate",
-                    log_lines=not cfg.progress and accelerator.is_main_process,
-                )
-                window = []
-            if ckpt.due(step, cfg.steps):
-                save_training(p, step, t_before + time.time() - t0)
-    bar.close()
+        return {"loss": loss, "acc_poisoned_adv": 100.0 * acc}
+
+    done = run_steps(
+        p,
+        one,
+        lambda: train_batches(cfg.data, p, total=cfg.steps, seed=cfg.seed, accelerator=accelerator),
+        total=cfg.steps,
+        desc=f"{cfg.name} surrogate",
+        log_every=cfg.log_every,
+        progress=cfg.progress,
+        accelerator=accelerator,
+        tracker=Tracker(cfg.log_with, run_dir / "tb", accelerator),
+    )
     if accelerator.is_main_process:
-        write_curve(run_dir / "surrogate_curve.csv", curve)
-    return {"steps": cfg.steps, "time_s": t_before + time.time() - t0, "curve": curve}
+        write_curve(run_dir / "surrogate_curve.csv", p.curve)
+    return {"steps": cfg.steps, "time_s": done.train_time, "curve": p.curve}
 
 
 def surrogate_step(
@@ -318,24 +290,27 @@ def load_surrogate(cfg: NoiseConfig, run_dir: Path, m: Manifest, device: torch.d
 
 
 class NoiseStats:
-    """Running L∞ / L2 statistics of the written noise (in /255 units), summed across ranks at the end."""
+    """Running L∞ / L2 statistics of the written noise (in /255 units), combined across ranks at the end."""
 
     def __init__(self, device: torch.device) -> None:
-        self.t = torch.zeros(4, dtype=torch.float64, device=device)  # n, sum L2, max Linf, violations
+        self.sums = RunningSums(device, sums=("n", "l2", "violations"), maxima=("linf",))
 
     def update(self, clean: torch.Tensor, poisoned: torch.Tensor, eps_u8: int) -> None:
         d = poisoned.to(torch.int16) - clean.to(torch.int16)  # uint8 units
         linf = d.abs().flatten(1).amax(1)
-        self.t[0] += d.shape[0]
-        self.t[1] += d.double().flatten(1).norm(dim=1).sum()
-        self.t[2] = torch.maximum(self.t[2], linf.max().double())
-        self.t[3] += (linf > eps_u8).sum()
+        self.sums.add(n=d.shape[0], l2=d.double().flatten(1).norm(dim=1).sum(), violations=(linf > eps_u8).sum())
+        self.sums.maximum(linf=linf.max())
 
     def result(self, accelerator: Any) -> Dict[str, float]:
         """Collective. Counts cover the samples this run wrote (shards finished before a resume are not re-read)."""
-        n, l2, viol = accelerator.reduce(self.t[[0, 1, 3]].clone(), reduction="sum").tolist()
-        linf = float(accelerator.gather(self.t[2:3].clone()).max())
-        return {"samples": int(n), "linf_max": linf, "l2_mean": l2 / max(n, 1.0), "eps_violations": int(viol)}
+        r = self.sums.result(accelerator)
+        n = r["n"]
+        return {
+            "samples": int(n),
+            "linf_max": max(r["linf"], 0.0),
+            "l2_mean": r["l2"] / max(n, 1.0),
+            "eps_violations": int(r["violations"]),
+        }
 
 
 def write_poisoned(
@@ -482,7 +457,7 @@ def generate_noise(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[st
             gen = _batch_gen(cfg.seed, keys)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            return noise_for_batch(cfg, model, x, y, make_eot(cfg, m, gen), gen, amp)
+            return noise_for_batch(cfg, model, x, y=y, eot=make_eot(cfg, m, gen), gen=gen, amp=amp)
     elif cfg.method == "random":
         make_delta = random_delta(cfg)
     else:

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from uedist.config import location, require, runtime
-from uedist.data.loaders import make_train_loader
 from uedist.data.manifest import Manifest, load_manifest
 from uedist.engine.evaluate import evaluate
 from uedist.engine.loop import (
@@ -29,6 +28,7 @@ from uedist.engine.loop import (
     prepare_training,
     run_steps,
     sync_buffers,
+    train_batches,
     write_curve,
 )
 from uedist.io import atomic_write_json
@@ -197,9 +197,7 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
     """Train and evaluate one victim; writes checkpoints, curves and metrics.json under ``run_dir``."""
     train_m, test_m = load_manifest(cfg.data.train), load_manifest(cfg.data.test)
     train_m.check_compatible(test_m, what=f"train set {cfg.data.train} vs test set {cfg.data.test}: ")
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    if cfg.data.batch_size % world:
-        raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by {world} processes")
+    world, device = accelerator.num_processes, accelerator.device
     total = cfg.total_steps(train_m.num_samples)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     p = prepare_training(
@@ -214,22 +212,10 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
         resume=cfg.resume,
         channels_last=cfg.channels_last,
     )
-    model, ddp_model, opt, gen, ckpt, start, curve = p.model, p.ddp, p.opt, p.gen, p.ckpt, p.start, p.curve
+    model, ddp_model, opt, gen, ckpt, curve = p.model, p.ddp, p.opt, p.gen, p.ckpt, p.curve
     train_tf, eval_tf = _transforms(cfg, train_m, gen)
     step_fn = _make_step(
         cfg, ddp_model, model, opt, accelerator, num_classes=train_m.num_classes, gen=gen, ckpt_dir=ckpt.dir
-    )
-    loader = make_train_loader(
-        cfg.data.train,
-        batch_size=cfg.data.batch_size // world,
-        num_steps=total,
-        seed=cfg.seed,
-        rank=rank,
-        world_size=world,
-        num_workers=cfg.data.workers,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        start_step=start,
-        pin_memory=device.type == "cuda",
     )
     seen = [0]
 
@@ -249,7 +235,7 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
     done = run_steps(
         p,
         one,
-        loader,
+        lambda: train_batches(cfg.data, p, total=total, seed=cfg.seed, accelerator=accelerator),
         total=total,
         desc=cfg.name,
         log_every=cfg.log_every,
