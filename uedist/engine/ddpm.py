@@ -2,7 +2,7 @@
 
     accelerate launch launch/ddpm.py --config configs/ddpm/cifar10.yaml
     torchrun --nproc_per_node 2 launch/ddpm.py --config configs/ddpm/imagenet256.yaml \
-        deepspeed=configs/deepspeed/zero2_bf16.json          # DeepSpeed ZeRO-2: train_ddpm_deepspeed
+        deepspeed=configs/deepspeed/zero2_bf16.json          # DeepSpeed ZeRO-2 (uedist.engine.zero)
 
 Per step (global batch split across ranks): uint8 batch -> [-1, 1] -> random horizontal flip -> t ~ U{0..t_max−1},
 ε ~ N(0, I) -> x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε -> loss ‖ε − ε_θ(x_t, t)‖² (the "simple" ε-prediction loss, Eq. 14)
@@ -15,10 +15,10 @@ grid of samples drawn with the EMA weights.
 
 from __future__ import annotations
 
-import time
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Tuple
 
 import numpy as np
 import torch
@@ -27,21 +27,19 @@ import torch.nn.functional as F
 from uedist.checkpoint import latest_checkpoint, load_state
 from uedist.config import location, require, runtime
 from uedist.data.grids import write_image_grid
-from uedist.data.loaders import make_train_loader
 from uedist.diffusion.ema import EMA
 from uedist.diffusion.purify import sample
 from uedist.diffusion.schedule import Schedule
 from uedist.dist import get_logger
 from uedist.engine.loop import (
-    Checkpointer,
     OptimConfig,
+    Prepared,
+    StepsDone,
+    Tracker,
     check_finite,
-    config_state,
-    make_scheduler,
     prepare_training,
-    progress_bar,
-    report_row,
-    save_training,
+    run_steps,
+    train_batches,
     write_curve,
 )
 from uedist.engine.victim import ranks_in_sync
@@ -113,6 +111,7 @@ class DDPMConfig:
     log_every: int = runtime(100)
     resume: bool = runtime(True)
     progress: bool = runtime(True)
+    log_with: str = runtime("")  # "tensorboard": scalars of every curve row under <run>/tb (off by default)
 
     def validate(self) -> None:
         require(self.steps >= 0 and self.data.batch_size >= 1 and self.lr > 0, "steps >= 0, batch_size >= 1, lr > 0")
@@ -195,267 +194,101 @@ def ddpm_summary(m: Dict[str, Any], run_dir: Path) -> str:
 @stage("ddpm", kind="ddpm", schema=DDPMConfig, inputs=("data.train",), output="run", summary=ddpm_summary)
 def train_ddpm(cfg: DDPMConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """Train or fine-tune (resumable); writes checkpoints, curve.csv, samples.png and metrics.json; returns metrics.
-    With ``cfg.deepspeed`` set, the DeepSpeed path (``train_ddpm_deepspeed``) runs instead of DDP."""
-    if cfg.deepspeed:
-        return train_ddpm_deepspeed(cfg, accelerator, run_dir)
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    if cfg.data.batch_size % world:
-        raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by {world} processes")
+    Under DDP, or with ``cfg.deepspeed`` set under DeepSpeed ZeRO (:mod:`uedist.engine.zero`): one step loop."""
+    world, device = accelerator.num_processes, accelerator.device
     torch.manual_seed(cfg.seed)
     net = build_unet(cfg.unet)
     if cfg.init:
         net.load_state_dict(init_weights(cfg.init, cfg.init_ema))
         log.info("fine-tuning from %s (%s weights)", cfg.init, "EMA" if cfg.init_ema else "raw")
-    optim = OptimConfig(lr=cfg.lr, schedule="constant", warmup_steps=cfg.warmup_steps, weight_decay=0.0)
-    p = prepare_training(
-        net,
-        optim,
-        cfg.steps,
-        accelerator=accelerator,
-        ckpt_root=run_dir,
-        seed=cfg.seed,
-        config=cfg,
-        ckpt_every=cfg.ckpt_every,
-        resume=cfg.resume,
-        gen_name="ddpm",
-        make_opt=lambda params: torch.optim.Adam(params, lr=cfg.lr),
-    )
+    p = _prepare(cfg, net, accelerator, run_dir)
     ema = EMA(p.model, cfg.ema_decay, cfg.ema_warmup)
     if p.start > 0:
         ema.load_state_dict(load_state(latest_checkpoint(p.ckpt.dir))["ema"])  # type: ignore[arg-type]
     s = cfg.diffusion.schedule()
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
-    step, window, seen, t0 = p.start, [], 0, time.time()
-    bar = progress_bar(cfg.steps, p.start, cfg.name, cfg.progress and accelerator.is_main_process)
-    if p.start < cfg.steps:
-        loader = make_train_loader(
-            cfg.data.train,
-            batch_size=cfg.data.batch_size // world,
-            num_steps=cfg.steps,
-            seed=cfg.seed,
-            rank=rank,
-            world_size=world,
-            num_workers=cfg.data.workers,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            start_step=p.start,
-            pin_memory=device.type == "cuda",
-        )
-        for batch in loader:
-            x = batch["image"].to(device, non_blocking=True)
-            loss = ddpm_batch_loss(p.ddp, s, x, t_max=cfg.t_max, flip=cfg.data.flip, gen=p.gen, amp=amp)
-            check_finite(loss, step + 1, accelerator, p.ckpt.dir)
-            p.opt.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            if cfg.grad_clip:
-                accelerator.clip_grad_norm_(p.ddp.parameters(), cfg.grad_clip)
-            p.opt.step()
-            p.sched.step()
-            ema.update(p.model)
-            step += 1
-            seen += x.shape[0] * world
-            window.append(loss.item())
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                p.curve.append({"step": step, "lr": p.sched.get_last_lr()[0], "loss": float(np.mean(window))})
-                report_row(
-                    bar, p.curve[-1], cfg.steps, desc="DDPM", log_lines=not cfg.progress and accelerator.is_main_process
-                )
-                window = []
-            if p.ckpt.due(step, cfg.steps):
-                save_training(p, step, p.elapsed + time.time() - t0, ema=ema.state_dict())
-    bar.close()
-    return _finish(
-        cfg,
-        accelerator,
-        run_dir,
-        p.model,
-        ema,
-        s,
-        p.curve,
-        p.elapsed,
-        time.time() - t0,
-        seen,
-        wrapper=type(p.ddp).__name__,
+    bf16 = cfg.bf16 or bool(p.wrapper.startswith("DeepSpeed") and _ds_bf16(cfg))  # inputs follow a bf16 module
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+    seen = [0]
+
+    def one(batch: Dict[str, torch.Tensor], step_no: int) -> Dict[str, torch.Tensor]:
+        x = batch["image"].to(device, non_blocking=True)
+        loss = ddpm_batch_loss(p.ddp, s, x, t_max=cfg.t_max, flip=cfg.data.flip, gen=p.gen, amp=amp)
+        check_finite(loss, step_no, accelerator, p.ckpt.dir)
+        p.update(loss, clip=cfg.grad_clip)
+        ema.update(p.model)
+        seen[0] += x.shape[0] * world
+        return {"loss": loss.detach()}
+
+    done = run_steps(
+        p,
+        one,
+        lambda: train_batches(cfg.data, p, total=cfg.steps, seed=cfg.seed, accelerator=accelerator),
+        total=cfg.steps,
+        desc=f"{cfg.name} DDPM" + (" (DeepSpeed)" if cfg.deepspeed else ""),
+        log_every=cfg.log_every,
+        progress=cfg.progress,
+        accelerator=accelerator,
+        tracker=Tracker(cfg.log_with, run_dir / "tb", accelerator),
+        extra_state=lambda: {"ema": ema.state_dict()},
+    )
+    return _finish(cfg, accelerator, run_dir, p=p, ema=ema, s=s, done=done, seen=seen[0])
+
+
+def _ds_bf16(cfg: DDPMConfig) -> bool:
+    return bool(json.loads(Path(cfg.deepspeed).read_text()).get("bf16", {}).get("enabled", False))
+
+
+def _prepare(cfg: DDPMConfig, net: torch.nn.Module, accelerator: Any, run_dir: Path) -> Prepared:
+    """Adam with linear warmup then a constant LR, resumed, under DDP or (``cfg.deepspeed``) DeepSpeed ZeRO."""
+    optim = OptimConfig(lr=cfg.lr, schedule="constant", warmup_steps=cfg.warmup_steps, weight_decay=0.0)
+    common = dict(accelerator=accelerator, ckpt_root=run_dir, seed=cfg.seed, config=cfg, ckpt_every=cfg.ckpt_every)
+    if cfg.deepspeed:
+        from uedist.engine.zero import deepspeed_config, prepare_deepspeed
+
+        world = accelerator.num_processes
+        if cfg.data.batch_size % world:
+            raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by {world} processes")
+        ds = deepspeed_config(cfg.deepspeed, batch_size=cfg.data.batch_size, world=world, grad_clip=cfg.grad_clip)
+        return prepare_deepspeed(net, optim, cfg.steps, ds_config=ds, resume=cfg.resume, gen_name="ddpm", **common)  # type: ignore[arg-type]
+    return prepare_training(
+        net,
+        optim,
+        cfg.steps,
+        resume=cfg.resume,
+        gen_name="ddpm",
+        make_opt=lambda params: torch.optim.Adam(params, lr=cfg.lr),
+        **common,  # type: ignore[arg-type]
     )
 
 
 def _finish(
-    cfg: DDPMConfig,
-    accelerator: Any,
-    run_dir: Path,
-    model: torch.nn.Module,
-    ema: EMA,
-    s: Schedule,
-    curve: List[Dict[str, Any]],
-    before: float,
-    dt: float,
-    seen: int,
-    wrapper: str,
+    cfg: DDPMConfig, accelerator: Any, run_dir: Path, *, p: Prepared, ema: EMA, s: Schedule, done: StepsDone, seen: int
 ) -> Dict[str, Any]:
     """metrics.json, curve.csv and the sample grid (rank 0), after checking every rank holds the same weights."""
-    in_sync = ranks_in_sync(model, accelerator)
+    in_sync = ranks_in_sync(p.model, accelerator)
     metrics = {
         "name": cfg.name,
         "steps": cfg.steps,
         "train": cfg.data.train,
         "world_size": accelerator.num_processes,
-        "wrapper": wrapper,
+        "wrapper": p.wrapper,
         "ranks_in_sync": in_sync,
-        "params": sum(q.numel() for q in model.parameters()),
-        "train_time_s": before + dt,
-        "images_per_s": seen / dt if seen else float("nan"),
-        "curve": curve,
-        "final_loss": curve[-1]["loss"] if curve else None,
+        "params": sum(q.numel() for q in p.model.parameters()),
+        "train_time_s": done.train_time,
+        "images_per_s": seen / done.wall if seen else float("nan"),
+        "curve": p.curve,
+        "final_loss": p.curve[-1]["loss"] if p.curve else None,
     }
     if accelerator.is_main_process:
-        write_curve(run_dir / "curve.csv", curve)
+        write_curve(run_dir / "curve.csv", p.curve)
         if cfg.num_samples:
-            metrics["samples"] = str(sample_grid(cfg, ema, s, accelerator.device, run_dir / "samples.png"))
+            metrics["samples"] = str(sample_grid(cfg, ema, s, device=accelerator.device, out=run_dir / "samples.png"))
         atomic_write_json(run_dir / "metrics.json", metrics)
     accelerator.wait_for_everyone()
     return metrics
 
 
-def train_ddpm_deepspeed(cfg: DDPMConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
-    """The same training with DeepSpeed ZeRO (stage and bf16 from the JSON ``cfg.deepspeed``) instead of DDP.
-
-    Run under ``torchrun`` (or any launcher that sets RANK / WORLD_SIZE): the Accelerator then owns the process
-    group (gloo on CPU, NCCL on GPUs) and ``deepspeed.initialize`` reuses it (Accelerate's DeepSpeed plugin does
-    not work on CPU; ../shared/ENVIRONMENT.md). The optimizer is torch Adam handed to DeepSpeed (no compiled ops).
-    Checkpoints are ours, world-size independent and weights_only-loadable: the full fp32 master weights and
-    Adam moments gathered from the ZeRO partitions (``safe_get_full_*``), EMA, schedule, RNG, step; on resume
-    they are scattered back (``safe_set_full_*``). The EMA follows the module weights (bf16 under bf16)."""
-    import json
-
-    import deepspeed
-    from deepspeed.utils import (
-        safe_get_full_fp32_param,
-        safe_get_full_optimizer_state,
-        safe_set_full_fp32_param,
-        safe_set_full_optimizer_state,
-    )
-
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    if cfg.data.batch_size % world:
-        raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by {world} processes")
-    ds = json.loads(Path(cfg.deepspeed).read_text())
-    ds.update(
-        train_batch_size=cfg.data.batch_size,
-        train_micro_batch_size_per_gpu=cfg.data.batch_size // world,
-        gradient_accumulation_steps=1,
-        gradient_clipping=cfg.grad_clip,
-    )
-    torch.manual_seed(cfg.seed)
-    net = build_unet(cfg.unet)
-    if cfg.init:
-        net.load_state_dict(init_weights(cfg.init, cfg.init_ema))
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    ckpt = Checkpointer(run_dir, accelerator, every=cfg.ckpt_every, gens={"ddpm": gen})
-    last = latest_checkpoint(ckpt.dir) if cfg.resume else None
-    state = load_state(last) if last is not None else None
-    if state is not None:
-        net.load_state_dict(state["model"])  # the module's (bf16) copy; the fp32 master is restored below
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    sched = make_scheduler(
-        opt, OptimConfig(lr=cfg.lr, schedule="constant", warmup_steps=cfg.warmup_steps), max(cfg.steps, 1)
-    )
-    engine, opt, _, sched = deepspeed.initialize(model=net.to(device), optimizer=opt, lr_scheduler=sched, config=ds)
-    ema = EMA(engine.module, cfg.ema_decay, cfg.ema_warmup)
-    named = list(engine.module.named_parameters())
-    start, curve, before = 0, [], 0.0
-    if state is not None:
-        from uedist.checkpoint import restore_rng
-
-        _init_zero_adam_state(engine.optimizer, state["adam"]["step"])
-        for name, prm in named:
-            safe_set_full_fp32_param(prm, state["master"][name].to(device))
-            for key in ("exp_avg", "exp_avg_sq"):
-                safe_set_full_optimizer_state(prm, state["adam"][key][name].to(device), key)
-        sched.load_state_dict(state["scheduler"])
-        for g, lr in zip(engine.optimizer.param_groups, sched.get_last_lr()):
-            g["lr"] = lr  # the optimizer's lr is otherwise the schedule's value at step 0 until the next step
-        ema.load_state_dict(state["ema"])
-        restore_rng(last, rank, ckpt.gens)
-        start, curve, before = state["step"], list(state["curve"]), float(state["elapsed"])
-        log.info("resumed from %s (step %d)", last, start)
-
-    def save(step: int, elapsed: float) -> None:  # collective: every rank gathers the partitions
-        master = {n: safe_get_full_fp32_param(q).cpu() for n, q in named}
-        adam = {k: {n: safe_get_full_optimizer_state(q, k).cpu() for n, q in named} for k in ("exp_avg", "exp_avg_sq")}
-        steps = [st["step"] for st in engine.optimizer.optimizer.state.values()]
-        adam["step"] = torch.as_tensor(steps[0]).clone() if steps else torch.tensor(0.0)
-        ckpt.save(
-            step,
-            {
-                "model": {k: v.float() for k, v in engine.module.state_dict().items()},
-                "master": master,
-                "adam": adam,
-                "scheduler": sched.state_dict(),
-                "ema": ema.state_dict(),
-                "curve": curve,
-                "elapsed": elapsed,
-                **config_state(cfg),
-            },
-        )
-
-    s = cfg.diffusion.schedule()
-    bf16 = bool(ds.get("bf16", {}).get("enabled", False))
-    step, window, seen, t0 = start, [], 0, time.time()
-    bar = progress_bar(cfg.steps, start, f"{cfg.name} (DeepSpeed)", cfg.progress and accelerator.is_main_process)
-    if start < cfg.steps:
-        loader = make_train_loader(
-            cfg.data.train,
-            batch_size=cfg.data.batch_size // world,
-            num_steps=cfg.steps,
-            seed=cfg.seed,
-            rank=rank,
-            world_size=world,
-            num_workers=cfg.data.workers,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            start_step=start,
-        )
-        amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)  # inputs follow the bf16 module
-        for batch in loader:
-            loss = ddpm_batch_loss(
-                engine, s, batch["image"].to(device), t_max=cfg.t_max, flip=cfg.data.flip, gen=gen, amp=amp
-            )
-            check_finite(loss, step + 1, accelerator, ckpt.dir)
-            engine.backward(loss)
-            engine.step()  # also steps the LR schedule
-            ema.update(engine.module)
-            step += 1
-            seen += batch["image"].shape[0] * world
-            window.append(loss.item())
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                curve.append({"step": step, "lr": sched.get_last_lr()[0], "loss": float(np.mean(window))})
-                report_row(
-                    bar,
-                    curve[-1],
-                    cfg.steps,
-                    desc="DDPM (DeepSpeed)",
-                    log_lines=not cfg.progress and accelerator.is_main_process,
-                )
-                window = []
-            if ckpt.due(step, cfg.steps):
-                save(step, before + time.time() - t0)
-    bar.close()
-    return _finish(
-        cfg,
-        accelerator,
-        run_dir,
-        engine.module,
-        ema,
-        s,
-        curve,
-        before,
-        time.time() - t0,
-        seen,
-        wrapper=f"DeepSpeedEngine(ZeRO-{engine.zero_optimization_stage()})",
-    )
-
-
-def sample_grid(cfg: DDPMConfig, ema: EMA, s: Schedule, device: torch.device, out: Path) -> Path:
+def sample_grid(cfg: DDPMConfig, ema: EMA, s: Schedule, *, device: torch.device, out: Path) -> Path:
     """Draw ``num_samples`` images with the EMA weights (strided chain if ``sample_steps``) into a PNG grid."""
     net = ema.copy_to(build_unet(cfg.unet).to(device)).eval()
     if cfg.sample_steps and cfg.sample_steps < s.T:
@@ -472,16 +305,3 @@ def sample_grid(cfg: DDPMConfig, ema: EMA, s: Schedule, device: torch.device, ou
     ncol = int(np.ceil(np.sqrt(cfg.num_samples)))
     tiles = to_uint8((x + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
     return write_image_grid([tiles[j : j + ncol] for j in range(0, len(tiles), ncol)], out)
-
-
-def _init_zero_adam_state(zero_opt: Any, step: torch.Tensor) -> None:
-    """Create Adam's state on ZeRO-1/2's flat fp32 partitions before the first step (torch Adam creates it lazily,
-    DeepSpeed links it to the parameters after the first step), so a resumed run can scatter saved moments into
-    it. Touches ZeRO-1/2 internals (``single_partition_of_fp32_groups``, ``_lazy_init_hp_params_optimizer_state``)."""
-    for flat in zero_opt.single_partition_of_fp32_groups:
-        zero_opt.optimizer.state[flat] = {
-            "step": step.clone().float(),
-            "exp_avg": torch.zeros_like(flat),
-            "exp_avg_sq": torch.zeros_like(flat),
-        }
-    zero_opt._lazy_init_hp_params_optimizer_state()

@@ -117,17 +117,10 @@ class Checkpointer:
         self.acc, self.every, self.keep, self.gens = accelerator, every, keep, gens or {}
         self.data = data
 
-    def resume(
-        self,
-        model: torch.nn.Module,
-        optimizer: Optional[torch.optim.Optimizer] = None,
-        scheduler: Any = None,
-        *,
-        config: Any = None,
-    ) -> Optional[Dict[str, Any]]:
-        """Load the newest checkpoint into the (unwrapped) model, optimizer and scheduler; return its state or
-        None. A checkpoint written with a different config (:func:`uedist.config.identity`: runtime fields such as
-        ``progress`` or ``data.workers`` may differ) is refused, never silently mixed."""
+    def load_latest(self, *, config: Any = None) -> Optional[tuple]:
+        """``(path, state)`` of the newest checkpoint, or None; refused (:class:`CheckpointMismatch`) when it was
+        written with a different config (:func:`uedist.config.identity`: runtime fields such as ``progress`` or
+        ``data.workers`` may differ) or on other data, never silently mixed."""
         path = latest_checkpoint(self.dir)
         if path is None:
             return None
@@ -143,17 +136,36 @@ class Checkpointer:
                 f"{path} was trained on other data: data.{', data.'.join(changed)} changed since (rebuilt "
                 "in place?); use a new run name, or resume=false to start over"
             )
-        model.load_state_dict(state["model"])
-        if optimizer is not None and "optimizer" in state:
-            optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and "scheduler" in state:
-            scheduler.load_state_dict(state["scheduler"])
+        return path, state
+
+    def restore_rng(self, path: Path) -> None:
         if not restore_rng(path, self.acc.process_index, self.gens):
             log.warning(
                 "%s has no RNG state for rank %d (different world size?): RNG not restored",
                 path,
                 self.acc.process_index,
             )
+
+    def resume(
+        self,
+        model: torch.nn.Module,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        scheduler: Any = None,
+        *,
+        config: Any = None,
+    ) -> Optional[Dict[str, Any]]:
+        """Load the newest checkpoint (:meth:`load_latest`) into the (unwrapped) model, optimizer and scheduler;
+        restore the RNG; return its state or None."""
+        found = self.load_latest(config=config)
+        if found is None:
+            return None
+        path, state = found
+        model.load_state_dict(state["model"])
+        if optimizer is not None and "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and "scheduler" in state:
+            scheduler.load_state_dict(state["scheduler"])
+        self.restore_rng(path)
         log.info("resumed from %s (step %d)", path, state["step"])
         return state
 
@@ -202,6 +214,21 @@ class Prepared:
     curve: List[Dict[str, Any]]
     elapsed: float  # training seconds before this process started
     config: Any  # the run's config (a schema dataclass): saved in full with every checkpoint, guarded by identity
+    accelerator: Any = None
+    # The backend (DDP through Accelerate unless set, e.g. DeepSpeed ZeRO in uedist.engine.zero):
+    update_fn: Optional[Callable[[torch.Tensor, float], None]] = None  # backward + (clipped) optimizer step
+    save_fn: Optional[Callable[[int, float, Dict[str, Any]], None]] = None  # collective checkpoint
+    wrapper: str = ""  # what trains the model, for metrics ("DistributedDataParallel", "DeepSpeedEngine(ZeRO-2)")
+
+    def update(self, loss: torch.Tensor, *, clip: float = 0.0) -> None:
+        """Backward and one optimizer step, gradients clipped to norm ``clip`` (0 = off), on this backend."""
+        if self.update_fn is not None:
+            return self.update_fn(loss, clip)
+        self.opt.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        if clip:
+            self.accelerator.clip_grad_norm_(self.ddp.parameters(), clip)
+        self.opt.step()
 
 
 def data_digests(config: Any) -> Dict[str, str]:
@@ -252,6 +279,8 @@ def prepare_training(
         list(state.get("curve", [])) if state else [],
         float(state.get("elapsed", 0.0)) if state else 0.0,
         config,
+        accelerator=accelerator,
+        wrapper=type(ddp).__name__,
     )
 
 
@@ -281,7 +310,10 @@ def train_batches(
 
 
 def save_training(p: Prepared, step: int, elapsed: float, **extra: Any) -> None:
-    """Collective checkpoint of a prepared run (buffers synced from rank 0, weights checked finite first)."""
+    """Collective checkpoint of a prepared run (buffers synced from rank 0, weights checked finite first; or the
+    backend's ``save_fn``)."""
+    if p.save_fn is not None:
+        return p.save_fn(step, elapsed, extra)
     sync_buffers(p.model, p.ckpt.acc)
     check_finite_params(p.model, step, p.ckpt.dir)
     p.ckpt.save(
