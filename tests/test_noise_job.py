@@ -3,6 +3,7 @@ within a class, 2-process SEM, EM rounds, building the missing synthetic set (an
 validation."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +95,10 @@ def test_rem_and_classwise_random(synth_sets, tmp_path):
             assert same.mean() > 0.9
 
 
+def _em_args(mode):
+    return [f"em.mode={mode}", "em.max_rounds=2", "em.train_steps=3", "em.stop_error=0.0", "adv_steps=0"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["samplewise", "classwise"])
 def test_em_rounds(synth_sets, tmp_path, mode):
@@ -103,18 +108,35 @@ def test_em_rounds(synth_sets, tmp_path, mode):
             synth_sets,
             tmp_path,
             f"em_{mode}",
-            f"em.mode={mode}",
-            "em.max_rounds=2",
-            "em.train_steps=3",
-            "em.stop_error=0.0",
-            "adv_steps=0",
+            *_em_args(mode),
         ),
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    m = json.loads((tmp_path / f"em_{mode}" / "metrics.json").read_text())
+    run = tmp_path / f"em_{mode}"
+    m = json.loads((run / "metrics.json").read_text())
     assert m["rounds"] == 2 and len(m["history"]) == 2
-    check_poisoned(synth_sets / "train", tmp_path / f"em_{mode}" / "poisoned", 8)
+    check_poisoned(synth_sets / "train", run / "poisoned", 8)
     assert "EM rounds" in r.stdout
+    # the surrogate trained on the step loop: 3 steps a round, rows at log_every=2 and at each round's end
+    curve = (run / "surrogate_curve.csv").read_text().splitlines()
+    assert curve[0].startswith("step,lr,loss,acc_poisoned") and [int(x.split(",")[0]) for x in curve[1:]] == [
+        2,
+        3,
+        4,
+        6,
+    ]
+    if mode == "samplewise":
+        # lose the result: the rerun resumes at round 2 (no training: the round's checkpoint holds the history) and
+        # rewrites the same poisoned set from the round kept on disk
+        before = {f.name: f.read_bytes() for f in (run / "poisoned").glob("*.tar")}
+        shutil.rmtree(run / "poisoned")
+        (run / "metrics.json").unlink()
+        r2 = _run("em.py", _args(synth_sets, tmp_path, f"em_{mode}", *_em_args(mode), "progress=false"))
+        assert r2.returncode == 0, r2.stderr[-3000:]
+        log = (run / "logs" / "rank0.log").read_text()
+        assert "resumed from" in log and "round 1 surrogate step" not in log.split("resumed from")[-1]
+        assert json.loads((run / "metrics.json").read_text())["history"] == m["history"]
+        assert {f.name: f.read_bytes() for f in (run / "poisoned").glob("*.tar")} == before
 
 
 @pytest.mark.slow

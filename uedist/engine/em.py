@@ -23,12 +23,22 @@ from typing import Any, Dict, List
 import torch
 import torch.nn.functional as F
 
-from uedist.config import identity
+from uedist.config import identity, require
 from uedist.data.loaders import make_train_loader
 from uedist.data.manifest import load_manifest
 from uedist.dist import get_logger
 from uedist.engine.evaluate import evaluate
-from uedist.engine.loop import Checkpointer, config_state, data_digests, make_optimizer, make_scheduler, sync_buffers
+from uedist.engine.loop import (
+    Prepared,
+    Tracker,
+    check_finite,
+    prepare_training,
+    run_steps,
+    save_training,
+    sync_buffers,
+    train_batches,
+    write_curve,
+)
 from uedist.engine.noise import (
     NoiseConfig,
     _batch_gen,
@@ -50,60 +60,60 @@ log = get_logger(__name__)
     "em", kind="noise", schema=NoiseConfig, inputs=("data.train", "data.test"), output="poisoned", summary=noise_summary
 )
 def generate_em(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
-    """Run EM rounds to the stop criterion, write the poisoned set; returns the summary (also metrics.json)."""
+    """Run EM rounds to the stop criterion, write the poisoned set; returns the summary (also metrics.json).
+
+    The surrogate trains on the one step loop (:func:`uedist.engine.loop.run_steps`: autocast under ``bf16``,
+    NaN guard, progress, curve, optional TensorBoard), ``em.train_steps`` steps a round; the checkpoint is saved
+    after each round (its poisoned set written and scored), so a killed job resumes at its last finished round."""
     m = load_manifest(cfg.data.train)
-    device, rank = accelerator.device, accelerator.process_index
+    require(cfg.em.train_steps >= 1, f"em.train_steps must be >= 1, got {cfg.em.train_steps}")
     torch.manual_seed(cfg.seed)
-    model = surrogate_for(cfg, m).to(device)
-    total_steps = cfg.em.train_steps * cfg.em.max_rounds
-    opt = make_optimizer(model.parameters(), cfg.optim)
-    sched = make_scheduler(opt, cfg.optim, total_steps)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    ckpt = Checkpointer(run_dir / "surrogate", accelerator, every=0, gens={"noise": gen}, data=data_digests(cfg))
-    state = ckpt.resume(model, opt, sched, config=cfg) if cfg.resume else None
-    rnd = state["round"] if state else 0
-    classwise = state["classwise"].to(device) if state and state.get("classwise") is not None else None
-    history: List[Dict[str, Any]] = list(state.get("history", [])) if state else []
-    ddp, opt = accelerator.prepare(model, opt)
-    eot = make_eot(cfg, m, gen)
+    p = prepare_training(
+        surrogate_for(cfg, m),
+        cfg.optim,
+        cfg.em.train_steps * cfg.em.max_rounds,
+        accelerator=accelerator,
+        ckpt_root=run_dir / "surrogate",
+        seed=cfg.seed,
+        config=cfg,
+        ckpt_every=0,
+        resume=cfg.resume,
+        channels_last=cfg.channels_last,
+        gen_name="noise",
+    )
+    rnd = int(p.resumed.get("round", 0))
+    classwise = p.resumed.get("classwise")
+    classwise = classwise.to(accelerator.device) if classwise is not None else None
+    history: List[Dict[str, Any]] = list(p.resumed.get("history", []))
+    eot = make_eot(cfg, m, p.gen)
+    tracker = Tracker(cfg.log_with, run_dir / "tb", accelerator)
     rounds_dir = run_dir / "em_rounds"
     current = Path(cfg.data.train) if rnd == 0 else rounds_dir / f"round-{rnd:03d}"
     t0 = time.time()
     error = history[-1]["error"] if history else 1.0
     while error >= cfg.em.stop_error and rnd < cfg.em.max_rounds:
-        _train_steps(cfg, ddp, model, opt, sched, current, eot, rnd, accelerator)
-        sync_buffers(model, accelerator)
+        _train_round(cfg, p, data=current, eot=eot, rnd=rnd, tracker=tracker)
+        sync_buffers(p.model, accelerator)
         if cfg.em.mode == "classwise":
-            classwise = _classwise_update(cfg, model, m, classwise, eot, rnd, accelerator)
+            classwise = _classwise_update(cfg, p.model, m=m, noise=classwise, eot=eot, rnd=rnd, accelerator=accelerator)
         rnd += 1
         nxt = rounds_dir / f"round-{rnd:03d}"
-        _write_round(cfg, model, m, current, nxt, classwise, accelerator, rnd)
-        error = (
-            1.0
-            - evaluate(
-                model, nxt, accelerator=accelerator, batch_size=cfg.final_batch_size, num_workers=cfg.data.workers
-            )["top1"]
-            / 100.0
+        _write_round(cfg, p.model, current=current, nxt=nxt, classwise=classwise, accelerator=accelerator, rnd=rnd)
+        top1 = evaluate(
+            p.model, nxt, accelerator=accelerator, batch_size=cfg.final_batch_size, num_workers=cfg.data.workers
         )
+        error = 1.0 - top1["top1"] / 100.0
         history.append({"round": rnd, "error": error, "time_s": time.time() - t0})
+        tracker.log({"em_error": error}, p.start)
         log.info("EM round %d: surrogate error on x+δ %.4f (stop below %.4f)", rnd, error, cfg.em.stop_error)
-        ckpt.save(
-            rnd,
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "round": rnd,
-                "history": history,
-                **config_state(cfg),
-                "classwise": classwise.cpu() if classwise is not None else None,
-            },
-        )
+        cw = classwise.cpu() if classwise is not None else None
+        save_training(p, p.start, p.elapsed, round=rnd, history=history, classwise=cw)
         if accelerator.is_main_process and current != Path(cfg.data.train):
             shutil.rmtree(current, ignore_errors=True)  # keep only the newest round on disk
         current = nxt
+    tracker.close()
     t_rounds = time.time() - t0
-    final = _finalize(cfg, model, m, current, classwise, accelerator, run_dir)
+    final = _finalize(cfg, p.model, current=current, classwise=classwise, accelerator=accelerator, run_dir=run_dir)
     summary = {
         "method": "em",
         "mode": cfg.em.mode,
@@ -121,44 +131,50 @@ def generate_em(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[str, 
     summary["surrogate_acc_poisoned"] = 100.0 * (1.0 - error)
     if accelerator.is_main_process:
         atomic_write_json(run_dir / "metrics.json", summary)
+        write_curve(run_dir / "surrogate_curve.csv", p.curve)
     accelerator.wait_for_everyone()
     return summary
 
 
-def _train_steps(
-    cfg: NoiseConfig,
-    ddp: torch.nn.Module,
-    model: torch.nn.Module,
-    opt: torch.optim.Optimizer,
-    sched: Any,
-    data: Path,
-    eot: Any,
-    rnd: int,
-    accelerator: Any,
-) -> None:
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    loader = make_train_loader(
-        data,
-        batch_size=cfg.data.batch_size // world,
-        num_steps=cfg.em.train_steps,
-        seed=cfg.seed * 7 + rnd,
-        rank=rank,
-        world_size=world,
-        num_workers=0,
-        shuffle_buffer=cfg.data.shuffle_buffer,
+def _train_round(cfg: NoiseConfig, p: Prepared, *, data: Path, eot: Any, rnd: int, tracker: Tracker) -> None:
+    """``em.train_steps`` steps of standard training (t(x + δ), cross-entropy) on the round's poisoned set; global
+    steps ``rnd·train_steps + 1 ..``; the round's checkpoint is saved by the caller once its noise is written."""
+    acc, device = p.accelerator, p.accelerator.device
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    end = (rnd + 1) * cfg.em.train_steps
+
+    def one(batch: Dict[str, torch.Tensor], step_no: int) -> Dict[str, Any]:
+        x = eot(to_unit(batch["image"].to(device, non_blocking=True)))
+        y = batch["label"].to(device, non_blocking=True)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(**amp):
+            logits = p.ddp(x).float()
+        loss = F.cross_entropy(logits, y)
+        check_finite(loss, step_no, acc, p.ckpt.dir)
+        p.update(loss)
+        return {"loss": loss.detach(), "acc_poisoned": 100.0 * (logits.argmax(1) == y).float().mean()}
+
+    p.model.train()
+    done = run_steps(
+        p,
+        one,
+        lambda: train_batches(
+            cfg.data, p, total=cfg.em.train_steps, seed=cfg.seed * 7 + rnd, accelerator=acc, src=str(data), start=0
+        ),
+        total=end,
+        desc=f"{cfg.name} EM round {rnd + 1} surrogate",
+        log_every=cfg.log_every,
+        progress=cfg.progress,
+        accelerator=acc,
+        tracker=tracker,
+        save=lambda step, elapsed: None,
     )
-    model.train()
-    for batch in loader:
-        x = eot(to_unit(batch["image"].to(device)))
-        loss = F.cross_entropy(ddp(x), batch["label"].to(device))
-        opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        opt.step()
-        sched.step()
+    p.start, p.elapsed = done.step, done.train_time
 
 
 def _delta(
-    cfg: NoiseConfig, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, start: torch.Tensor, keys: List[str]
+    cfg: NoiseConfig, model: torch.nn.Module, x: torch.Tensor, *, y: torch.Tensor, start: Any, keys: List[str]
 ) -> torch.Tensor:
     model.eval()
     _set_grad(model, False)
@@ -183,7 +199,7 @@ def _delta(
 def _write_round(
     cfg: NoiseConfig,
     model: torch.nn.Module,
-    m: Any,
+    *,
     current: Path,
     nxt: Path,
     classwise: Any,
@@ -206,7 +222,7 @@ def _write_round(
         def fn(x_u8, y, keys, prev_u8=None):
             x = to_unit(x_u8)
             start = (prev_u8.float() - x_u8.float()) / 255 if prev_u8 is not None else None
-            return quantize_noise(x_u8, _delta(cfg, model, x, y, start, keys), eps_u8)
+            return quantize_noise(x_u8, _delta(cfg, model, x, y=y, start=start, keys=keys), eps_u8)
 
         aux = current if current != Path(cfg.data.train) else None
     run_map_pass(
@@ -224,7 +240,7 @@ def _write_round(
 
 
 def _classwise_update(
-    cfg: NoiseConfig, model: torch.nn.Module, m: Any, noise: Any, eot: Any, rnd: int, accelerator: Any
+    cfg: NoiseConfig, model: torch.nn.Module, *, m: Any, noise: Any, eot: Any, rnd: int, accelerator: Any
 ) -> torch.Tensor:
     """K_u signed descent steps of the per-class noises, each on a fresh batch; gradients summed across ranks."""
     device = accelerator.device
@@ -259,7 +275,7 @@ def _classwise_update(
 
 
 def _finalize(
-    cfg: NoiseConfig, model: torch.nn.Module, m: Any, current: Path, classwise: Any, accelerator: Any, run_dir: Path
+    cfg: NoiseConfig, model: torch.nn.Module, *, current: Path, classwise: Any, accelerator: Any, run_dir: Path
 ) -> Dict[str, Any]:
     """Write the final poisoned set (the newest round's noise, applied to the clean set) with noise statistics."""
     if cfg.em.mode == "classwise":

@@ -219,6 +219,7 @@ class Prepared:
     update_fn: Optional[Callable[[torch.Tensor, float], None]] = None  # backward + (clipped) optimizer step
     save_fn: Optional[Callable[[int, float, Dict[str, Any]], None]] = None  # collective checkpoint
     wrapper: str = ""  # what trains the model, for metrics ("DistributedDataParallel", "DeepSpeedEngine(ZeRO-2)")
+    resumed: Dict[str, Any] = field(default_factory=dict)  # the checkpoint resumed from (a stage's own extra state)
 
     def update(self, loss: torch.Tensor, *, clip: float = 0.0) -> None:
         """Backward and one optimizer step, gradients clipped to norm ``clip`` (0 = off), on this backend."""
@@ -281,6 +282,7 @@ def prepare_training(
         config,
         accelerator=accelerator,
         wrapper=type(ddp).__name__,
+        resumed=state or {},
     )
 
 
