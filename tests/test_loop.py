@@ -54,7 +54,7 @@ def _step(p, seen: List[int]):
     def one(x: torch.Tensor, step_no: int):
         seen.append(step_no)
         loss = p.ddp(x).sum() ** 2
-        check_finite(loss, step_no, p.accelerator, p.ckpt.dir)
+        check_finite(loss, step_no, accelerator=p.accelerator, ckpt_dir=p.ckpt.dir)
         p.update(loss)
         return {"loss": loss.detach(), "v": float(x[0, 0])}  # a 0-d tensor and a float
 

@@ -120,3 +120,38 @@ def test_unknown_model_lists_known_names():
 
 def test_expected_names_registered():
     assert {"wrn34_10", "wrn28_10", "densenet121", "vgg16", "mobilenetv2"} <= set(MODELS.names())
+
+
+def test_strided_pointwise_is_the_strided_1x1_convolution():
+    """Same parameters (state dict) and the same outputs and gradients as nn.Conv2d(cin, cout, 1, stride)."""
+    from uedist.models.common import StridedPointwise
+
+    ref, ours = torch.nn.Conv2d(8, 16, 1, stride=2, bias=True), StridedPointwise(8, 16, 2, bias=True)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 8, 15, 14, requires_grad=True)
+    (a,) = torch.autograd.grad(ref(x).square().sum(), x)
+    (b,) = torch.autograd.grad(ours(x).square().sum(), x)
+    assert torch.allclose(ours(x), ref(x), atol=1e-6) and torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_narrow_resnet_bf16_channels_last_backward_survives():
+    """The shape that corrupted the heap in oneDNN's strided 1×1 backward (8 channels, 112 px, bf16 autocast,
+    channels_last: 'double free or corruption' on AVX512-BF16 CPUs) trains through a ResNet-18 shortcut; in a
+    subprocess, since the failure kills the process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from uedist.models.resnet import BasicBlock\n"
+        "m = BasicBlock(8, 16, stride=2).to(memory_format=torch.channels_last)\n"
+        "x = torch.rand(1, 8, 112, 112).contiguous(memory_format=torch.channels_last).requires_grad_(True)\n"
+        "for _ in range(20):\n"
+        "    with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+        "        y = m(x)\n"
+        "    y.float().sum().backward()\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

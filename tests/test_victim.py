@@ -178,11 +178,11 @@ def test_report_row_bar_or_log_line():
     logger.setLevel(logging.INFO)
     try:
         row = {"step": 4, "lr": 0.05, "train_loss": 1.23456, "train_acc": 50.0}
-        bar = progress_bar(10, 0, "x", enabled=True)
+        bar = progress_bar(10, 0, desc="x", enabled=True)
         bar.fp = io.StringIO()
         report_row(bar, row, 10, desc="victim", log_lines=True)
         assert bar.postfix == "train_loss=1.235, train_acc=50" and not seen
-        off = progress_bar(10, 0, "x", enabled=False)
+        off = progress_bar(10, 0, desc="x", enabled=False)
         report_row(off, row, 10, desc="victim", log_lines=False)  # another rank: silent
         assert not seen
         report_row(off, row, 10, desc="victim", log_lines=True)

@@ -112,7 +112,7 @@ from uedist.engine.noise import NoiseConfig, random_delta, write_poisoned
 train = build_synthetic_set(Path("{tmp}/d{n}"), num_train={n}, size=64, shard_size=500)
 cfg = load_config(NoiseConfig, None, [f"data.train={{train}}", "method=random", "out={tmp}/p{n}", "progress=false",
     "data.workers=0"])
-write_poisoned(cfg, make_accelerator(), Path("{tmp}"), random_delta(cfg), stage="bench")
+write_poisoned(cfg, make_accelerator(), Path("{tmp}"), make_delta=random_delta(cfg), stage="bench")
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

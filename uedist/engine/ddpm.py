@@ -201,7 +201,7 @@ def train_ddpm(cfg: DDPMConfig, accelerator: Any, run_dir: Path) -> Dict[str, An
     if cfg.init:
         net.load_state_dict(init_weights(cfg.init, cfg.init_ema))
         log.info("fine-tuning from %s (%s weights)", cfg.init, "EMA" if cfg.init_ema else "raw")
-    p = _prepare(cfg, net, accelerator, run_dir)
+    p = _prepare(cfg, net, accelerator=accelerator, run_dir=run_dir)
     ema = EMA(p.model, cfg.ema_decay, cfg.ema_warmup)
     if p.start > 0:
         ema.load_state_dict(load_state(latest_checkpoint(p.ckpt.dir))["ema"])  # type: ignore[arg-type]
@@ -213,7 +213,7 @@ def train_ddpm(cfg: DDPMConfig, accelerator: Any, run_dir: Path) -> Dict[str, An
     def one(batch: Dict[str, torch.Tensor], step_no: int) -> Dict[str, torch.Tensor]:
         x = batch["image"].to(device, non_blocking=True)
         loss = ddpm_batch_loss(p.ddp, s, x, t_max=cfg.t_max, flip=cfg.data.flip, gen=p.gen, amp=amp)
-        check_finite(loss, step_no, accelerator, p.ckpt.dir)
+        check_finite(loss, step_no, accelerator=accelerator, ckpt_dir=p.ckpt.dir)
         p.update(loss, clip=cfg.grad_clip)
         ema.update(p.model)
         seen[0] += x.shape[0] * world
@@ -238,7 +238,7 @@ def _ds_bf16(cfg: DDPMConfig) -> bool:
     return bool(json.loads(Path(cfg.deepspeed).read_text()).get("bf16", {}).get("enabled", False))
 
 
-def _prepare(cfg: DDPMConfig, net: torch.nn.Module, accelerator: Any, run_dir: Path) -> Prepared:
+def _prepare(cfg: DDPMConfig, net: torch.nn.Module, *, accelerator: Any, run_dir: Path) -> Prepared:
     """Adam with linear warmup then a constant LR, resumed, under DDP or (``cfg.deepspeed``) DeepSpeed ZeRO."""
     optim = OptimConfig(lr=cfg.lr, schedule="constant", warmup_steps=cfg.warmup_steps, weight_decay=0.0)
     common = dict(accelerator=accelerator, ckpt_root=run_dir, seed=cfg.seed, config=cfg, ckpt_every=cfg.ckpt_every)

@@ -145,7 +145,7 @@ def build_dvae(cfg: DVAEConfig, m: Manifest) -> DVAE:
 
 
 def train_dvae_stage(
-    cfg: DVAEConfig, stage: int, src: Path, accelerator: Any, run_dir: Path
+    cfg: DVAEConfig, stage: int, *, src: Path, accelerator: Any, run_dir: Path
 ) -> Tuple[DVAE, Dict[str, Any]]:
     """Train stage ``stage`` (1 or 2) afresh on ``src`` (resumable); returns the trained model in eval mode and
     the stage's summary (steps, last logged losses, DDP wrapper, whether every rank holds the same weights)."""
@@ -188,7 +188,7 @@ def train_dvae_stage(
         loss, terms = dvae_loss(
             out, x, kld_limit=limit, kld_weight=weight, p_floor=cfg.p_floor if step_no > floor_step else None
         )
-        check_finite(loss, step_no, accelerator, p.ckpt.dir)
+        check_finite(loss, step_no, accelerator=accelerator, ckpt_dir=p.ckpt.dir)
         p.opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         torch.nn.utils.clip_grad_norm_(p.model.parameters(), cfg.grad_clip)
@@ -378,13 +378,13 @@ def purify_dvae(cfg: DVAEConfig, accelerator: Any, run_dir: Path) -> Dict[str, A
         "sets": {"p1": str(p1), "p2": str(p2), "purified": str(p3)},
     }
     t0 = time.time()
-    model, s["stage1"] = train_dvae_stage(cfg, 1, p0, accelerator, run_dir)
+    model, s["stage1"] = train_dvae_stage(cfg, 1, src=p0, accelerator=accelerator, run_dir=run_dir)
     t["stage1_train_s"] = time.time() - t0
     s["p1"] = dvae_pass(
         cfg, model, stage=1, what="x_minus_p", src=p0, dst=p1, accelerator=accelerator, clean=clean, run_dir=run_dir
     )
     t0 = time.time()
-    model, s["stage2"] = train_dvae_stage(cfg, 2, p1, accelerator, run_dir)
+    model, s["stage2"] = train_dvae_stage(cfg, 2, src=p1, accelerator=accelerator, run_dir=run_dir)
     t["stage2_train_s"] = time.time() - t0
     s["p2"] = dvae_pass(
         cfg, model, stage=2, what="x_minus_p", src=p1, dst=p2, accelerator=accelerator, clean=clean, run_dir=run_dir

@@ -151,7 +151,7 @@ def _train_round(cfg: NoiseConfig, p: Prepared, *, data: Path, eot: Any, rnd: in
         with torch.autocast(**amp):
             logits = p.ddp(x).float()
         loss = F.cross_entropy(logits, y)
-        check_finite(loss, step_no, acc, p.ckpt.dir)
+        check_finite(loss, step_no, accelerator=acc, ckpt_dir=p.ckpt.dir)
         p.update(loss)
         return {"loss": loss.detach(), "acc_poisoned": 100.0 * (logits.argmax(1) == y).float().mean()}
 
@@ -280,8 +280,10 @@ def _finalize(
     """Write the final poisoned set (the newest round's noise, applied to the clean set) with noise statistics."""
     if cfg.em.mode == "classwise":
         make = lambda x, y, keys: classwise[y]  # noqa: E731
-        return write_poisoned(cfg, accelerator, run_dir, make, stage="noise:em", extra={"mode": "classwise"})
+        return write_poisoned(cfg, accelerator, run_dir, make_delta=make, stage="noise:em", extra={"mode": "classwise"})
     if current == Path(cfg.data.train):
         raise RuntimeError("EM finished without a single round (max_rounds=0?)")
     # the newest round already is clip(x + δ): copy it as the result through a map pass that checks ε per pixel
-    return write_poisoned(cfg, accelerator, run_dir, None, stage="noise:em", extra={"mode": "samplewise"}, aux=current)
+    return write_poisoned(
+        cfg, accelerator, run_dir, make_delta=None, stage="noise:em", extra={"mode": "samplewise"}, aux=current
+    )

@@ -225,13 +225,13 @@ def purify_shards(cfg: JCDPConfig, accelerator: Any, run_dir: Path) -> Dict[str,
     }
     if accelerator.is_main_process:
         if cfg.grid:
-            metrics["grid"] = str(purification_grid(Path(cfg.data.src), out, cfg.grid, run_dir / "grid.png"))
+            metrics["grid"] = str(purification_grid(Path(cfg.data.src), out, n=cfg.grid, path=run_dir / "grid.png"))
         atomic_write_json(run_dir / "metrics.json", metrics)
     accelerator.wait_for_everyone()
     return metrics
 
 
-def purification_grid(poisoned: Path, purified: Path, n: int, path: Path) -> Path:
+def purification_grid(poisoned: Path, purified: Path, *, n: int, path: Path) -> Path:
     """The first ``n`` samples of shard 0: alternating lines of 8, poisoned above purified."""
     a = next(iter(make_map_loader(poisoned, batch_size=n, shards=[0])))["image"]
     b = next(iter(make_map_loader(purified, batch_size=n, shards=[0])))["image"]

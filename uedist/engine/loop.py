@@ -68,7 +68,7 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf; the run stops and keeps its last good checkpoint."""
 
 
-def check_finite(loss: torch.Tensor, step: int, accelerator: Any, ckpt_dir: Path) -> None:
+def check_finite(loss: torch.Tensor, step: int, *, accelerator: Any, ckpt_dir: Path) -> None:
     """Before the update: raise NonFiniteLoss on every rank if the loss is not finite on any rank (so no rank
     hangs in the next collective and no update is applied)."""
     bad = (~torch.isfinite(loss.detach())).float().reshape(1)
@@ -346,7 +346,7 @@ def sync_buffers(model: torch.nn.Module, accelerator: Any) -> None:
             torch.distributed.broadcast(b.data, src=0)
 
 
-def progress_bar(total: int, initial: int, desc: str, enabled: bool) -> Any:
+def progress_bar(total: int, initial: int, *, desc: str, enabled: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, disable=not enabled)
@@ -421,7 +421,7 @@ def run_steps(
     extra row (e.g. an evaluation); checkpoints at ``p.ckpt.due`` through ``save(step, elapsed)`` (default
     :func:`save_training` with ``extra_state()``). ``batches``: an iterable, or a zero-argument callable making
     one, called only if the run is not finished (``p.start < total``)."""
-    bar = progress_bar(total, p.start, desc, progress and accelerator.is_main_process)
+    bar = progress_bar(total, p.start, desc=desc, enabled=progress and accelerator.is_main_process)
     tracker = tracker or Tracker("", Path("."), accelerator)
     save = save or (lambda s, e: save_training(p, s, e, **(extra_state() if extra_state else {})))
     t0, step, window = time.time(), p.start, []

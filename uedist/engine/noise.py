@@ -270,14 +270,14 @@ def surrogate_step(
     with torch.autocast(**amp):
         logits = ddp(xa).float()
     loss = F.cross_entropy(logits, y)
-    check_finite(loss, step, accelerator, ckpt_dir)
+    check_finite(loss, step, accelerator=accelerator, ckpt_dir=ckpt_dir)
     opt.zero_grad(set_to_none=True)
     accelerator.backward(loss)
     opt.step()
     return loss.item(), (logits.argmax(1) == y).float().mean().item()
 
 
-def load_surrogate(cfg: NoiseConfig, run_dir: Path, m: Manifest, device: torch.device) -> Normalized:
+def load_surrogate(cfg: NoiseConfig, run_dir: Path, *, m: Manifest, device: torch.device) -> Normalized:
     from uedist.checkpoint import latest_checkpoint, load_state
 
     model = surrogate_for(cfg, m).to(device)
@@ -317,6 +317,7 @@ def write_poisoned(
     cfg: NoiseConfig,
     accelerator: Any,
     run_dir: Path,
+    *,
     make_delta: Optional[Callable],
     stage: str,
     extra: Optional[Dict[str, Any]] = None,
@@ -450,7 +451,7 @@ def generate_noise(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[st
         phase1 = train_surrogate(cfg, accelerator, run_dir)
         timings["surrogate_training_s"] = phase1["time_s"]
         summary["surrogate_curve"] = phase1["curve"]
-        model = load_surrogate(cfg, run_dir, m, device)
+        model = load_surrogate(cfg, run_dir, m=m, device=device)
         amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
 
         def make_delta(x: torch.Tensor, y: torch.Tensor, keys: List[str]) -> torch.Tensor:
@@ -462,19 +463,19 @@ def generate_noise(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[st
         make_delta = random_delta(cfg)
     else:
         raise ValueError(f"generate_noise handles sem, rem and random; {cfg.method!r} goes through uedist.engine.em")
-    final = write_poisoned(cfg, accelerator, run_dir, make_delta, stage=f"noise:{cfg.method}")
+    final = write_poisoned(cfg, accelerator, run_dir, make_delta=make_delta, stage=f"noise:{cfg.method}")
     timings["final_pass_s"] = final.pop("time_s")
     final.pop("manifest")
     summary.update(poisoned=final.pop("out"), noise=final, timings=timings)
     if model is not None:
-        summary.update(surrogate_eval(cfg, model, Path(summary["poisoned"]), accelerator))
+        summary.update(surrogate_eval(cfg, model, poisoned=Path(summary["poisoned"]), accelerator=accelerator))
     if accelerator.is_main_process:
         atomic_write_json(run_dir / "metrics.json", summary)
     accelerator.wait_for_everyone()
     return summary
 
 
-def surrogate_eval(cfg: NoiseConfig, model: Normalized, poisoned: Path, accelerator: Any) -> Dict[str, float]:
+def surrogate_eval(cfg: NoiseConfig, model: Normalized, *, poisoned: Path, accelerator: Any) -> Dict[str, float]:
     """The frozen surrogate's accuracy on the poisoned train set (and on the clean test set, when given)."""
     res = {
         "surrogate_acc_poisoned": evaluate(

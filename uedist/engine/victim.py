@@ -23,6 +23,8 @@ from uedist.data.manifest import Manifest, load_manifest
 from uedist.engine.evaluate import evaluate
 from uedist.engine.loop import (
     OptimConfig,
+    Prepared,
+    StepsDone,
     Tracker,
     check_finite,
     prepare_training,
@@ -212,11 +214,8 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
         resume=cfg.resume,
         channels_last=cfg.channels_last,
     )
-    model, ddp_model, opt, gen, ckpt, curve = p.model, p.ddp, p.opt, p.gen, p.ckpt, p.curve
-    train_tf, eval_tf = _transforms(cfg, train_m, gen)
-    step_fn = _make_step(
-        cfg, ddp_model, model, opt, accelerator, num_classes=train_m.num_classes, gen=gen, ckpt_dir=ckpt.dir
-    )
+    train_tf, eval_tf = _transforms(cfg, train_m, p.gen)
+    step_fn = _make_step(cfg, p, num_classes=train_m.num_classes)
     seen = [0]
 
     def one(batch: Dict[str, torch.Tensor], step_no: int) -> Dict[str, float]:
@@ -229,8 +228,8 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
     def evaluate_due(step: int) -> Optional[Dict[str, float]]:
         if not (cfg.eval_every and step % cfg.eval_every == 0 and step != total):
             return None
-        sync_buffers(model, accelerator)
-        return {"test_top1": _eval(cfg, model, accelerator, eval_tf)["top1"]}
+        sync_buffers(p.model, accelerator)
+        return {"test_top1": _eval(cfg, p.model, accelerator=accelerator, eval_tf=eval_tf)["top1"]}
 
     done = run_steps(
         p,
@@ -244,17 +243,24 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
         tracker=Tracker(cfg.log_with, run_dir / "tb", accelerator),
         on_step=evaluate_due,
     )
-    train_time, seen = done.train_time, seen[0]
+    return _finish(cfg, p, run_dir=run_dir, done=done, seen=seen[0], num_train=train_m.num_samples, eval_tf=eval_tf)
+
+
+def _finish(
+    cfg: VictimConfig, p: Prepared, *, run_dir: Path, done: StepsDone, seen: int, num_train: int, eval_tf: Callable
+) -> Dict[str, Any]:
+    """Final evaluation (all ranks in sync, every test sample counted) and metrics.json / curve.csv."""
+    accelerator, model, curve = p.accelerator, p.model, p.curve
     ips = seen / max(done.wall, 1e-9) if seen else float("nan")
     sync_buffers(model, accelerator)
     in_sync = ranks_in_sync(model, accelerator)
-    ev = _eval(cfg, model, accelerator, eval_tf)
+    ev = _eval(cfg, model, accelerator=accelerator, eval_tf=eval_tf)
     if ev["samples"] != ev["expected_samples"]:
         raise RuntimeError(f"evaluated {ev['samples']} test samples, the test set has {ev['expected_samples']}")
     metrics = {
         "name": cfg.name,
-        "steps": total,
-        "epochs": total * cfg.data.batch_size / train_m.num_samples,
+        "steps": done.step,
+        "epochs": done.step * cfg.data.batch_size / num_train,
         "test_top1": ev["top1"],
         "test_top5": ev["top5"],
         "per_class_top1": ev["per_class"],
@@ -263,11 +269,11 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
         "test": cfg.data.test,
         "model": cfg.model.name,
         "adversarial": cfg.adv.enabled,
-        "world_size": world,
-        "wrapper": type(ddp_model).__name__,
+        "world_size": accelerator.num_processes,
+        "wrapper": p.wrapper,
         "ranks_in_sync": in_sync,
         "images_per_s": ips,
-        "train_time_s": train_time,
+        "train_time_s": done.train_time,
         "curve": curve,
         "final_train_loss": curve[-1]["train_loss"] if curve else None,
     }
@@ -289,7 +295,7 @@ def ranks_in_sync(model: torch.nn.Module, accelerator: Any) -> bool:
     return bool((gathered == gathered[0]).all())
 
 
-def _eval(cfg: VictimConfig, model: torch.nn.Module, accelerator: Any, eval_tf: Callable) -> Dict[str, Any]:
+def _eval(cfg: VictimConfig, model: torch.nn.Module, *, accelerator: Any, eval_tf: Callable) -> Dict[str, Any]:
     return evaluate(
         model,
         Path(cfg.data.test),
@@ -302,19 +308,10 @@ def _eval(cfg: VictimConfig, model: torch.nn.Module, accelerator: Any, eval_tf: 
     )
 
 
-def _make_step(
-    cfg: VictimConfig,
-    ddp_model: torch.nn.Module,
-    model: torch.nn.Module,
-    opt: torch.optim.Optimizer,
-    accelerator: Any,
-    *,
-    num_classes: int,
-    gen: torch.Generator,
-    ckpt_dir: Path,
-) -> Callable[..., Any]:
+def _make_step(cfg: VictimConfig, prepared: Prepared, *, num_classes: int) -> Callable[..., Any]:
     """One training update on a [0, 1] batch; returns (loss tensor, accuracy fraction)."""
     a, d = cfg.adv, cfg.defense
+    model, ddp_model, gen, accelerator = prepared.model, prepared.ddp, prepared.gen, prepared.accelerator
     amp = dict(device_type=accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
 
     def attack_forward(z: torch.Tensor) -> torch.Tensor:
@@ -342,10 +339,8 @@ def _make_step(
         with torch.autocast(**amp):
             logits = ddp_model(x).float()
         loss = _soft_ce(logits, target) if target is not None else F.cross_entropy(logits, y)
-        check_finite(loss, step_no, accelerator, ckpt_dir)  # before any update
-        opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        opt.step()
+        check_finite(loss, step_no, accelerator=accelerator, ckpt_dir=prepared.ckpt.dir)  # before any update
+        prepared.update(loss)
         acc = (logits.argmax(1) == y).float().mean().item()
         return loss.detach(), acc
 

@@ -68,7 +68,7 @@ def prepare_deepspeed(
     p = Prepared(engine.module, engine, zero_opt, sched, gen, ckpt, 0, [], 0.0, config, accelerator=accelerator)
     p.wrapper = f"DeepSpeedEngine(ZeRO-{engine.zero_optimization_stage()})"
     if found is not None:
-        _restore(p, named, *found)
+        _restore(p, named, path=found[0], state=found[1])
 
     def update(loss: torch.Tensor, clip: float) -> None:  # clipping: the JSON's gradient_clipping
         engine.backward(loss)
@@ -81,7 +81,7 @@ def prepare_deepspeed(
     return p
 
 
-def _restore(p: Prepared, named: list, path: Path, state: Dict[str, Any]) -> None:
+def _restore(p: Prepared, named: list, *, path: Path, state: Dict[str, Any]) -> None:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     device = p.accelerator.device

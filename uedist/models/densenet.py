@@ -22,7 +22,7 @@ from uedist.registry import MODELS
 class DenseLayer(nn.Module):
     """BN-ReLU-conv1x1(bn_size·growth)-BN-ReLU-conv3x3(growth) on the concatenation of all earlier features."""
 
-    def __init__(self, in_features: int, growth: int, bn_size: int, drop_rate: float) -> None:
+    def __init__(self, in_features: int, growth: int, *, bn_size: int, drop_rate: float) -> None:
         super().__init__()
         self.norm1 = nn.BatchNorm2d(in_features)
         self.conv1 = nn.Conv2d(in_features, bn_size * growth, 1, bias=False)
@@ -71,9 +71,9 @@ class DenseNet(nn.Module):
         self,
         growth_rate: int = 32,
         block_config: Sequence[int] = (6, 12, 24, 16),
+        *,
         init_features: int = 64,
         bn_size: int = 4,
-        *,
         compression: float = 0.5,
         drop_rate: float = 0.0,
         num_classes: int = 10,
@@ -95,7 +95,11 @@ class DenseNet(nn.Module):
             )
         stages: List[nn.Module] = []
         for i, n_layers in enumerate(block_config):
-            stages.append(DenseBlock(DenseLayer(nf + j * growth, growth, bn_size, drop_rate) for j in range(n_layers)))
+            stages.append(
+                DenseBlock(
+                    DenseLayer(nf + j * growth, growth, bn_size=bn_size, drop_rate=drop_rate) for j in range(n_layers)
+                )
+            )
             nf += n_layers * growth
             if i != len(block_config) - 1:
                 out = max(1, int(nf * compression))  # floor, as torchvision (num_features // 2)
@@ -129,8 +133,8 @@ def densenet121(
     return DenseNet(
         32,
         (6, 12, 24, 16),
-        64,
-        4,
+        init_features=64,
+        bn_size=4,
         compression=0.5,
         drop_rate=drop_rate,
         num_classes=num_classes,

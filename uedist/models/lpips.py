@@ -32,10 +32,12 @@ MIN_SIZE = {"alex": 31, "vgg": 16, "squeeze": 32}  # smallest input side every t
 
 
 class Fire(nn.Module):
-    def __init__(self, cin: int, squeeze: int, e1: int, e3: int) -> None:
+    """SqueezeNet 1.1's fire module: a 1×1 squeeze, then ``expand`` 1×1 and ``expand`` 3×3 channels concatenated."""
+
+    def __init__(self, cin: int, squeeze: int, expand: int) -> None:
         super().__init__()
         self.squeeze = nn.Conv2d(cin, squeeze, 1)
-        self.expand1x1, self.expand3x3 = nn.Conv2d(squeeze, e1, 1), nn.Conv2d(squeeze, e3, 3, padding=1)
+        self.expand1x1, self.expand3x3 = nn.Conv2d(squeeze, expand, 1), nn.Conv2d(squeeze, expand, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.squeeze(x))
@@ -77,16 +79,16 @@ def _trunk(net: str) -> Tuple[nn.Sequential, List[int]]:
             nn.Conv2d(3, 64, 3, 2),
             R(),
             pool(),
-            Fire(64, 16, 64, 64),
-            Fire(128, 16, 64, 64),
+            Fire(64, 16, 64),
+            Fire(128, 16, 64),
             pool(),
-            Fire(128, 32, 128, 128),
-            Fire(256, 32, 128, 128),
+            Fire(128, 32, 128),
+            Fire(256, 32, 128),
             pool(),
-            Fire(256, 48, 192, 192),
-            Fire(384, 48, 192, 192),
-            Fire(384, 64, 256, 256),
-            Fire(512, 64, 256, 256),
+            Fire(256, 48, 192),
+            Fire(384, 48, 192),
+            Fire(384, 64, 256),
+            Fire(512, 64, 256),
         ]
         return nn.Sequential(*layers), [2, 5, 8, 10, 11, 12, 13]
     raise ValueError(f"unknown LPIPS trunk {net!r}; expected one of {sorted(CHANNELS)}")

@@ -36,7 +36,7 @@ def _conv_bn(cin: int, cout: int, kernel: int, *, stride: int = 1, groups: int =
 class InvertedResidual(nn.Module):
     """[1x1 expand-BN-ReLU6 when t > 1] - depthwise 3x3-BN-ReLU6 - 1x1 project-BN (linear), residual if shapes match."""
 
-    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, *, expand: int) -> None:
         super().__init__()
         hidden = int(round(cin * expand))
         layers: List[nn.Module] = []
@@ -78,7 +78,7 @@ class MobileNetV2(nn.Module):
             cout = scaled(cout, width)
             s = 1 if cifar and i == 1 else s
             for j in range(n):
-                layers.append(InvertedResidual(c, cout, s if j == 0 else 1, t))
+                layers.append(InvertedResidual(c, cout, s if j == 0 else 1, expand=t))
                 c = cout
         last = scaled(1280, width)
         layers.append(_conv_bn(c, last, 1))

@@ -41,7 +41,7 @@ def _norm(c: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, temb: int, dropout: float) -> None:
+    def __init__(self, cin: int, cout: int, *, temb: int, dropout: float) -> None:
         super().__init__()
         self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
         self.temb_proj = nn.Linear(temb, cout)
@@ -117,7 +117,13 @@ class UNet(nn.Module):
                 self.down.append(Down(cur))
                 chans.append(cur)
                 res //= 2
-        self.mid = nn.ModuleList([ResBlock(cur, cur, temb, dropout), AttnBlock(cur), ResBlock(cur, cur, temb, dropout)])
+        self.mid = nn.ModuleList(
+            [
+                ResBlock(cur, cur, temb=temb, dropout=dropout),
+                AttnBlock(cur),
+                ResBlock(cur, cur, temb=temb, dropout=dropout),
+            ]
+        )
         self.up = nn.ModuleList()
         for i, m in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res_blocks + 1):
@@ -132,7 +138,7 @@ class UNet(nn.Module):
 
     @staticmethod
     def _level(cin: int, cout: int, temb: int, *, dropout: float, attn: bool) -> nn.ModuleList:
-        return nn.ModuleList([ResBlock(cin, cout, temb, dropout), *([AttnBlock(cout)] if attn else [])])
+        return nn.ModuleList([ResBlock(cin, cout, temb=temb, dropout=dropout), *([AttnBlock(cout)] if attn else [])])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W), t (B,) integer steps in [0, T) -> ε̂ (B, C, H, W)."""

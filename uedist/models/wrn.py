@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from uedist.models.common import check_stem, scaled
+from uedist.models.common import StridedPointwise, check_stem, scaled
 from uedist.registry import MODELS
 
 
@@ -29,7 +29,7 @@ class PreActBlock(nn.Module):
     shortcut (as in the reference); when they match, the raw input is the shortcut.
     """
 
-    def __init__(self, in_planes: int, out_planes: int, stride: int, drop_rate: float = 0.0) -> None:
+    def __init__(self, in_planes: int, out_planes: int, stride: int, *, drop_rate: float = 0.0) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
@@ -38,7 +38,7 @@ class PreActBlock(nn.Module):
         self.drop_rate = drop_rate
         self.shortcut = None
         if in_planes != out_planes or stride != 1:
-            self.shortcut = nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+            self.shortcut = StridedPointwise(in_planes, out_planes, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # relu(inplace) acts on BN outputs, never on x itself, so input gradients stay intact.
@@ -89,7 +89,9 @@ class WideResNet(nn.Module):
         groups: List[nn.Module] = []
         for i, stride in enumerate((1, 2, 2)):
             blocks = [
-                PreActBlock(chans[i] if j == 0 else chans[i + 1], chans[i + 1], stride if j == 0 else 1, drop_rate)
+                PreActBlock(
+                    chans[i] if j == 0 else chans[i + 1], chans[i + 1], stride if j == 0 else 1, drop_rate=drop_rate
+                )
                 for j in range(n)
             ]
             groups.append(nn.Sequential(*blocks))
