@@ -144,6 +144,46 @@ def _write_one(
     return writer.write_shard(index, samples(), class_counts=counts, skipped=skipped)
 
 
+def _write_shards(
+    cfg: BuildConfig,
+    source: Any,
+    out_dir: Path,
+    fingerprint: str,
+    *,
+    chunks: List[Any],
+    records: Dict[int, Dict[str, Any]],
+    todo: List[int],
+    encoding: str,
+    desc: str,
+    progress: bool,
+) -> None:
+    """Write the shards ``todo`` (each a chunk of items) in ``cfg.workers`` spawned processes, or here with one;
+    fills ``records`` with each written shard's record."""
+    args = dict(
+        encoding=encoding,
+        jpeg_quality=cfg.jpeg_quality,
+        keep_source_bytes=cfg.keep_source_bytes,
+        skip_corrupt=cfg.skip_corrupt,
+    )
+    bar = _progress_bar(len(chunks), len(records), desc, enabled=progress)
+    try:
+        if cfg.workers <= 1 or len(todo) <= 1:
+            for i in todo:
+                records[i] = _write_one(source, str(out_dir), fingerprint, index=i, items=chunks[i], **args)
+                bar.update(1)
+        else:
+            with ProcessPoolExecutor(max_workers=min(cfg.workers, len(todo)), mp_context=get_context("spawn")) as ex:
+                futs = {
+                    ex.submit(_write_one, source, str(out_dir), fingerprint, index=i, items=chunks[i], **args): i
+                    for i in todo
+                }
+                for fut in as_completed(futs):
+                    records[futs[fut]] = fut.result()
+                    bar.update(1)
+    finally:
+        bar.close()
+
+
 def build_split(cfg: BuildConfig, split: str, out_dir: Path, *, progress: bool = True) -> Manifest:
     """Build one split's shard set into ``out_dir`` (resuming a killed build); returns its manifest."""
     source = make_source(cfg, split)
@@ -171,30 +211,19 @@ def build_split(cfg: BuildConfig, split: str, out_dir: Path, *, progress: bool =
             todo.append(i)
     if records:
         log.info("%s: resuming, %d of %d shards already complete", out_dir, len(records), len(chunks))
-    args = dict(
-        encoding=encoding,
-        jpeg_quality=cfg.jpeg_quality,
-        keep_source_bytes=cfg.keep_source_bytes,
-        skip_corrupt=cfg.skip_corrupt,
-    )
     t0 = time.time()
-    bar = _progress_bar(len(chunks), len(records), f"{source.name}/{split}", enabled=progress)
-    try:
-        if cfg.workers <= 1 or len(todo) <= 1:
-            for i in todo:
-                records[i] = _write_one(source, str(out_dir), fingerprint, index=i, items=chunks[i], **args)
-                bar.update(1)
-        else:
-            with ProcessPoolExecutor(max_workers=min(cfg.workers, len(todo)), mp_context=get_context("spawn")) as ex:
-                futs = {
-                    ex.submit(_write_one, source, str(out_dir), fingerprint, index=i, items=chunks[i], **args): i
-                    for i in todo
-                }
-                for fut in as_completed(futs):
-                    records[futs[fut]] = fut.result()
-                    bar.update(1)
-    finally:
-        bar.close()
+    _write_shards(
+        cfg,
+        source,
+        out_dir,
+        fingerprint,
+        chunks=chunks,
+        records=records,
+        todo=todo,
+        encoding=encoding,
+        desc=f"{source.name}/{split}",
+        progress=progress,
+    )
     shards = [shard_info_from_record(records[i]) for i in range(len(chunks))]
     counts = np.sum([records[i]["class_counts"] for i in range(len(chunks))], axis=0).astype(int).tolist()
     skipped = [s for i in range(len(chunks)) for s in records[i]["skipped"]]

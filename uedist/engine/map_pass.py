@@ -96,34 +96,45 @@ def run_map_pass(
     )
     accelerator.wait_for_everyone()
     if rank == 0:
-        records = [writer.done(i) for i in range(len(src_m.shards))]
-        missing = [src_m.shards[i].name for i, r in enumerate(records) if r is None]
-        if missing:
-            raise RuntimeError(f"{dst}: shards not written by any rank: {missing[:5]}")
-        shards = [shard_info_from_record(r) for r in records]  # type: ignore[arg-type]
-        out = Manifest(
-            dataset=src_m.dataset,
-            split=src_m.split,
-            classes=src_m.classes,
-            image_size=src_m.image_size,
+        sources = [str(Path(src).resolve()), *([str(Path(aux).resolve())] if aux else []), *parents]
+        out = _output_manifest(
+            dst,
+            src_m,
+            writer,
             encoding=encoding,
-            shards=shards,
-            num_samples=sum(s.count for s in shards),
-            class_counts=src_m.class_counts,
-            provenance={
-                **provenance(
-                    stage, config, [str(Path(src).resolve()), *([str(Path(aux).resolve())] if aux else []), *parents]
-                ),
-                "fingerprint": fp,
-            },
-            extra={**src_m.extra, **(extra or {})},
+            prov={**provenance(stage, config, sources), "fingerprint": fp},
+            extra=extra,
         )
-        if out.num_samples != src_m.num_samples:
-            raise RuntimeError(f"{dst}: wrote {out.num_samples} samples, the input has {src_m.num_samples}")
         writer.finalize(out)
-        log.info("%s: wrote %d samples in %d shards (%s)", dst, out.num_samples, len(shards), stage)
+        log.info("%s: wrote %d samples in %d shards (%s)", dst, out.num_samples, len(out.shards), stage)
     accelerator.wait_for_everyone()
     return load_manifest(dst)
+
+
+def _output_manifest(
+    dst: Path, src_m: Manifest, writer: ShardSetWriter, *, encoding: str, prov: Dict[str, Any], extra: Any
+) -> Manifest:
+    """The finished set's manifest from every shard's record (all must be written, every sample accounted for)."""
+    records = [writer.done(i) for i in range(len(src_m.shards))]
+    missing = [src_m.shards[i].name for i, r in enumerate(records) if r is None]
+    if missing:
+        raise RuntimeError(f"{dst}: shards not written by any rank: {missing[:5]}")
+    shards = [shard_info_from_record(r) for r in records]  # type: ignore[arg-type]
+    out = Manifest(
+        dataset=src_m.dataset,
+        split=src_m.split,
+        classes=src_m.classes,
+        image_size=src_m.image_size,
+        encoding=encoding,
+        shards=shards,
+        num_samples=sum(s.count for s in shards),
+        class_counts=src_m.class_counts,
+        provenance=prov,
+        extra={**src_m.extra, **(extra or {})},
+    )
+    if out.num_samples != src_m.num_samples:
+        raise RuntimeError(f"{dst}: wrote {out.num_samples} samples, the input has {src_m.num_samples}")
+    return out
 
 
 def _process(
@@ -172,23 +183,15 @@ def _process(
             shard = batch["shard"]
             samples = pending.setdefault(shard, [])
             if batch["key"]:
-                x = batch["image"].to(device, non_blocking=True)
-                y = batch["label"].to(device, non_blocking=True)
-                if aux is not None:
-                    out = fn(x, y, batch["key"], batch["aux_image"].to(device, non_blocking=True))
-                else:
-                    out = fn(x, y, batch["key"])
-                if out.dtype != torch.uint8 or out.shape != x.shape:
-                    raise ValueError(
-                        f"map function returned {out.dtype} {tuple(out.shape)}, expected uint8 {tuple(x.shape)}"
-                    )
-                extras = extras_fn(x, out) if extras_fn else [{} for _ in batch["key"]]
-                arrs = out.permute(0, 2, 3, 1).cpu().numpy()
-                blobs = list(pool.map(lambda a: encode_image(a, encoding), arrs))
-                samples += [
-                    Sample(k, int(lbl), encoding, b, e)
-                    for k, lbl, b, e in zip(batch["key"], batch["label"].tolist(), blobs, extras)
-                ]
+                samples += _map_batch(
+                    batch,
+                    fn,
+                    device=device,
+                    encoding=encoding,
+                    extras_fn=extras_fn,
+                    pool=pool,
+                    with_aux=aux is not None,
+                )
                 bar.update(len(batch["key"]))
             if batch["last"]:
                 written = pending.pop(shard)
@@ -208,6 +211,35 @@ def _process(
     bar.close()
     if pending:
         raise RuntimeError(f"shards {sorted(pending)} ended without their last batch")
+
+
+def _map_batch(
+    batch: Dict[str, Any],
+    fn: MapFn,
+    *,
+    device: torch.device,
+    encoding: str,
+    extras_fn: Optional[ExtrasFn],
+    pool: Any,
+    with_aux: bool,
+) -> List[Sample]:
+    """``fn`` on one batch (with aux's images as a fourth argument when the loader read them), checked to return
+    uint8 of the input's shape, encoded (in ``pool``'s threads) as this batch's output samples."""
+    x = batch["image"].to(device, non_blocking=True)
+    y = batch["label"].to(device, non_blocking=True)
+    if with_aux:
+        out = fn(x, y, batch["key"], batch["aux_image"].to(device, non_blocking=True))
+    else:
+        out = fn(x, y, batch["key"])
+    if out.dtype != torch.uint8 or out.shape != x.shape:
+        raise ValueError(f"map function returned {out.dtype} {tuple(out.shape)}, expected uint8 {tuple(x.shape)}")
+    extras = extras_fn(x, out) if extras_fn else [{} for _ in batch["key"]]
+    arrs = out.permute(0, 2, 3, 1).cpu().numpy()
+    blobs = list(pool.map(lambda a: encode_image(a, encoding), arrs))
+    return [
+        Sample(k, int(lbl), encoding, b, e)
+        for k, lbl, b, e in zip(batch["key"], batch["label"].tolist(), blobs, extras)
+    ]
 
 
 def _finished(dst: Path, fp: str) -> Optional[Manifest]:
