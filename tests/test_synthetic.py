@@ -67,15 +67,17 @@ def test_a_batch_is_its_images_whatever_the_batch(gen):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "gen, n, grey, floor",
+    "gen, n, grey, floor, epochs",
     [
-        ("textures", 800, False, 0.8),
-        ("shapes", 1600, False, 0.7),
-        ("shapes", 1600, True, 0.7),  # grey: the shapes themselves, not the colour tendency, carry the class
+        # textures: held-out accuracy after 6 epochs spreads 0.76-0.97 over seeds and thread counts; after 10,
+        # 0.855-0.96 (5 seeds, measured), so the floor is not a coin toss
+        ("textures", 800, False, 0.8, 10),
+        ("shapes", 1600, False, 0.7, 6),
+        ("shapes", 1600, True, 0.7, 6),  # grey: the shapes themselves, not the colour tendency, carry the class
     ],
     ids=["textures", "shapes", "shapes-grey"],
 )
-def test_small_resnet_learns_it(gen, n, grey, floor):
+def test_small_resnet_learns_it(gen, n, grey, floor, epochs):
     """A width-1/8 ResNet-18 learns 4 classes at 16 px well above chance in a few seconds (full-size figures:
     README, measured with launch/victim.py)."""
     from uedist.models.resnet import resnet18
@@ -91,7 +93,7 @@ def test_small_resnet_learns_it(gen, n, grey, floor):
     yt = torch.from_numpy(y).long()
     model = resnet18(num_classes=k, width=0.125)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for epoch in range(6):
+    for _ in range(epochs):
         perm = torch.randperm(n)
         for i in range(0, n, 50):
             idx = perm[i : i + 50]
