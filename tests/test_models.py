@@ -135,23 +135,33 @@ def test_strided_pointwise_is_the_strided_1x1_convolution():
 
 
 @pytest.mark.slow
-def test_narrow_resnet_bf16_channels_last_backward_survives():
-    """The shape that corrupted the heap in oneDNN's strided 1×1 backward (8 channels, 112 px, bf16 autocast,
-    channels_last: 'double free or corruption' on AVX512-BF16 CPUs) trains through a ResNet-18 shortcut; in a
-    subprocess, since the failure kills the process."""
+@pytest.mark.parametrize(
+    "batch, px, bf16, threads",
+    [(3, 16, False, 2), (5, 32, True, 2), (7, 16, False, 2), (1, 112, True, 1)],
+    ids=["odd3-fp32", "odd5-bf16", "odd7-fp32", "112px-bf16-1thread"],
+)
+def test_narrow_resnet_channels_last_backward_survives(batch, px, bf16, threads):
+    """The shapes that corrupted the heap in oneDNN's strided 1×1 backward (8 input channels, channels_last; odd
+    batches with 2 threads, 112 px bf16 with one: 'double free or corruption') train through a ResNet-18
+    shortcut block; in a subprocess, since the failure kills the process. Each case crashed with the shortcut
+    as a plain strided nn.Conv2d (checked by reverting it)."""
+    import os
     import subprocess
     import sys
 
     code = (
-        "import torch\n"
+        "import sys, torch\n"
         "from uedist.models.resnet import BasicBlock\n"
+        "b, px, bf16 = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == '1'\n"
         "m = BasicBlock(8, 16, stride=2).to(memory_format=torch.channels_last)\n"
-        "x = torch.rand(1, 8, 112, 112).contiguous(memory_format=torch.channels_last).requires_grad_(True)\n"
+        "x = torch.rand(b, 8, px, px).contiguous(memory_format=torch.channels_last).requires_grad_(True)\n"
         "for _ in range(20):\n"
-        "    with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+        "    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):\n"
         "        y = m(x)\n"
         "    y.float().sum().backward()\n"
         "print('ok')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    args = [str(batch), str(px), "1" if bf16 else "0"]
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])
