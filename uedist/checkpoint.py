@@ -11,6 +11,7 @@ complete checkpoint, and a job killed at any moment resumes from the last one. F
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -109,21 +110,43 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be resumed: a ``latest`` pointer leading elsewhere, a missing or damaged
+    ``state.pt``, or a file that is not a uedist checkpoint. The message names the file."""
+
+
 def latest_checkpoint(ckpt_dir: PathLike) -> Optional[Path]:
-    """The newest complete checkpoint folder, or None."""
+    """The newest complete checkpoint folder, or None. The ``latest`` pointer must name a ``step-*`` folder
+    directly inside ``ckpt_dir`` (no path, no ``..``, no symlink out): anything else is refused."""
     root = Path(ckpt_dir)
     pointer = root / LATEST
     if not pointer.is_file():
         return None
-    path = root / pointer.read_text().strip()
+    name = pointer.read_text().strip()
+    path = root / name
+    inside = (
+        "/" not in name and "\\" not in name and name.startswith("step-") and path.resolve().parent == root.resolve()
+    )
+    if not inside:
+        raise CheckpointError(f"{pointer}: latest names {name!r}, outside {root} (only a step-* folder in it)")
     if not (path / "state.pt").is_file():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which has no state.pt (checkpoint folder damaged)")
+        raise CheckpointError(f"{pointer} names {path.name}, which has no state.pt (checkpoint folder damaged)")
     return path
 
 
 def load_state(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
-    """Load ``state.pt`` of a checkpoint folder (weights_only: plain tensors and containers only)."""
-    return torch.load(Path(path) / "state.pt", map_location=map_location, weights_only=True)
+    """Load ``state.pt`` of a checkpoint folder (weights_only: plain tensors and containers only; anything
+    else is refused as "not a uedist checkpoint", naming the file, and never unpickled)."""
+    f = Path(path) / "state.pt"
+    try:
+        return torch.load(f, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{f}: no such checkpoint file") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError):
+        raise CheckpointError(
+            f"{f}: not a uedist checkpoint (it holds objects other than tensors and plain containers, or is "
+            "damaged); it was not loaded, and should not be"
+        ) from None
 
 
 def restore_rng(path: PathLike, rank: int, gens: Optional[Dict[str, torch.Generator]] = None) -> bool:

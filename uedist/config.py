@@ -304,6 +304,18 @@ def config_hash(cfg: Any, length: int = 12) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
 
+def run_dir(run_root: Any, name: str) -> Path:
+    """``run_root/name``, the folder of a run; ConfigError (naming ``name``) when ``name`` is empty, absolute or
+    has a ``.``/``..`` part, so that no run writes outside ``run_root``. Nested names (``study/exp1``) are fine."""
+    parts = str(name).replace("\\", "/").split("/")
+    if not name or str(name).startswith(("/", "\\")) or any(p in ("", ".", "..") for p in parts):
+        raise ConfigError(
+            f"name={name!r}: a run name is a relative path of plain names (e.g. sem_cifar10 or study/exp1); "
+            f"this one would put the run outside run_root {run_root}"
+        )
+    return Path(run_root) / name
+
+
 def require(cond: bool, message: str) -> None:
     """For ``validate`` methods: raise ConfigError(message) unless ``cond``."""
     if not cond:

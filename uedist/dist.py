@@ -11,7 +11,10 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    import datetime
 
 _LOG_FORMAT = "%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
 
@@ -77,8 +80,68 @@ def setup_logging(run_dir: Optional[os.PathLike] = None, level: int = logging.IN
         root.addHandler(fh)
 
 
+DEFAULT_COLLECTIVE_TIMEOUT_S = 1800  # a rank waits this long for its peers (a map pass's last, slowest shard)
+TIMEOUT_ENV = "UEDIST_COLLECTIVE_TIMEOUT"
+COLLECTIVES = (
+    "barrier",
+    "all_reduce",
+    "reduce",
+    "broadcast",
+    "all_gather",
+    "gather",
+    "all_gather_object",
+    "broadcast_object_list",
+    "reduce_scatter",
+    "all_to_all",
+    "send",
+    "recv",
+)
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective (barrier, all-reduce, ...) waited longer than the collective timeout: a peer rank stopped
+    answering (stopped, swapping, hung on I/O, killed without its launcher noticing)."""
+
+
+def collective_timeout() -> "datetime.timedelta":
+    """How long a collective may wait: ``$UEDIST_COLLECTIVE_TIMEOUT`` seconds, default 1800 (30 min: enough
+    for the ranks of a map pass to finish their last, slowest shard; set it higher for huge JCDP shards)."""
+    import datetime
+
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        seconds = float(raw) if raw else float(DEFAULT_COLLECTIVE_TIMEOUT_S)
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: expected seconds (a number > 0)") from None
+    if not seconds > 0:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: expected seconds (a number > 0)")
+    return datetime.timedelta(seconds=seconds)
+
+
+def as_collective_timeout(e: BaseException) -> Optional[CollectiveTimeout]:
+    """``e`` as a :class:`CollectiveTimeout` naming this rank and the collective (the innermost
+    ``torch.distributed`` collective in its traceback, else "a collective"), when ``e`` is a process group's
+    timeout; else None."""
+    text = str(e)
+    if not isinstance(e, RuntimeError) or not ("timed out" in text.lower() or "timeout" in text.lower()):
+        return None
+    op, tb = "", e.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_name
+        if name in COLLECTIVES and "distributed" in tb.tb_frame.f_code.co_filename:
+            op = name
+        tb = tb.tb_next
+    seconds = collective_timeout().total_seconds()
+    what = f"collective {op}" if op else "a collective (e.g. the gradient all-reduce)"
+    return CollectiveTimeout(
+        f"rank {rank()}: {what} timed out after {seconds:g} s: a peer rank stopped answering; "
+        f"this rank exits (raise {TIMEOUT_ENV} if the peers are only slow)"
+    )
+
+
 def make_accelerator(*, cpu: Optional[bool] = None, mixed_precision: str = "no", **kwargs: Any) -> Any:
-    """Create the Accelerator (launch scripts only).
+    """Create the Accelerator (launch scripts only), its process group with the collective timeout
+    (:func:`collective_timeout`), so a rank whose peer stopped exits instead of waiting for ever.
 
     On a machine without CUDA, several processes only really sync when the accelerator is told it runs on CPU
     (see ../shared/ENVIRONMENT.md: otherwise each process trains alone, silently); so ``cpu`` defaults to
@@ -86,7 +149,11 @@ def make_accelerator(*, cpu: Optional[bool] = None, mixed_precision: str = "no",
     """
     import torch
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     if cpu is None:
         cpu = not torch.cuda.is_available()
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, **kwargs)
+    handlers = list(kwargs.pop("kwargs_handlers", []))
+    if not any(isinstance(h, InitProcessGroupKwargs) for h in handlers):
+        handlers.append(InitProcessGroupKwargs(timeout=collective_timeout()))
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=handlers, **kwargs)

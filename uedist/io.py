@@ -6,6 +6,7 @@ A reader never sees half a file: either the old content (or nothing) or the new,
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -16,6 +17,11 @@ from typing import IO, Any, Callable, Iterator, Union
 PathLike = Union[str, os.PathLike]
 TMP_SUFFIX = ".tmp"  # temp files are ".<final name>.<random>.tmp" beside the final file
 _FILE_MODE = 0o644  # mkstemp's 0600 would hide shared datasets from colleagues
+
+
+class DiskFull(OSError):
+    """A write that ran out of space (ENOSPC) or quota (EDQUOT); the message names the file (``write()``'s own
+    error does not). The partial temp file is removed; the destination is untouched."""
 
 
 @contextlib.contextmanager
@@ -33,9 +39,11 @@ def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO]:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, DiskFull) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(e.errno, f"{path}: no space left on device (nothing written; free space and rerun)") from e
         raise
 
 

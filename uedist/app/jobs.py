@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Type, TypeVar
 
 from uedist.config import ConfigError, _read_yaml, load_config, parse_override, save_config
+from uedist.config import run_dir as run_dir_of
 from uedist.dist import get_logger, make_accelerator, setup_logging
 from uedist.registry import RegistryError, StageDef, stages_of
 
@@ -64,19 +65,49 @@ def _start(cfg: C, p: argparse.ArgumentParser, check: Optional[Callable[[C], Opt
     problem = check(cfg) if check else None
     if problem:
         p.error(problem)
+    try:
+        run_dir = run_dir_of(cfg.run_root, cfg.name)  # type: ignore[attr-defined]
+    except ConfigError as e:
+        p.error(str(e))
     accelerator = make_accelerator()
-    run_dir = Path(cfg.run_root) / cfg.name  # type: ignore[attr-defined]
     setup_logging(run_dir)
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
     return cfg, accelerator, run_dir
 
 
+def input_error_types() -> Tuple[Type[BaseException], ...]:
+    """What every job treats as bad input (exit code 2, the message logged, no traceback): each names the key,
+    file, shard or sample at fault."""
+    from uedist.checkpoint import CheckpointError
+    from uedist.config import ConfigError
+    from uedist.data.images import CorruptImageError
+    from uedist.data.manifest import ManifestError
+    from uedist.data.shards import ShardError
+    from uedist.data.sources.base import SourceError
+    from uedist.dist import CollectiveTimeout
+    from uedist.io import DiskFull
+
+    return (
+        ConfigError,
+        ManifestError,
+        ShardError,
+        SourceError,
+        CorruptImageError,
+        CheckpointError,
+        DiskFull,
+        CollectiveTimeout,
+    )
+
+
 def guarded(fn: Callable[[], Any], log: logging.Logger, input_errors: Tuple[Type[BaseException], ...] = ()) -> Any:
-    """Run the job; a non-finite loss -> exit code 3, a checkpoint of another config or data, or one of
-    ``input_errors`` -> exit code 2 (logged, not a traceback). Returns the job's result, or the exit code as an
-    ``int``."""
+    """Run the job; a non-finite loss -> exit code 3; a checkpoint of another config or data, bad input
+    (:func:`input_error_types`: a bad shard, manifest, source image, checkpoint or config value, a full disk, a
+    peer that stopped answering) or one of the stage's own ``input_errors`` -> exit code 2 (logged, not a
+    traceback). Returns the job's result, or the exit code as an ``int``. Anything else is a bug: a traceback."""
     from uedist.engine.loop import CheckpointMismatch, NonFiniteLoss
+
+    input_errors = (*input_error_types(), *input_errors)
 
     try:
         return fn()
@@ -88,6 +119,14 @@ def guarded(fn: Callable[[], Any], log: logging.Logger, input_errors: Tuple[Type
         return 2
     except input_errors as e:  # type: ignore[misc]
         log.error("%s", e)
+        return 2
+    except RuntimeError as e:
+        from uedist.dist import as_collective_timeout
+
+        timeout = as_collective_timeout(e)
+        if timeout is None:
+            raise
+        log.error("%s", timeout)
         return 2
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Literal, Optional
 
-from uedist.config import ConfigError, config_to_dict, identity, load_config, require
+from uedist.config import ConfigError, config_to_dict, identity, load_config, require, run_dir
 from uedist.dist import get_logger
 from uedist.io import atomic_write_json
 from uedist.registry import StageDef, stages_of
@@ -144,7 +144,7 @@ class Study:
 
     def __init__(self, cfg: StudyConfig, root: Optional[Path] = None) -> None:
         self.cfg = cfg
-        self.dir = Path(root) if root else Path(cfg.run_root) / cfg.name
+        self.dir = Path(root) if root else run_dir(cfg.run_root, cfg.name)
         self.stages: List[Stage] = []
         self._expand()
 

@@ -104,7 +104,9 @@ class _ShardSetView:
         i = int(i)
         shard = bisect.bisect_right(self.starts, i) - 1
         if shard != self._shard:
-            self._samples = list(read_shard(self.folder, self.m.shards[shard], verify=True))
+            self._samples = list(
+                read_shard(self.folder, self.m.shards[shard], verify=True, num_classes=self.m.num_classes)
+            )
             self._shard = shard
         s = self._samples[i - self.starts[shard]]
         where = f"{self.folder / self.m.shards[shard].name}:{s.key}"

@@ -148,7 +148,9 @@ class TrainStream(IterableDataset):
             batch = []
 
     def _open(self, shard: int, skip: int = 0) -> Iterator[Sample]:
-        it = read_shard(self.folder, self.manifest.shards[shard], verify=self.verify)
+        it = read_shard(
+            self.folder, self.manifest.shards[shard], verify=self.verify, num_classes=self.manifest.num_classes
+        )
         for _ in range(skip):
             next(it)
         return it
@@ -201,13 +203,12 @@ class MapReader(IterableDataset):
         for j, shard in enumerate(self.shards):
             if j % nw != w:
                 continue
-            samples = list(read_shard(self.folder, self.manifest.shards[shard], verify=self.verify))
-            keys = [s.key for s in samples]
-            if keys != sorted(keys):
-                raise ValueError(f"{self.folder / self.manifest.shards[shard].name}: keys are not in order")
+            n = self.manifest.num_classes
+            samples = list(read_shard(self.folder, self.manifest.shards[shard], verify=self.verify, num_classes=n))
+            keys = [s.key for s in samples]  # in order: read_shard checks it
             aux = None
             if self.aux is not None:
-                aux = list(read_shard(self.aux, self.aux_manifest.shards[shard], verify=self.verify))
+                aux = list(read_shard(self.aux, self.aux_manifest.shards[shard], verify=self.verify, num_classes=n))
                 if [s.key for s in aux] != keys:
                     raise ValueError(
                         f"{self.aux / self.aux_manifest.shards[shard].name}: keys differ from {self.folder}"

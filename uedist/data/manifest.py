@@ -83,6 +83,9 @@ class Manifest:
             raise ManifestError(f"{what}image sizes differ: {self.image_size} vs {other.image_size}")
 
 
+MAX_MANIFEST_BYTES = 256 << 20  # a manifest lists shards, not samples: 256 MiB is ~1M shards
+
+
 _REQUIRED = ("dataset", "split", "classes", "image_size", "encoding", "shards", "num_samples")
 
 
@@ -96,6 +99,9 @@ def load_manifest(folder: Union[str, os.PathLike]) -> Manifest:
             else ""
         )
         raise ManifestError(f"no manifest: {path} does not exist{hint}")
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path}: {size} bytes, more than a manifest can be ({MAX_MANIFEST_BYTES} bytes)")
     try:
         d = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -128,14 +134,49 @@ def load_manifest(folder: Union[str, os.PathLike]) -> Manifest:
         raise ManifestError(f"{path}: malformed field: {e}") from e
     if m.encoding not in ("jpg", "png", "npy"):
         raise ManifestError(f"{path}: unknown encoding {m.encoding!r}")
-    if sum(s.count for s in shards) != m.num_samples:
-        raise ManifestError(
-            f"{path}: shard counts sum to {sum(s.count for s in shards)}, num_samples is {m.num_samples}"
-        )
+    check_manifest(m, path)
     for s in shards:
         if "/" in s.name or "\\" in s.name or s.name in ("", ".", ".."):
             raise ManifestError(f"{path}: shard name {s.name!r} is not a plain file name")
     return m
+
+
+def check_manifest(m: Manifest, path: Any) -> None:
+    """The sanity a manifest must have before any shard is read (ManifestError naming ``path`` and the field):
+    a positive image size, non-negative shard counts and sizes, class counts that fit the classes and the
+    samples, and shards whose key ranges (``first_key``..``last_key``) are ordered and disjoint (so no key can be
+    in two shards: each shard's keys are checked against its range as it is read)."""
+    h, w = m.image_size
+    if h <= 0 or w <= 0:
+        raise ManifestError(f"{path}: image_size [{h}, {w}] must be two positive ints")
+    if not m.classes:
+        raise ManifestError(f"{path}: no classes")
+    for s in m.shards:
+        if s.count < 0 or s.bytes < 0:
+            raise ManifestError(f"{path}: {s.name}: count {s.count}, bytes {s.bytes}: must be >= 0")
+    if sum(s.count for s in m.shards) != m.num_samples:
+        raise ManifestError(
+            f"{path}: shard counts sum to {sum(s.count for s in m.shards)}, num_samples is {m.num_samples}"
+        )
+    c = m.class_counts
+    if c:
+        if len(c) != m.num_classes:
+            raise ManifestError(f"{path}: class_counts has {len(c)} entries for {m.num_classes} classes")
+        if min(c) < 0:
+            raise ManifestError(f"{path}: class_counts {c[:10]} has a negative count")
+        if sum(c) != m.num_samples:
+            raise ManifestError(f"{path}: class_counts sum to {sum(c)}, num_samples is {m.num_samples}")
+    ranged = [s for s in m.shards if s.first_key is not None and s.last_key is not None and s.count > 0]
+    for s in ranged:
+        if s.first_key > s.last_key:  # type: ignore[operator]
+            raise ManifestError(f"{path}: {s.name}: first_key {s.first_key} after last_key {s.last_key}")
+    by_first = sorted(ranged, key=lambda s: s.first_key)  # type: ignore[arg-type,return-value]
+    for a, b in zip(by_first, by_first[1:]):
+        if b.first_key <= a.last_key:  # type: ignore[operator]
+            raise ManifestError(
+                f"{path}: the key ranges of {a.name} ({a.first_key}..{a.last_key}) and {b.name} "
+                f"({b.first_key}..{b.last_key}) overlap: a key may be in both (a shard copied over another?)"
+            )
 
 
 def content_digest(folder: Union[str, os.PathLike]) -> Optional[str]:

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -151,6 +152,8 @@ def parse_tar(data: bytes, name: str) -> Iterator[Sample]:
             if current is not None:
                 yield _finish(current, name)
             current = {"key": key, "fields": {}}
+        if fld in current["fields"]:
+            raise ShardError(f"{name}: key {key} appears twice (its {fld} field is stored twice in a row)")
         current["fields"][fld] = payload
     if current is not None:
         yield _finish(current, name)
@@ -174,35 +177,63 @@ def _finish(cur: Dict[str, Any], name: str) -> Sample:
     return Sample(key, label, exts[0], data, fields)
 
 
-def read_shard(folder: PathLike, info: ShardInfo, *, verify: bool = True) -> Iterator[Sample]:
-    """Samples of one shard of a set. With ``verify`` the whole file is checked (size, sha256, count) before
-    the first sample is returned, so a truncated or altered shard never feeds a single sample to training."""
+def read_shard(
+    folder: PathLike, info: ShardInfo, *, verify: bool = True, num_classes: Optional[int] = None
+) -> Iterator[Sample]:
+    """Samples of one shard of a set. The file must be a regular file of the manifest's size (checked before a
+    byte is read, and read no further than that size: a shard linked to ``/dev/zero`` or a FIFO cannot exhaust
+    memory or block). With ``verify`` the whole file is checked (sha256, count) before the first sample is
+    returned, so a truncated or altered shard never feeds a single sample to training. Every sample's key must
+    follow the previous one and lie in the manifest's ``first_key``..``last_key``; with ``num_classes`` its label
+    must be in 0..num_classes-1. Every problem is a ShardError naming the shard (and the sample)."""
     path = Path(folder) / info.name
     try:
-        data = path.read_bytes()
+        st = path.stat()
     except FileNotFoundError:
         raise ShardError(f"{path}: shard listed in the manifest is missing") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ShardError(f"{path}: not a regular file (a device, FIFO or folder where a shard should be)")
+    if st.st_size != info.bytes:
+        raise ShardError(f"{path}: {st.st_size} bytes, manifest says {info.bytes} (truncated or altered)")
+    with open(path, "rb") as f:
+        data = f.read(info.bytes + 1)
+    if len(data) != info.bytes:
+        raise ShardError(f"{path}: {len(data)} bytes read, manifest says {info.bytes} (changed while read)")
     if verify:
-        if len(data) != info.bytes:
-            raise ShardError(f"{path}: {len(data)} bytes, manifest says {info.bytes} (truncated or altered)")
         digest = hashlib.sha256(data).hexdigest()
         if digest != info.sha256:
             raise ShardError(
                 f"{path}: sha256 {digest[:12]}… does not match the manifest ({info.sha256[:12]}…): altered"
             )
-    n = 0
+    n, prev = 0, None
     for s in parse_tar(data, str(path)):
-        n += 1
+        _check_sample(s, path, info, prev=prev, num_classes=num_classes)
+        n, prev = n + 1, s.key
         yield s
     if verify and n != info.count:
         raise ShardError(f"{path}: {n} samples, manifest says {info.count}")
+    if prev is not None and info.last_key is not None and prev != info.last_key:
+        raise ShardError(f"{path}: last key {prev}, manifest says {info.last_key}")
+
+
+def _check_sample(s: Sample, path: Path, info: ShardInfo, *, prev: Optional[str], num_classes: Optional[int]) -> None:
+    if prev is None and info.first_key is not None and s.key != info.first_key:
+        raise ShardError(f"{path}: first key {s.key}, manifest says {info.first_key}")
+    if prev is not None and s.key <= prev:
+        what = "appears twice" if s.key == prev else f"comes after {prev} (keys are written in order)"
+        raise ShardError(f"{path}: key {s.key} {what}")
+    if num_classes is not None and not 0 <= s.label < num_classes:
+        raise ShardError(
+            f"{path}: sample {s.key} has label {s.label}, outside 0..{num_classes - 1} (the manifest lists "
+            f"{num_classes} classes)"
+        )
 
 
 def iter_samples(folder: PathLike, *, verify: bool = True, manifest: Optional[Manifest] = None) -> Iterator[Sample]:
     """Every sample of a shard set, in shard then key order."""
     m = manifest or load_manifest(folder)
     for info in m.shards:
-        yield from read_shard(folder, info, verify=verify)
+        yield from read_shard(folder, info, verify=verify, num_classes=m.num_classes)
 
 
 @dataclass
@@ -223,22 +254,24 @@ def verify_shard_set(folder: PathLike, *, decode: bool = False) -> VerifyReport:
     m = load_manifest(folder)
     problems: List[str] = []
     total = 0
-    keys_seen: set = set()
+    keys_seen: Dict[str, str] = {}
+    labels = [0] * m.num_classes
     for info in m.shards:
         try:
-            for s in read_shard(folder, info, verify=True):
+            for s in read_shard(folder, info, verify=True, num_classes=m.num_classes):
                 total += 1
                 if s.key in keys_seen:
-                    problems.append(f"{info.name}: duplicate key {s.key}")
-                keys_seen.add(s.key)
-                if not 0 <= s.label < m.num_classes:
-                    problems.append(f"{info.name}: sample {s.key} label {s.label} outside 0..{m.num_classes - 1}")
+                    problems.append(f"{info.name}: key {s.key} is also in {keys_seen[s.key]}")
+                keys_seen[s.key] = info.name
+                labels[s.label] += 1
                 if decode:
                     decode_image(s.data, s.ext, m.image_size, name=f"{info.name}:{s.key}")
         except (ShardError, CorruptImageError) as e:
             problems.append(str(e))
     if not problems and total != m.num_samples:
         problems.append(f"read {total} samples, manifest says {m.num_samples}")
+    if not problems and m.class_counts and labels != m.class_counts:
+        problems.append(f"class_counts {m.class_counts[:10]} differ from the labels read {labels[:10]}")
     return VerifyReport(str(folder), total, problems)
 
 

@@ -71,19 +71,34 @@ def class_folders(root: Path) -> List[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
 
 
-def scan_class_folders(root: Path, labels: Dict[str, int], *, allow_empty: bool = False, rel_to: Path) -> List[Item]:
+def scan_class_folders(
+    root: Path, labels: Dict[str, int], *, allow_empty: bool = False, rel_to: Path, follow_symlinks: bool = False
+) -> List[Item]:
     """Items for every image in ``root/<class>/`` for the class folders named in ``labels``.
 
     An empty class folder is an error naming it (a class with no samples silently changes results), unless
-    ``allow_empty``.
+    ``allow_empty``. An image (or a class folder) that is a symlink leading out of ``rel_to`` is refused naming
+    it, unless ``follow_symlinks``: then the item records the resolved path, so the manifest says where the
+    pixels came from. Symlinks that stay inside ``rel_to`` are fine.
     """
     items: List[Item] = []
+    top = Path(rel_to).resolve()
     for name, label in sorted(labels.items(), key=lambda kv: (kv[1], kv[0])):
         folder = root / name
         files = list_images(folder)
         if not files and not allow_empty:
             raise SourceError(f"class folder {folder} holds no images (set allow_empty_classes=true to accept)")
-        items += [Item(os.path.relpath(f, rel_to), label) for f in files]
+        for f in files:
+            real = Path(f).resolve()
+            if real.is_relative_to(top):
+                items.append(Item(os.path.relpath(f, rel_to), label))
+            elif follow_symlinks:
+                items.append(Item(str(real), label))
+            else:
+                raise SourceError(
+                    f"{f}: leads out of {rel_to} (a symlink to {real}); set follow_symlinks=true to accept it "
+                    "(the manifest then records the resolved path)"
+                )
     return items
 
 

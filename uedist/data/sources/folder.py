@@ -21,6 +21,7 @@ class FolderConfig:
     num_classes: int = 0  # expected class count; 0 = accept what is found
     allow_empty_classes: bool = False
     encoding: str = "jpg"  # default encoding for this source (photos)
+    follow_symlinks: bool = False  # false: a symlink out of root is refused; true: followed, its target recorded
 
     def validate(self) -> None:
         require(self.size[0] > 0 and self.size[1] > 0, f"size must be positive, got {self.size}")
@@ -40,6 +41,7 @@ class FolderSource(Source):
         allow_empty_classes: bool = False,
         encoding: str = "jpg",
         classes: Optional[List[str]] = None,
+        follow_symlinks: bool = False,
     ) -> None:
         if not root:
             raise SourceError(f"{name}: no root folder configured")
@@ -49,7 +51,7 @@ class FolderSource(Source):
             raise SourceError(f"{name}: split folder not found: {self.split_dir}")
         self.name, self.split, self.image_size, self.resize_mode = name, split, tuple(size), resize_mode
         self.default_encoding = encoding
-        self.allow_empty = allow_empty_classes
+        self.allow_empty, self.follow_symlinks = allow_empty_classes, follow_symlinks
         found = [p.name for p in class_folders(self.split_dir)]
         check_num_classes(found, num_classes, self.split_dir)
         if classes is not None and found != list(classes):
@@ -60,7 +62,9 @@ class FolderSource(Source):
 
     def items(self) -> List[Item]:
         labels = {c: i for i, c in enumerate(self.classes)}
-        return scan_class_folders(self.split_dir, labels, allow_empty=self.allow_empty, rel_to=self.root)
+        return scan_class_folders(
+            self.split_dir, labels, allow_empty=self.allow_empty, rel_to=self.root, follow_symlinks=self.follow_symlinks
+        )
 
 
 @SOURCES.register("folder")
@@ -74,4 +78,5 @@ def build_folder_source(cfg: FolderConfig, split: str) -> FolderSource:
         num_classes=cfg.num_classes,
         allow_empty_classes=cfg.allow_empty_classes,
         encoding=cfg.encoding,
+        follow_symlinks=cfg.follow_symlinks,
     )
