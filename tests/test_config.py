@@ -4,14 +4,14 @@ from typing import List, Literal, Optional, Tuple
 import pytest
 import yaml
 
-from uedist.config import ConfigError, config_hash, load_config, require, save_config
+from uedist.config import ConfigError, config_hash, load_config, require, save_config, signed
 from uedist.data.build import BuildConfig
 
 
 @dataclass
 class Inner:
     eps: int = 8
-    step: float = 0.8
+    step: float = signed(0.8)
 
     def validate(self) -> None:
         require(self.eps > 0, f"eps must be > 0, got {self.eps}")

@@ -202,7 +202,7 @@ def test_main_job_refuses_a_set_from_an_older_generator(tmp_path, monkeypatch):
     [
         ("eps=0", "eps must be in (0, 64]"),
         ("eps=8.5", "whole number"),
-        ("eot_samples=0", "eot_samples must be >= 1"),
+        ("eot_samples=0", "eot_samples=0: must be > 0"),
         ("noise_steps=0", "noise_steps >= 1"),
         ("method=rem adv_steps=0", "rem needs adv_steps >= 1"),
     ],

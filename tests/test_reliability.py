@@ -441,3 +441,47 @@ def test_job_name_escaping_run_root_exits_2(synth_sets, tmp_path):
     r = _sem(tmp_path, "name=../../escape", f"data.train={synth_sets / 'train'}", f"data.test={synth_sets / 'test'}")
     assert r.returncode == 2 and "name" in r.stderr and "outside run_root" in r.stderr, r.stderr[-3000:]
     assert not (tmp_path.parent / "escape").exists() and not (tmp_path / "escape").exists()
+
+
+# ---- item 3: every number of a schema is range-checked by the loader ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "schema, override, match",
+    [
+        ("victim", "steps=-1", r"steps=-1: must be >= 0"),
+        ("noise", "surrogate.width=0", r"surrogate.width=0.0: must be > 0"),
+        ("noise", "surrogate.width=-1", r"surrogate.width=-1.0: must be > 0"),
+        ("victim", "model.width=0", r"model.width=0.0: must be > 0"),
+        ("noise", "train_size=-1", r"train_size=-1: must be >= 0"),
+        ("victim", "optim.milestones=[0.9,0.1]", r"optim.milestones must increase"),
+        ("victim", "defense.cutout=-5", r"defense.cutout=-5: must be >= 0"),
+        ("victim", "eval_every=-1", r"eval_every=-1: must be >= 0"),
+        ("noise", "final_batch_size=0", r"final_batch_size=0: must be > 0"),
+        ("victim", "log_every=0", r"log_every=0: must be > 0"),
+        ("noise", "crop_pad=-3", r"crop_pad=-3: must be >= 0"),
+        ("noise", "eps=.inf", r"eps=inf: must be a finite number"),
+        ("victim", "model.name=resnet19", r"model.name 'resnet19': unknown model; known: .*resnet18"),
+    ],
+)
+def test_bad_values_refused_naming_the_key(schema, override, match):
+    from uedist.config import ConfigError, load_config
+    from uedist.engine.noise import NoiseConfig
+    from uedist.engine.victim import VictimConfig
+
+    cls = {"victim": VictimConfig, "noise": NoiseConfig}[schema]
+    with pytest.raises(ConfigError, match=match):
+        load_config(cls, None, [override])
+
+
+@pytest.mark.slow
+def test_victim_job_with_negative_steps_exits_2(synth_sets, tmp_path):
+    r = subprocess.run(
+        [sys.executable, str(REPO / "launch/victim.py"), f"run_root={tmp_path}", "steps=-1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2 and "steps=-1: must be >= 0" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "victim").exists()

@@ -24,6 +24,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import types
@@ -43,13 +44,45 @@ class ConfigError(ValueError):
     """A config that does not match its schema; the message names the offending key."""
 
 
-RUNTIME, LOCATION = "uedist_runtime", "uedist_location"
+RUNTIME, LOCATION, RANGE = "uedist_runtime", "uedist_location", "uedist_range"
 
 
-def runtime(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
+def runtime(
+    default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, positive_: bool = False
+) -> Any:
     """A dataclass field that changes how a job runs (progress bars, workers, checkpoint cadence), never what it
-    computes: left out of :func:`identity`, so it may differ between a run and its resumption."""
-    return dataclasses.field(default=default, default_factory=default_factory, metadata={RUNTIME: True})
+    computes: left out of :func:`identity`, so it may differ between a run and its resumption. ``positive_``:
+    the value must be > 0 (see :func:`positive`)."""
+    meta: Dict[str, Any] = {RUNTIME: True, **({RANGE: (0, False)} if positive_ else {})}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
+
+
+def positive(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A number (or list of numbers) that must be > 0: sizes, widths, batch sizes, intervals."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={RANGE: (0, False)})
+
+
+def signed(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A number that may be negative. Every other number of a schema must be >= 0 (the loader checks every
+    field: a step count, a radius, a probability or an interval is never negative)."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={RANGE: None})
+
+
+def _check_range(f: "dataclasses.Field[Any]", value: Any, key: str) -> None:
+    """Every number of a schema is finite and >= 0, or > 0 where declared :func:`positive`, unless declared
+    :func:`signed`; lists and tuples of numbers element by element."""
+    rng = f.metadata.get(RANGE, (0, True))
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if not math.isfinite(v):
+            raise ConfigError(f"{key}={value!r}: must be a finite number")
+        if rng is None:
+            continue
+        lo, inclusive = rng
+        if v < lo or (v == lo and not inclusive):
+            raise ConfigError(f"{key}={value!r}: must be {'>=' if inclusive else '>'} {lo}")
 
 
 def location(default: Any = "") -> Any:
@@ -278,6 +311,8 @@ def _validate(cfg: Any, prefix: str) -> None:
         v = getattr(cfg, f.name)
         if dataclasses.is_dataclass(v) and not isinstance(v, type):
             _validate(v, f"{prefix}{f.name}.")
+        else:
+            _check_range(f, v, f"{prefix}{f.name}")
     check = getattr(cfg, "validate", None)
     if callable(check):
         try:

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Literal, Sequence, Tuple
 
 import numpy as np
 
-from uedist.config import config_to_dict, require
+from uedist.config import config_to_dict, positive, require
 from uedist.data.images import CorruptImageError, prepare_sample
 from uedist.data.manifest import FORMAT_VERSION, Manifest, load_manifest, provenance
 from uedist.data.shards import Sample, ShardSetWriter, format_key, shard_info_from_record
@@ -46,7 +46,7 @@ class BuildConfig:
     )
     splits: List[str] = field(default_factory=lambda: ["train", "test"])
     out: str = ""  # parent folder; each split goes to <out>/<split>. Default: shards/<dataset>
-    shard_size: int = 1000  # samples per shard (make shards >= ranks x workers for training streams)
+    shard_size: int = positive(1000)  # samples per shard (make shards >= ranks x workers for training streams)
     encoding: Literal["auto", "jpg", "png", "npy"] = "auto"  # auto: the source's default (png for pixel data)
     jpeg_quality: int = 95
     keep_source_bytes: bool = True  # store a source JPEG unchanged when it already is RGB at the canonical size

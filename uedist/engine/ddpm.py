@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from uedist.checkpoint import latest_checkpoint, load_state
-from uedist.config import location, require, runtime
+from uedist.config import location, positive, require, runtime
 from uedist.data.grids import write_image_grid
 from uedist.diffusion.ema import EMA
 from uedist.diffusion.purify import sample
@@ -55,7 +55,7 @@ log = get_logger(__name__)
 @dataclass
 class DDPMData:
     train: str = "shards/cifar10_jpg/test"  # unprotected images (the paper: the unlabeled clean test split)
-    batch_size: int = 128  # global, split across ranks
+    batch_size: int = positive(128)  # global, split across ranks
     workers: int = runtime(2)
     shuffle_buffer: int = 2000
     flip: bool = True  # random horizontal flips (DDPM CIFAR-10)
@@ -108,7 +108,7 @@ class DDPMConfig:
     num_samples: int = 64  # samples in the final PNG grid (0 = none)
     sample_steps: int = 0  # reverse steps for the grid (0 = all T; fewer: a strided chain)
     ckpt_every: int = runtime(5000)
-    log_every: int = runtime(100)
+    log_every: int = runtime(100, positive_=True)
     resume: bool = runtime(True)
     progress: bool = runtime(True)
     log_with: str = runtime("")  # "tensorboard": scalars of every curve row under <run>/tb (off by default)

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import torch
 
-from uedist.config import identity, location, require, runtime
+from uedist.config import identity, location, positive, require, runtime
 from uedist.data.manifest import Manifest, ManifestError, load_manifest
 from uedist.engine.loop import (
     OptimConfig,
@@ -63,8 +63,8 @@ class DVAEData:
     num_classes: int = 0  # expected; 0 = any (a mismatch is an error naming both)
     image_size: int = 0  # expected side in px; 0 = any
     num_samples: int = 0  # expected; 0 = any
-    batch_size: int = 128  # global, split across ranks
-    infer_batch_size: int = 256
+    batch_size: int = positive(128)  # global, split across ranks
+    infer_batch_size: int = positive(256)
     workers: int = runtime(2)
     shuffle_buffer: int = 2000
 
@@ -74,7 +74,7 @@ class DVAEModelSpec:
     """``uedist.models.dvae.DVAE`` keyword arguments (defaults: the reference at 32 px)."""
 
     latent_dim: int = 256
-    width: float = 1.0
+    width: float = positive(1.0)
     stem_blocks: int = 2
     latent_blocks: int = 0  # extra encoder depth at the latent resolution (larger images)
     emb_grid: int = 16  # spatial class embedding grid, upsampled to the latent size; 0 = one vector per class
@@ -117,7 +117,7 @@ class DVAEConfig:
     channels_last: bool = False
     grid_samples: int = runtime(8)
     ckpt_every: int = runtime(500)
-    log_every: int = runtime(50)
+    log_every: int = runtime(50, positive_=True)
     resume: bool = runtime(True)
     progress: bool = runtime(True)
     log_with: str = runtime("")  # "tensorboard": scalars of every curve row under <run>/tb/stage<k> (off by default)

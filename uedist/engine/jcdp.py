@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Literal, Optional, Tuple
 import numpy as np
 import torch
 
-from uedist.config import identity, location, require, runtime
+from uedist.config import identity, location, positive, require, runtime
 from uedist.data.grids import write_image_grid
 from uedist.data.loaders import make_map_loader
 from uedist.diffusion.purify import jcdp_guidance, purify
@@ -48,7 +48,7 @@ class LPIPSSpec:
 class JCDPData:
     src: str = "runs/sem_c10/poisoned"  # the unlearnable shard set to purify
     clean: str = ""  # optional: the clean originals (sharded alike) -> PSNR to clean in metrics.json
-    batch_size: int = 256
+    batch_size: int = positive(256)
     workers: int = runtime(2)
 
 

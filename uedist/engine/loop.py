@@ -39,6 +39,10 @@ class OptimConfig:
     def validate(self) -> None:
         require(self.lr > 0, f"lr must be > 0, got {self.lr}")
         require(all(0 < m < 1 for m in self.milestones), f"milestones are fractions in (0, 1), got {self.milestones}")
+        require(
+            all(a < b for a, b in zip(self.milestones, self.milestones[1:])),
+            f"milestones must increase, got {self.milestones}",
+        )
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from uedist.config import identity, location, require, runtime
+from uedist.config import identity, location, positive, require, runtime
 from uedist.data.manifest import Manifest, load_manifest
 from uedist.engine.evaluate import evaluate
 from uedist.engine.loop import (
@@ -49,7 +49,7 @@ class NoiseData:
     train: str = "shards/synthetic/train"  # the clean set to protect
     test: str = ""  # optional clean test set: the surrogate's clean accuracy is reported
     build: str = ""  # shard-build YAML used to create `train` when it does not exist (the main job's synthetic set)
-    batch_size: int = 128  # global, split across ranks
+    batch_size: int = positive(128)  # global, split across ranks
     workers: int = runtime(2)
     shuffle_buffer: int = 2000
 
@@ -57,9 +57,9 @@ class NoiseData:
 @dataclass
 class EMConfig:
     mode: Literal["samplewise", "classwise"] = "samplewise"
-    train_steps: int = 10  # surrogate steps between noise passes
+    train_steps: int = positive(10)  # surrogate steps between noise passes
     stop_error: float = 0.01  # stop when the surrogate's error on x + δ is below this
-    max_rounds: int = 50
+    max_rounds: int = positive(50)
 
 
 @dataclass
@@ -75,7 +75,7 @@ class NoiseConfig:
     eps: float = 8.0  # ρ_u
     noise_steps: int = 10  # K_u
     noise_step_size: float = 1.6  # α_u
-    eot_samples: int = 5  # J
+    eot_samples: int = positive(5)  # J
     adv_eps: float = 4.0  # ρ_a (SEM: radius of δ_r; REM: of δ_a; both: surrogate adversarial training)
     adv_steps: int = 10  # K_a
     adv_step_size: float = 0.8  # α_a
@@ -85,14 +85,14 @@ class NoiseConfig:
     steps: int = 5000  # M surrogate steps
     surrogate: ModelSpec = field(default_factory=lambda: ModelSpec(stem="cifar"))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(schedule="step", milestones=[0.4, 0.8]))
-    final_batch_size: int = 256
+    final_batch_size: int = positive(256)
     save_noise: bool = False  # also store the int8 noise per sample (noise.npy)
     em: EMConfig = field(default_factory=EMConfig)
     random_mode: Literal["samplewise", "classwise"] = "samplewise"
     bf16: bool = False
     channels_last: bool = False
     ckpt_every: int = runtime(500)
-    log_every: int = runtime(50)
+    log_every: int = runtime(50, positive_=True)
     resume: bool = runtime(True)
     progress: bool = runtime(True)
     log_with: str = runtime("")  # "tensorboard": scalars of every curve row under <run>/tb (off by default)
@@ -101,7 +101,6 @@ class NoiseConfig:
         require(0 < self.eps <= 64, f"eps must be in (0, 64] (/255), got {self.eps}")
         require(self.eps == int(self.eps), f"eps must be a whole number of /255 levels, got {self.eps}")
         require(self.noise_steps >= 1 and self.noise_step_size > 0, "noise_steps >= 1 and noise_step_size > 0")
-        require(self.eot_samples >= 1, f"eot_samples must be >= 1, got {self.eot_samples}")
         require(self.adv_eps >= 0 and self.adv_steps >= 0 and self.adv_step_size >= 0, "adv_* must be >= 0")
         require(self.steps >= 0 and self.data.batch_size >= 1, "steps >= 0, data.batch_size >= 1")
         require(self.method != "rem" or self.adv_steps >= 1, "rem needs adv_steps >= 1 (the inner PGD)")

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Literal, Optional
 
 import torch
 
-from uedist.config import identity, location, require, runtime
+from uedist.config import identity, location, positive, require, runtime
 from uedist.data.manifest import ManifestError, load_manifest
 from uedist.dist import get_logger
 from uedist.engine.map_pass import run_map_pass
@@ -50,7 +50,7 @@ class BaselineData:
     num_classes: int = 0  # expected number of classes; 0 = any
     image_size: int = 0  # expected image side in px; 0 = any
     num_samples: int = 0  # expected number of samples; 0 = any
-    batch_size: int = 256
+    batch_size: int = positive(256)
     workers: int = runtime(2)
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from uedist.config import location, require, runtime
+from uedist.config import location, positive, require, runtime
 from uedist.data.manifest import Manifest, load_manifest
 from uedist.engine.evaluate import evaluate
 from uedist.engine.loop import (
@@ -45,10 +45,10 @@ from uedist.registry import MODELS, stage
 class VictimData:
     train: str = "shards/synthetic/train"
     test: str = "shards/synthetic/test"
-    batch_size: int = 128  # global; each of N ranks takes batch_size / N
+    batch_size: int = positive(128)  # global; each of N ranks takes batch_size / N
     workers: int = runtime(2)
     shuffle_buffer: int = 2000
-    eval_batch_size: int = runtime(256)
+    eval_batch_size: int = runtime(256, positive_=True)
     augment: Literal["auto", "crop_flip", "rrc_flip", "flip", "none"] = (
         "auto"  # auto: crop_flip <= 64 px, else rrc_flip
     )
@@ -60,8 +60,14 @@ class VictimData:
 @dataclass
 class ModelSpec:
     name: str = "resnet18"
-    width: float = 1.0
+    width: float = positive(1.0)
     stem: Literal["auto", "cifar", "imagenet"] = "auto"  # auto: cifar stem for images <= 64 px
+
+    def validate(self) -> None:
+        import uedist.models  # noqa: F401  (registers every model)
+        from uedist.registry import MODELS
+
+        require(self.name in MODELS, f"name {self.name!r}: unknown model; known: {', '.join(MODELS.names())}")
 
 
 @dataclass
@@ -113,7 +119,7 @@ class VictimConfig:
     channels_last: bool = False
     ckpt_every: int = runtime(500)
     eval_every: int = runtime(0)  # 0: evaluate at the end only
-    log_every: int = runtime(50)
+    log_every: int = runtime(50, positive_=True)
     resume: bool = runtime(True)
     progress: bool = runtime(True)
     log_with: str = runtime("")  # "tensorboard": scalars of every curve row under <run>/tb (off by default)
