@@ -1,5 +1,6 @@
 """SIGKILL the noise job in each phase; the rerun completes with shards identical to an uninterrupted run's."""
 
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.test_noise_job import TOY
+from uedist.data.manifest import load_manifest
 from uedist.data.shards import verify_shard_set
 
 SLOW = ["steps=30", "ckpt_every=5", "noise_steps=6", "eot_samples=3"]  # slow enough to be caught mid-phase
@@ -55,7 +57,7 @@ def reference(synth_sets, tmp_path_factory):
         timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    return _shards(root / "ref" / "poisoned")
+    return _shards(root / "ref" / "poisoned"), json.loads((root / "ref" / "metrics.json").read_text())
 
 
 # "runtime_change": killed in the final pass with bars and loader workers, rerun as node.sbatch suggests
@@ -86,4 +88,11 @@ def test_killed_noise_job_resumes_to_identical_shards(synth_sets, tmp_path, refe
     assert r.returncode == 0, r.stderr[-3000:]
     assert ("resumed from" if phase == "surrogate" else "already written") in r.stdout + r.stderr
     assert verify_shard_set(run / "poisoned").ok
-    assert _shards(run / "poisoned") == reference
+    shards, ref_metrics = reference
+    assert _shards(run / "poisoned") == shards
+    # the statistics cover the whole set, not only the shards this (resumed) run wrote
+    noise, ref_noise = json.loads((run / "metrics.json").read_text())["noise"], ref_metrics["noise"]
+    assert noise["samples"] == ref_noise["samples"] == load_manifest(run / "poisoned").num_samples
+    assert (
+        noise["l2_mean"] == pytest.approx(ref_noise["l2_mean"], rel=1e-9) and noise["linf_max"] == ref_noise["linf_max"]
+    )

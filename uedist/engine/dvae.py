@@ -38,7 +38,7 @@ from uedist.engine.loop import (
     train_batches,
     write_curve,
 )
-from uedist.engine.map_pass import run_map_pass
+from uedist.engine.map_pass import pass_seconds, run_map_pass
 from uedist.engine.purify_common import (
     PSNRStats,
     PurifyInputError,
@@ -297,7 +297,7 @@ def dvae_pass(
     record = run_dir / f"pass_{dst.name}.json"
     done_before = (dst / "manifest.json").is_file() and record.is_file()
     t0 = time.time()
-    run_map_pass(
+    m = run_map_pass(
         src,
         dst,
         fn,
@@ -309,8 +309,13 @@ def dvae_pass(
         aux=clean,
         progress=cfg.progress,
         extra={"purify": {"method": "dvae", "stage": stage, "output": what}},
+        stats=[stats.sums, psnr.sums],
     )
-    res = {"time_s": time.time() - t0, **stats.result(accelerator), **psnr.result(accelerator)}
+    res = {
+        "time_s": pass_seconds(m, accelerator, time.time() - t0),  # over every run of the pass
+        **stats.result(accelerator),
+        **psnr.result(accelerator),
+    }
     if done_before:
         res = {**json.loads(record.read_text()), "reused": True}
     elif accelerator.is_main_process:
@@ -334,7 +339,7 @@ def dvae_summary(s: Dict[str, Any], run_dir: Path) -> str:
     lines.append(
         "  time           "
         + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in s["timings"].items())
-        + (f", total {s['wall_s']:.0f}s" if "wall_s" in s else "")
+        + (f" (over every run of the job); this run {s['wall_s']:.0f}s" if "wall_s" in s else "")
     )
     lines.append(f"  wrote          {run_dir / 'metrics.json'}, {s['grid']}")
     lines.append(

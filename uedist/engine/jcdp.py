@@ -198,6 +198,7 @@ def purify_shards(cfg: JCDPConfig, accelerator: Any, run_dir: Path) -> Dict[str,
         },
         overwrite=cfg.overwrite,
         parents=[cfg.ddpm],
+        stats=[dist.sums],
         progress=cfg.progress,
         aux=clean,
     )

@@ -25,6 +25,7 @@ from uedist.data.loaders import make_map_loader
 from uedist.data.manifest import Manifest, load_manifest, provenance
 from uedist.data.shards import Sample, ShardSetWriter, shard_info_from_record
 from uedist.dist import get_logger
+from uedist.engine.stats import RunningSums
 
 log = get_logger(__name__)
 
@@ -55,12 +56,16 @@ def run_map_pass(
     parents: Sequence[str] = (),
     progress: bool = True,
     aux: Optional[Path] = None,
+    stats: Sequence[RunningSums] = (),
 ) -> Manifest:
     """Apply ``fn`` to every sample of ``src`` and write the result as the shard set ``dst``; returns its manifest.
 
     ``extras_fn(inputs, outputs)`` may add per-sample fields (e.g. the int8 noise as ``noise.npy``).
     ``config`` (the stage's resolved config) goes into the provenance and the resume fingerprint. With ``aux``
-    (a shard set sharded like ``src``), ``fn`` gets a fourth argument: aux's images for the same keys."""
+    (a shard set sharded like ``src``), ``fn`` gets a fourth argument: aux's images for the same keys.
+    ``stats``: the running sums ``fn`` updates; taken at each shard's end into its record and combined over all
+    shards into the manifest (``extra["map_pass"]``), then set as their totals, so that a resumed pass (or one
+    already complete) reports the whole set, and the pass time summed over every run."""
     if encoding not in LOSSLESS:
         raise ValueError(f"map passes write perturbed images: encoding must be lossless {LOSSLESS}, got {encoding!r}")
     src_m = load_manifest(src)
@@ -69,7 +74,7 @@ def run_map_pass(
     done_m = _finished(dst, fp)
     if done_m is not None and not overwrite:
         log.info("%s: already complete (%d samples), reusing it", dst, done_m.num_samples)
-        return done_m
+        return _set_totals(done_m, stats)
     if rank == 0:
         ShardSetWriter(dst, fp, overwrite=overwrite)  # checks the folder, clears it on overwrite
     accelerator.wait_for_everyone()
@@ -93,6 +98,7 @@ def run_map_pass(
         extras_fn=extras_fn,
         progress=progress,
         aux=aux,
+        stats=stats,
     )
     accelerator.wait_for_everyone()
     if rank == 0:
@@ -108,7 +114,22 @@ def run_map_pass(
         writer.finalize(out)
         log.info("%s: wrote %d samples in %d shards (%s)", dst, out.num_samples, len(out.shards), stage)
     accelerator.wait_for_everyone()
-    return load_manifest(dst)
+    return _set_totals(load_manifest(dst), stats)
+
+
+def pass_seconds(m: Manifest, accelerator: Any, fallback: float) -> float:
+    """A finished map pass's time over every run of it: the seconds each shard took as it was written, summed,
+    over the ranks (``fallback``, e.g. this run's time, for a set written before shards recorded it)."""
+    shard_s = m.extra.get("map_pass", {}).get("shard_seconds")
+    return shard_s / accelerator.num_processes if shard_s is not None else fallback
+
+
+def _set_totals(m: Manifest, stats: Sequence[RunningSums]) -> Manifest:
+    saved = m.extra.get("map_pass", {}).get("stats")
+    if stats and saved is not None and len(saved) == len(stats):
+        for s, t in zip(stats, saved):
+            s.set_totals(t)
+    return m
 
 
 def _output_manifest(
@@ -120,6 +141,11 @@ def _output_manifest(
     if missing:
         raise RuntimeError(f"{dst}: shards not written by any rank: {missing[:5]}")
     shards = [shard_info_from_record(r) for r in records]  # type: ignore[arg-type]
+    parts = [r.get("stats", []) for r in records]  # type: ignore[union-attr]
+    pass_info = {
+        "stats": [RunningSums.combine(col) for col in zip(*parts)] if all(parts) else [],
+        "shard_seconds": sum(float(r.get("seconds", 0.0)) for r in records),  # type: ignore[union-attr]
+    }
     out = Manifest(
         dataset=src_m.dataset,
         split=src_m.split,
@@ -130,7 +156,7 @@ def _output_manifest(
         num_samples=sum(s.count for s in shards),
         class_counts=src_m.class_counts,
         provenance=prov,
-        extra={**src_m.extra, **(extra or {})},
+        extra={**src_m.extra, **(extra or {}), "map_pass": pass_info},
     )
     if out.num_samples != src_m.num_samples:
         raise RuntimeError(f"{dst}: wrote {out.num_samples} samples, the input has {src_m.num_samples}")
@@ -151,6 +177,7 @@ def _process(
     extras_fn: Optional[ExtrasFn],
     progress: bool,
     aux: Optional[Path],
+    stats: Sequence[RunningSums] = (),
 ) -> None:
     if not todo:
         return
@@ -159,6 +186,7 @@ def _process(
     device = accelerator.device
     log_lines = not progress and accelerator.is_main_process  # batch jobs: a line per shard instead of a bar
     t0, done_imgs, done_shards = time.perf_counter(), 0, 0
+    t_shard = t0
     pending: Dict[int, List[Sample]] = {}
     total = sum(m.shards[i].count for i in todo)
     bar = tqdm(
@@ -195,7 +223,9 @@ def _process(
                 bar.update(len(batch["key"]))
             if batch["last"]:
                 written = pending.pop(shard)
-                writer.write_shard(shard, written)
+                now = time.perf_counter()
+                writer.write_shard(shard, written, stats=[s.take() for s in stats], seconds=now - t_shard)
+                t_shard = now
                 done_imgs, done_shards = done_imgs + len(written), done_shards + 1
                 if log_lines:
                     log.info(

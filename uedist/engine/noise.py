@@ -32,7 +32,7 @@ from uedist.engine.loop import (
     train_batches,
     write_curve,
 )
-from uedist.engine.map_pass import npy_bytes, run_map_pass
+from uedist.engine.map_pass import npy_bytes, pass_seconds, run_map_pass
 from uedist.engine.stats import RunningSums
 from uedist.engine.victim import ModelSpec
 from uedist.io import atomic_write_json
@@ -301,7 +301,7 @@ class NoiseStats:
         self.sums.maximum(linf=linf.max())
 
     def result(self, accelerator: Any) -> Dict[str, float]:
-        """Collective. Counts cover the samples this run wrote (shards finished before a resume are not re-read)."""
+        """Collective. Over the whole set, also after a resumed pass (the map pass keeps per-shard sums)."""
         r = self.sums.result(accelerator)
         n = r["n"]
         return {
@@ -361,11 +361,13 @@ def write_poisoned(
         extra={"noise": {"method": cfg.method, "eps": cfg.eps, **(extra or {})}},
         progress=cfg.progress,
         aux=aux,
+        stats=[stats.sums],
     )
     res = stats.result(accelerator)
     if res["eps_violations"]:
         raise RuntimeError(f"{res['eps_violations']} samples exceed eps={eps_u8}/255: refusing to trust {out}")
-    return {"out": str(out), "manifest": m, "time_s": time.time() - t0, **res}
+    spent = pass_seconds(m, accelerator, time.time() - t0)  # over every run of the pass
+    return {"out": str(out), "manifest": m, "time_s": spent, **res}
 
 
 def _batch_gen(seed: int, keys: List[str]) -> torch.Generator:
@@ -416,7 +418,7 @@ def noise_summary(s: Dict[str, Any], run_dir: Path) -> str:
     lines.append(
         "  time                 "
         + ", ".join(f"{k.replace('_s', '')} {v:.1f}s" for k, v in t.items())
-        + (f", total {s['wall_s']:.1f}s" if "wall_s" in s else "")
+        + (f" (over every run of the job); this run {s['wall_s']:.1f}s" if "wall_s" in s else "")
     )
     lines.append(f"  wrote                {run_dir / 'metrics.json'}, {run_dir / 'config.yaml'}")
     train = Path(str(s["train"]))

@@ -128,6 +128,7 @@ def purify_baseline(cfg: PurifyConfig, accelerator: Any, run_dir: Path) -> Dict[
         aux=clean,
         progress=cfg.progress,
         extra={"purify": {"method": cfg.method, **_params(cfg)}},
+        stats=[stats.sums],
     )
     seconds = time.time() - t0
     summary: Dict[str, Any] = {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -32,8 +32,35 @@ class RunningSums:
             v = torch.as_tensor(v, dtype=torch.float64, device=self.maxima.device)
             self.maxima[i] = torch.maximum(self.maxima[i], v)
 
+    def take(self) -> Dict[str, List[Optional[float]]]:
+        """This rank's sums and maxima since the last ``take`` (JSON-able: a maximum never raised is None), then
+        zeroed: what a map pass stores in each shard's record, so a resumed pass still reports the whole set."""
+        out = {"sums": self.sums.tolist(), "maxima": [None if v == float("-inf") else v for v in self.maxima.tolist()]}
+        self.sums.zero_()
+        self.maxima.fill_(float("-inf"))
+        return out
+
+    @staticmethod
+    def combine(parts: Sequence[Dict[str, List[Optional[float]]]]) -> Dict[str, List[Optional[float]]]:
+        """Several ``take()`` results as one: sums added, maxima maxed."""
+        sums = [sum(col) for col in zip(*(p["sums"] for p in parts))]
+        maxima = [max((v for v in col if v is not None), default=None) for col in zip(*(p["maxima"] for p in parts))]
+        return {"sums": sums, "maxima": maxima}
+
+    def set_totals(self, totals: Dict[str, List[Optional[float]]]) -> None:
+        """Make :meth:`result` return ``totals`` (already over every rank and every run: e.g. a finished map pass's
+        manifest) instead of combining this rank's own sums."""
+        if len(totals["sums"]) != len(self.sum_names) or len(totals["maxima"]) != len(self.max_names):
+            raise ValueError(f"totals {totals} do not match sums {self.sum_names} and maxima {self.max_names}")
+        self.totals = totals
+
     def result(self, accelerator: Any) -> Dict[str, float]:
-        """Collective (every rank calls it): the sums summed and the maxima maxed over all ranks."""
+        """Collective (every rank calls it): the sums summed and the maxima maxed over all ranks (or the totals
+        set by :meth:`set_totals`)."""
+        totals = getattr(self, "totals", None)
+        if totals is not None:
+            maxima = [float("-inf") if v is None else v for v in totals["maxima"]]
+            return {**dict(zip(self.sum_names, totals["sums"])), **dict(zip(self.max_names, maxima))}
         sums, maxima = self.sums.clone(), self.maxima.clone()
         if accelerator.num_processes > 1:
             if len(sums):
