@@ -205,12 +205,18 @@ def read_shard(
             raise ShardError(
                 f"{path}: sha256 {digest[:12]}… does not match the manifest ({info.sha256[:12]}…): altered"
             )
+    checked = _checked_samples(data, path, info, num_classes=num_classes)
+    # verified: every sample (count, keys, labels) is checked before the first one is handed out
+    yield from list(checked) if verify else checked
+
+
+def _checked_samples(data: bytes, path: Path, info: ShardInfo, *, num_classes: Optional[int]) -> Iterator[Sample]:
     n, prev = 0, None
     for s in parse_tar(data, str(path)):
         _check_sample(s, path, info, prev=prev, num_classes=num_classes)
         n, prev = n + 1, s.key
         yield s
-    if verify and n != info.count:
+    if n != info.count:
         raise ShardError(f"{path}: {n} samples, manifest says {info.count}")
     if prev is not None and info.last_key is not None and prev != info.last_key:
         raise ShardError(f"{path}: last key {prev}, manifest says {info.last_key}")
