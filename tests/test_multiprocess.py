@@ -18,8 +18,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_launch(*args: str, timeout: int = 300, cwd=REPO) -> subprocess.CompletedProcess:
-    """`accelerate launch` with the 2-process CPU config on a free port; returns the finished process."""
+def accelerate_launch(*args: str, timeout: int = 300, cwd=REPO, env_extra=None) -> subprocess.CompletedProcess:
+    """`accelerate launch` with the 2-process CPU config on a free port (``env_extra``: more environment);
+    returns the finished process."""
     cmd = [
         "accelerate",
         "launch",
@@ -29,7 +30,7 @@ def accelerate_launch(*args: str, timeout: int = 300, cwd=REPO) -> subprocess.Co
         str(free_port()),
         *args,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env_extra or {})}
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 

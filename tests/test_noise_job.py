@@ -193,7 +193,7 @@ def test_main_job_refuses_a_set_from_an_older_generator(tmp_path, monkeypatch):
         ],
     )
     assert r.returncode == 2, r.stderr[-3000:]
-    assert "older generator" in r.stdout and "overwrite=true" in r.stdout
+    assert "older generator" in r.stderr and "overwrite=true" in r.stderr
     assert not (tmp_path / "demo/poisoned").exists()
 
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, build, write_image
+from tests.test_noise_job import TOY as NOISE_TOY
 from uedist.data.loaders import make_map_loader, make_train_loader
 from uedist.data.manifest import ManifestError, load_manifest
 from uedist.data.shards import ShardError, iter_samples, parse_tar, read_shard, verify_shard_set, write_tar
@@ -253,21 +254,11 @@ def test_collective_timeout_default_and_env(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_stopped_peer_times_out_naming_rank_and_collective(tmp_path):
-    from tests.test_multiprocess import free_port
+    from tests.test_multiprocess import accelerate_launch
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "UEDIST_COLLECTIVE_TIMEOUT": "3"}
-    cmd = [
-        "accelerate",
-        "launch",
-        "--config_file",
-        str(REPO / "configs/accelerate/cpu2.yaml"),
-        "--main_process_port",
-        str(free_port()),
-        str(REPO / "tests/scripts/stalled_peer.py"),
-        "90",
-    ]
     t0 = time.time()
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=150, env=env)
+    script = str(REPO / "tests/scripts/stalled_peer.py")
+    r = accelerate_launch(script, "90", timeout=150, env_extra={"UEDIST_COLLECTIVE_TIMEOUT": "3"})
     out = r.stdout + r.stderr
     # rank 0 gives up after 3 s and exits 2; the launcher then needs its own 30 s grace before it SIGKILLs the
     # stopped rank (torch elastic's shutdown), well short of the stopped rank's 90 s
@@ -383,20 +374,7 @@ def test_guard_turns_input_errors_into_rc2_naming_the_file(tmp_path, caplog):
 
 # ---- jobs end to end: rc 2 and a message naming the culprit --------------------------------------------------
 
-TOY = [
-    "surrogate.width=0.125",
-    "data.batch_size=16",
-    "data.workers=0",
-    "noise_steps=2",
-    "eot_samples=2",
-    "adv_steps=1",
-    "adv_step_size=2",
-    "final_batch_size=64",
-    "progress=false",
-    "steps=2",
-    "ckpt_every=2",
-    "log_every=2",
-]
+TOY = [*NOISE_TOY, "steps=2"]
 
 
 def _sem(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -461,7 +439,7 @@ def test_job_name_escaping_run_root_exits_2(synth_sets, tmp_path):
         ("victim", "log_every=0", r"log_every=0: must be > 0"),
         ("noise", "crop_pad=-3", r"crop_pad=-3: must be >= 0"),
         ("noise", "eps=.inf", r"eps=inf: must be a finite number"),
-        ("victim", "model.name=resnet19", r"model.name 'resnet19': unknown model; known: .*resnet18"),
+        ("victim", "model.name=resnet19", r"model.name: unknown model 'resnet19'; did you mean 'resnet18'\?"),
     ],
 )
 def test_bad_values_refused_naming_the_key(schema, override, match):

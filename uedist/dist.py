@@ -59,7 +59,8 @@ def get_logger(name: str) -> logging.Logger:
 
 
 def setup_logging(run_dir: Optional[os.PathLike] = None, level: int = logging.INFO) -> None:
-    """stdout on the main process only (warnings from every rank), plus ``run_dir/logs/rank{r}.log`` per rank."""
+    """stdout on the main process only (warnings from every rank), errors on stderr (every rank: the message of
+    a job that exits 2 is where a shell user looks for it), plus ``run_dir/logs/rank{r}.log`` per rank."""
     r = rank()
     fmt = logging.Formatter(_LOG_FORMAT.format(rank=r), datefmt="%H:%M:%S")
     root = logging.getLogger("uedist")
@@ -71,7 +72,12 @@ def setup_logging(run_dir: Optional[os.PathLike] = None, level: int = logging.IN
     out = logging.StreamHandler(sys.stdout)
     out.setFormatter(fmt)
     out.setLevel(level if r == 0 else logging.WARNING)
+    out.addFilter(lambda rec: rec.levelno < logging.ERROR)
     root.addHandler(out)
+    err = logging.StreamHandler(sys.stderr)
+    err.setFormatter(fmt)
+    err.setLevel(logging.ERROR)
+    root.addHandler(err)
     if run_dir is not None:
         log_dir = Path(run_dir) / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from uedist.config import location, positive, require, runtime
+from uedist.config import ConfigError, location, positive, require, runtime
 from uedist.data.manifest import Manifest, load_manifest
 from uedist.engine.evaluate import evaluate
 from uedist.engine.loop import (
@@ -65,9 +65,12 @@ class ModelSpec:
 
     def validate(self) -> None:
         import uedist.models  # noqa: F401  (registers every model)
-        from uedist.registry import MODELS
+        from uedist.registry import MODELS, RegistryError
 
-        require(self.name in MODELS, f"name {self.name!r}: unknown model; known: {', '.join(MODELS.names())}")
+        try:
+            MODELS.get(self.name)
+        except RegistryError as e:
+            raise ConfigError(f"name: {e}") from None
 
 
 @dataclass
