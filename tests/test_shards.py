@@ -75,7 +75,7 @@ def test_verify_names_truncated_and_altered_shards(tmp_path):
     with pytest.raises(ShardError, match=shards[1].name):
         list(iter_samples(folder))
     r = run_cli("shards", "verify", str(folder))
-    assert r.returncode == 1 and shards[2].name in r.stdout
+    assert r.returncode == 1 and shards[2].name in r.stderr  # problems are errors: on stderr
     shards[3].unlink()
     assert any("missing" in p for p in verify_shard_set(folder).problems)
 
