@@ -142,3 +142,31 @@ def test_bench_loader_quick(tmp_path):
     assert all(r["timed_images"] > 0 and r["first_batch_s"] > 0 for r in res["results"])
     assert len(res["decode_limit"]) == 4 and positive(res["decode_limit"])
     assert res["settings"]["quick"] is True and "× 1-core decode" in md
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    """launch/bench/gpu_check.sh --dry-run: the GPU run's three steps on the CPU at tiny sizes, the same code
+    path (tests/test_gpu.py run on the CPU, bench.py --quick, the CIFAR-10 SEM job on a small synthetic set)."""
+    import xml.etree.ElementTree as ET
+
+    out = tmp_path / "gc"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("UEDIST_GPU_TEST_DEVICE", None)
+    r = subprocess.run(
+        ["bash", str(REPO / "launch/bench/gpu_check.sh"), str(out), "--dry-run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = (out / "summary.md").read_text()
+    for step in ("cuda_tests", "bench", "sem_cifar10"):
+        assert f"| {step} | 0 |" in summary, summary
+    suite = ET.parse(out / "cuda_tests.xml").getroot().find("testsuite")
+    assert int(suite.get("tests")) >= 10 and suite.get("failures") == suite.get("errors") == suite.get("skipped") == "0"
+    assert (out / "bench" / "bench.json").is_file() and "SEM total" in (out / "sem_cifar10.md").read_text()
+    bad = subprocess.run(["bash", str(REPO / "launch/bench/gpu_check.sh"), str(out), "--dryrun"], capture_output=True)
+    assert bad.returncode == 2
