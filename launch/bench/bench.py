@@ -5,7 +5,8 @@
 For each stage: images/s on this device (one process) at the real settings (ImageNet-100: 256 px stored, 224 px
 crops, full-width ResNet-18, the 256 px UNet, the ImageNet-100 D-VAE), the FLOPs per image counted with
 ``torch.utils.flop_counter`` (matmul/conv, forward and backward, as executed), the achieved FLOP/s against the
-device's peak (the datasheet figure for known GPUs; on CPUs a measured large-GEMM rate, stated as such), and the
+device's peak (a large GEMM in the same precision, measured in the same run; the datasheet figure of known GPUs
+is stated beside it), and the
 stage's wall-clock for ImageNet-100 (≈130k train images) and Facescrub on 1, 8 and 64 devices.
 
 Extrapolation model (stated, not measured): work = images the stage processes at the reference settings (table
@@ -242,15 +243,17 @@ def run_stage(s: Setting, name: str, *, min_time: float, max_iters: int) -> dict
 
 
 def peak_flops(device: torch.device, precision: str, quick: bool) -> tuple[float, str]:
-    """(peak FLOP/s, where it comes from): the datasheet for known GPUs, else a GEMM in the stages' precision
-    (CPUs with AMX run bf16 several times faster)."""
+    """(peak FLOP/s, where it comes from): a large GEMM in the stages' precision, measured in this run (CPUs
+    with AMX run bf16 several times faster); for known GPUs the datasheet figure is stated beside it."""
     name = device_name(device)
-    for k, v in PEAKS.items():
-        if device.type == "cuda" and k in name:
-            return v[precision], f"datasheet {k} dense {precision}"
     n = 256 if quick else (8192 if device.type == "cuda" else 2048)
     rate = gemm_rate(device, torch.bfloat16 if precision == "bf16" else torch.float32, n)
-    return rate, f"measured {precision} GEMM {n}², {torch.get_num_threads()} threads"
+    where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else name
+    source = f"measured {precision} GEMM {n}², {where}"
+    for k, v in PEAKS.items():
+        if device.type == "cuda" and k in name:
+            source += f"; datasheet {k} dense {precision}: {v[precision] / 1e12:.0f} TFLOP/s"
+    return rate, source
 
 
 def extrapolate(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
