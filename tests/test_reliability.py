@@ -251,6 +251,13 @@ def test_collective_timeout_default_and_env(monkeypatch):
             collective_timeout()
 
 
+def test_other_timeouts_are_not_collective_timeouts():
+    from uedist.dist import as_collective_timeout
+
+    assert as_collective_timeout(RuntimeError("DataLoader timed out after 5 seconds")) is None  # no process group
+    assert as_collective_timeout(ValueError("timeout")) is None
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_stopped_peer_times_out_naming_rank_and_collective(tmp_path):

@@ -128,8 +128,12 @@ def as_collective_timeout(e: BaseException) -> Optional[CollectiveTimeout]:
     """``e`` as a :class:`CollectiveTimeout` naming this rank and the collective (the innermost
     ``torch.distributed`` collective in its traceback, else "a collective"), when ``e`` is a process group's
     timeout; else None."""
-    text = str(e)
-    if not isinstance(e, RuntimeError) or not ("timed out" in text.lower() or "timeout" in text.lower()):
+    import torch.distributed as dist
+
+    text = str(e).lower()
+    if not isinstance(e, RuntimeError) or not ("timed out" in text or "timeout" in text):
+        return None
+    if not (dist.is_available() and dist.is_initialized()):  # e.g. a DataLoader timeout: not a collective
         return None
     op, tb = "", e.__traceback__
     while tb is not None:
