@@ -18,7 +18,6 @@ noise seeded by each sample's key, so a resumed pass writes what an uninterrupte
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -256,10 +255,9 @@ def dvae_pass(
     dst: Path,
     accelerator: Any,
     clean: Optional[Path],
-    run_dir: Path,
 ) -> Dict[str, Any]:
     """One inference map pass over ``src``: writes clip(x − p̂) or x̂ to ``dst``; returns its statistics (also
-    kept in ``run_dir/pass_<dst name>.json``, so a rerun that reuses a finished pass still reports them)."""
+    kept per shard by the map pass, so a rerun that reuses a finished pass still reports the whole set)."""
     device = accelerator.device
     stats, psnr = PassStats(device), PSNRStats(device)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
@@ -294,8 +292,7 @@ def dvae_pass(
             psnr.update(x_u8, res, clean_u8)
         return res
 
-    record = run_dir / f"pass_{dst.name}.json"
-    done_before = (dst / "manifest.json").is_file() and record.is_file()
+    reused = (dst / "manifest.json").is_file()  # finished before: run_map_pass reuses it (or refuses another one)
     t0 = time.time()
     m = run_map_pass(
         src,
@@ -315,12 +312,8 @@ def dvae_pass(
         "time_s": pass_seconds(m, accelerator, time.time() - t0),  # over every run of the pass
         **stats.result(accelerator),
         **psnr.result(accelerator),
+        **({"reused": True} if reused else {}),
     }
-    if done_before:
-        res = {**json.loads(record.read_text()), "reused": True}
-    elif accelerator.is_main_process:
-        atomic_write_json(record, res)
-    accelerator.wait_for_everyone()
     return res
 
 
@@ -385,17 +378,13 @@ def purify_dvae(cfg: DVAEConfig, accelerator: Any, run_dir: Path) -> Dict[str, A
     t0 = time.time()
     model, s["stage1"] = train_dvae_stage(cfg, 1, src=p0, accelerator=accelerator, run_dir=run_dir)
     t["stage1_train_s"] = time.time() - t0
-    s["p1"] = dvae_pass(
-        cfg, model, stage=1, what="x_minus_p", src=p0, dst=p1, accelerator=accelerator, clean=clean, run_dir=run_dir
-    )
+    s["p1"] = dvae_pass(cfg, model, stage=1, what="x_minus_p", src=p0, dst=p1, accelerator=accelerator, clean=clean)
     t0 = time.time()
     model, s["stage2"] = train_dvae_stage(cfg, 2, src=p1, accelerator=accelerator, run_dir=run_dir)
     t["stage2_train_s"] = time.time() - t0
-    s["p2"] = dvae_pass(
-        cfg, model, stage=2, what="x_minus_p", src=p1, dst=p2, accelerator=accelerator, clean=clean, run_dir=run_dir
-    )
+    s["p2"] = dvae_pass(cfg, model, stage=2, what="x_minus_p", src=p1, dst=p2, accelerator=accelerator, clean=clean)
     s["purified_stats"] = dvae_pass(
-        cfg, model, stage=2, what="rec", src=p2, dst=p3, accelerator=accelerator, clean=clean, run_dir=run_dir
+        cfg, model, stage=2, what="rec", src=p2, dst=p3, accelerator=accelerator, clean=clean
     )
     s["timings"] = {
         **t,

@@ -19,6 +19,7 @@ class RunningSums:
         self.sum_names, self.max_names = list(sums), list(maxima)
         self.sums = torch.zeros(len(self.sum_names), dtype=torch.float64, device=device)
         self.maxima = torch.full((len(self.max_names),), float("-inf"), dtype=torch.float64, device=device)
+        self.totals: Optional[Dict[str, List[Optional[float]]]] = None  # set_totals: a finished pass's figures
 
     def add(self, **values: Any) -> None:
         """Add numbers or 0-d tensors to the named sums."""
@@ -57,7 +58,7 @@ class RunningSums:
     def result(self, accelerator: Any) -> Dict[str, float]:
         """Collective (every rank calls it): the sums summed and the maxima maxed over all ranks (or the totals
         set by :meth:`set_totals`)."""
-        totals = getattr(self, "totals", None)
+        totals = self.totals
         if totals is not None:
             maxima = [float("-inf") if v is None else v for v in totals["maxima"]]
             return {**dict(zip(self.sum_names, totals["sums"])), **dict(zip(self.max_names, maxima))}
