@@ -31,6 +31,8 @@ from uedist.data.sources.cifar import CifarConfig
 from uedist.data.sources.facescrub import FacescrubConfig
 from uedist.data.sources.folder import FolderConfig
 from uedist.data.sources.imagenet import ImageNetConfig
+from uedist.data.sources.pets import PetsConfig
+from uedist.data.sources.svhn import SvhnConfig
 from uedist.data.sources.synthetic import SyntheticConfig
 from uedist.registry import SOURCES
 
@@ -41,9 +43,8 @@ log = logging.getLogger(__name__)
 class BuildConfig:
     """``uedist shards build``: which source, which splits, where, and how samples are stored."""
 
-    source: str = (
-        "synthetic"  # a registered source: imagenet | facescrub | cifar | folder | synthetic | synthetic_shapes
-    )
+    # a registered source: imagenet | facescrub | cifar | svhn | pets | folder | synthetic | synthetic_shapes
+    source: str = "synthetic"
     splits: List[str] = field(default_factory=lambda: ["train", "test"])
     out: str = ""  # parent folder; each split goes to <out>/<split>. Default: shards/<dataset>
     shard_size: int = positive(1000)  # samples per shard (make shards >= ranks x workers for training streams)
@@ -58,6 +59,8 @@ class BuildConfig:
     imagenet: ImageNetConfig = field(default_factory=ImageNetConfig)
     facescrub: FacescrubConfig = field(default_factory=FacescrubConfig)
     cifar: CifarConfig = field(default_factory=CifarConfig)
+    svhn: SvhnConfig = field(default_factory=SvhnConfig)
+    pets: PetsConfig = field(default_factory=PetsConfig)
     folder: FolderConfig = field(default_factory=FolderConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     synthetic_shapes: SyntheticConfig = field(default_factory=SyntheticConfig)
