@@ -4,8 +4,9 @@ train-time defenses users compare against, evaluated on a clean test shard set.
     accelerate launch launch/victim.py --config configs/victim/cifar10_quick.yaml
 
 Per step (global batch split evenly across ranks): uint8 batch -> device -> [0, 1] -> ISS defense (grayscale /
-JPEG / bit depth) -> augmentation (crop+flip or random-resized-crop+flip) -> cutout -> PGD (adversarial
-training; on the unwrapped model, parameters frozen) -> mixup / cutmix -> forward/backward through DDP.
+JPEG / bit depth) -> augmentation (crop+flip or random-resized-crop+flip) -> UEraser (K draws per image in its
+max phase) -> cutout -> PGD (adversarial training; on the unwrapped model, parameters frozen) -> mixup / cutmix ->
+forward/backward through DDP.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from uedist.engine.loop import (
 )
 from uedist.io import atomic_write_json
 from uedist.models.wrappers import Normalized
-from uedist.ops import augment, iss
+from uedist.ops import augment, iss, ueraser
 from uedist.ops.images import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, to_unit
 from uedist.ops.pgd import pgd
 from uedist.registry import MODELS, stage
@@ -98,12 +99,32 @@ class DefenseConfig:
     grayscale: bool = False  # ISS
     jpeg_quality: int = 0  # ISS: e.g. 10
     bit_depth: int = 0  # ISS: e.g. 2
+    # UEraser adversarial augmentations (Qin et al. 2023, "AA"; uedist.ops.ueraser), after crop/flip, before cutout.
+    # lite: one draw per image; max: during the first ueraser_max_frac of the steps, ueraser_repeats draws per image
+    # and the loss is the per-image max of the cross-entropy over them, then lite. Reference (github.com/lafeat/ueraser
+    # EM/QuickStart.ipynb and LSP/cifar_train.py --mode standard; the EM trainer.py of Tianyue818/Source-of-UEraser):
+    # K=5, max for epochs < 50 of 200 = 0.25 (its README example: 60 of 200); LSP's --mode em is frac 1.0.
+    ueraser: Literal["off", "lite", "max"] = "off"
+    ueraser_repeats: int = 5  # K for max
+    ueraser_max_frac: float = 0.25  # fraction of the training steps (= epochs) with the max-over-K loss
 
     def validate(self) -> None:
         require(not (self.mixup and self.cutmix), "defense: choose mixup or cutmix, not both")
         require(
             0 <= self.jpeg_quality <= 100 and 0 <= self.bit_depth <= 8, "defense: jpeg_quality 0..100, bit_depth 0..8"
         )
+        require(self.ueraser_max_frac <= 1, "ueraser_max_frac: a fraction of the training, 0..1")
+        if self.ueraser == "max":
+            require(self.ueraser_repeats >= 2, "ueraser_repeats: must be >= 2 for ueraser=max (1 draw is ueraser=lite)")
+            require(
+                not (self.mixup or self.cutmix),
+                "ueraser=max takes the max loss over the K draws of each image; mixup / cutmix mix images across "
+                "the batch and are not supported with it (ueraser=lite works with them)",
+            )
+
+    def draws(self, step_no: int, total: int) -> int:
+        """UEraser draws per image at 1-based step ``step_no`` of ``total``: K in the max phase, else 1."""
+        return self.ueraser_repeats if self.ueraser == "max" and step_no - 1 < self.ueraser_max_frac * total else 1
 
 
 @dataclass
@@ -170,7 +191,8 @@ def _transforms(cfg: VictimConfig, m: Manifest, gen: torch.Generator):
             x = iss.bit_depth(x, d.bit_depth)
         return x
 
-    def train_tf(x: torch.Tensor) -> torch.Tensor:
+    def train_tf(x: torch.Tensor, draws: int = 1) -> torch.Tensor:
+        """(B, C, H, W) -> (draws * B, C, H, W): with UEraser, ``draws`` augmented copies, draw-major."""
         x = iss_defense(x)
         if mode == "crop_flip":
             x = augment.random_crop_flip(x, pad=cfg.data.crop_pad, gen=gen)
@@ -178,6 +200,8 @@ def _transforms(cfg: VictimConfig, m: Manifest, gen: torch.Generator):
             x = augment.random_resized_crop_flip(x, out_size, gen=gen)
         elif mode == "flip":
             x = augment.random_crop_flip(x, pad=0, gen=gen)
+        if d.ueraser != "off":  # crop/flip once per image (the reference's loader), UEraser per draw
+            x = ueraser.ueraser_augment(x.repeat(draws, 1, 1, 1) if draws > 1 else x, gen=gen)
         if d.cutout:
             x = augment.cutout(x, length=d.cutout, gen=gen)
         return x
@@ -228,9 +252,10 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
     seen = [0]
 
     def one(batch: Dict[str, torch.Tensor], step_no: int) -> Dict[str, float]:
-        x = train_tf(to_unit(batch["image"].to(device, non_blocking=True)))  # (B/N, C, H, W) in [0, 1]
+        draws = cfg.defense.draws(step_no, total)
+        x = train_tf(to_unit(batch["image"].to(device, non_blocking=True)), draws)  # (draws*B/N, C, H, W) in [0, 1]
         y = batch["label"].to(device, non_blocking=True)
-        loss, acc = step_fn(x, y, step_no)
+        loss, acc = step_fn(x, y, step_no, draws=draws)
         seen[0] += y.shape[0] * world
         return {"train_loss": loss.item(), "train_acc": 100.0 * acc}
 
@@ -327,7 +352,9 @@ def _make_step(cfg: VictimConfig, prepared: Prepared, *, num_classes: int) -> Ca
         with torch.autocast(**amp):
             return model(z).float()
 
-    def step(x: torch.Tensor, y: torch.Tensor, step_no: int):
+    def step(x: torch.Tensor, y: torch.Tensor, step_no: int, *, draws: int = 1):
+        """``x``: (draws * B, C, H, W), the UEraser draws of each image, draw-major; ``y``: (B,)."""
+        yk = y.repeat(draws) if draws > 1 else y  # (draws * B,) labels of the rows of x
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if a.enabled and a.steps > 0:
@@ -336,7 +363,7 @@ def _make_step(cfg: VictimConfig, prepared: Prepared, *, num_classes: int) -> Ca
             for p in model.parameters():
                 p.requires_grad_(False)
             x = x + pgd(
-                attack_forward, x, y, eps=a.eps / 255, alpha=a.step_size / 255, steps=a.steps, norm=a.norm, gen=gen
+                attack_forward, x, yk, eps=a.eps / 255, alpha=a.step_size / 255, steps=a.steps, norm=a.norm, gen=gen
             )
             for p in model.parameters():
                 p.requires_grad_(True)
@@ -347,10 +374,15 @@ def _make_step(cfg: VictimConfig, prepared: Prepared, *, num_classes: int) -> Ca
             x, target = (augment.mixup if d.mixup else augment.cutmix)(x, onehot, alpha=d.mixup or d.cutmix, gen=gen)
         with torch.autocast(**amp):
             logits = ddp_model(x).float()
-        loss = _soft_ce(logits, target) if target is not None else F.cross_entropy(logits, y)
+        if target is not None:
+            loss = _soft_ce(logits, target)
+        elif draws > 1:  # UEraser-Max: per-image max of the cross-entropy over its draws, then the mean
+            loss = ueraser.repeat_loss(logits, y, draws)
+        else:
+            loss = F.cross_entropy(logits, y)
         check_finite(loss, step_no, accelerator=accelerator, ckpt_dir=prepared.ckpt.dir)  # before any update
         prepared.update(loss)
-        acc = (logits.argmax(1) == y).float().mean().item()
+        acc = (logits.argmax(1) == yk).float().mean().item()  # over all draws
         return loss.detach(), acc
 
     return step
