@@ -141,6 +141,23 @@ def load_manifest(folder: Union[str, os.PathLike]) -> Manifest:
     return m
 
 
+def keys_of(m: Manifest) -> Optional[List[int]]:
+    """Every key of the set, sorted, from the manifest alone: each shard's key range less the skipped keys. None
+    when that does not give each shard's count (a set whose keys have gaps the manifest does not list)."""
+    gone = {int(s["key"]) for s in m.skipped if str(s.get("key", "")).isdigit()}
+    keys: List[int] = []
+    for sh in m.shards:
+        if sh.count == 0:
+            continue
+        if sh.first_key is None or sh.last_key is None:
+            return None
+        ks = [k for k in range(int(sh.first_key), int(sh.last_key) + 1) if k not in gone]
+        if len(ks) != sh.count:
+            return None
+        keys += ks
+    return sorted(keys)
+
+
 def check_manifest(m: Manifest, path: Any) -> None:
     """The sanity a manifest must have before any shard is read (ManifestError naming ``path`` and the field):
     a positive image size, non-negative shard counts and sizes, class counts that fit the classes and the

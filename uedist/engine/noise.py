@@ -12,16 +12,17 @@ Nothing holds all the noise in memory: each batch's noise lives only until its s
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
+from typing import Any, Callable, Dict, List, Literal, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from uedist.config import identity, location, positive, require, runtime
-from uedist.data.manifest import Manifest, load_manifest
+from uedist.data.manifest import Manifest, keys_of, load_manifest
 from uedist.engine.evaluate import evaluate
 from uedist.engine.loop import (
     OptimConfig,
@@ -38,8 +39,9 @@ from uedist.engine.victim import ModelSpec
 from uedist.io import atomic_write_json
 from uedist.models.wrappers import Normalized
 from uedist.ops import augment
+from uedist.ops.budget import Budget, measure
 from uedist.ops.images import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, to_unit
-from uedist.ops.noise import min_min_noise, quantize_noise
+from uedist.ops.noise import min_min_noise
 from uedist.ops.pgd import pgd
 from uedist.registry import MODELS, stage
 
@@ -87,6 +89,7 @@ class NoiseConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(schedule="step", milestones=[0.4, 0.8]))
     final_batch_size: int = positive(256)
     save_noise: bool = False  # also store the int8 noise per sample (noise.npy)
+    poison_ratio: float = 1.0  # D-VAE Tables 8-9: a seeded fraction of the keys poisoned, the rest clean
     em: EMConfig = field(default_factory=EMConfig)
     random_mode: Literal["samplewise", "classwise"] = "samplewise"
     bf16: bool = False
@@ -104,6 +107,7 @@ class NoiseConfig:
         require(self.adv_eps >= 0 and self.adv_steps >= 0 and self.adv_step_size >= 0, "adv_* must be >= 0")
         require(self.steps >= 0 and self.data.batch_size >= 1, "steps >= 0, data.batch_size >= 1")
         require(self.method != "rem" or self.adv_steps >= 1, "rem needs adv_steps >= 1 (the inner PGD)")
+        require(0 < self.poison_ratio <= 1, f"poison_ratio must be in (0, 1], got {self.poison_ratio}")
 
     @property
     def inner(self) -> str:
@@ -289,31 +293,63 @@ def load_surrogate(cfg: NoiseConfig, run_dir: Path, *, m: Manifest, device: torc
 
 
 class NoiseStats:
-    """Running L∞ / L2 statistics of the written noise (in /255 units), combined across ranks at the end."""
+    """Running statistics of the written noise, combined across ranks at the end: ℓ∞ (/255 levels), ℓ2 (the
+    image's [0, 1] units, reported ×255 as ``l2_mean`` /255 for the ℓ∞ family), ℓ0 (changed pixel positions),
+    and the samples over the budget."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.sums = RunningSums(device, sums=("n", "l2", "violations"), maxima=("linf",))
+    def __init__(self, device: torch.device, budget: Budget) -> None:
+        self.budget = budget
+        self.sums = RunningSums(device, sums=("n", "l2", "l0", "violations", "poisoned"), maxima=("linf", "l2max"))
 
-    def update(self, clean: torch.Tensor, poisoned: torch.Tensor, eps_u8: int) -> None:
-        d = poisoned.to(torch.int16) - clean.to(torch.int16)  # uint8 units
-        linf = d.abs().flatten(1).amax(1)
-        self.sums.add(n=d.shape[0], l2=d.double().flatten(1).norm(dim=1).sum(), violations=(linf > eps_u8).sum())
-        self.sums.maximum(linf=linf.max())
+    def update(self, clean: torch.Tensor, poisoned: torch.Tensor) -> None:
+        linf, l2, l0 = (measure(clean, poisoned, n) for n in ("linf", "l2", "l0"))
+        size = {"linf": linf, "l2": l2, "l0": l0}[self.budget.norm]
+        self.sums.add(
+            n=clean.shape[0],
+            l2=l2.sum() * 255.0,
+            l0=l0.sum(),
+            violations=self.budget.violations(size).sum(),
+            poisoned=(l0 > 0).sum(),
+        )
+        self.sums.maximum(linf=linf.max(), l2max=l2.max())
 
     def result(self, accelerator: Any) -> Dict[str, float]:
         """Collective. Over the whole set, also after a resumed pass (the map pass keeps per-shard sums)."""
         r = self.sums.result(accelerator)
-        n = r["n"]
+        n = max(r["n"], 1.0)
         return {
-            "samples": int(n),
+            "samples": int(r["n"]),
+            "budget": str(self.budget),
             "linf_max": max(r["linf"], 0.0),
-            "l2_mean": r["l2"] / max(n, 1.0),
+            "l2_mean": r["l2"] / n,
+            "l2_max": max(r["l2max"], 0.0),
+            "l0_mean": r["l0"] / n,
+            "changed_samples": int(r["poisoned"]),
             "eps_violations": int(r["violations"]),
         }
 
 
+def poison_keys(m: Manifest, *, ratio: float, seed: int) -> Optional[Set[int]]:
+    """The keys a ``poison_ratio`` < 1 poisons: exactly round(ratio · N) of them, a seeded draw over the set's keys
+    (None = all). When the manifest cannot list the keys (gaps it does not record), each key is kept by a seeded
+    hash draw instead, which gives the fraction only on average (said in the manifest)."""
+    if ratio >= 1.0:
+        return None
+    keys = keys_of(m)
+    if keys is None:
+        return None
+    g = torch.Generator().manual_seed(seed * 7_919 + 104_729)
+    take = torch.randperm(len(keys), generator=g)[: round(ratio * len(keys))].tolist()
+    return {keys[i] for i in take}
+
+
+def _hash_kept(key: int, *, ratio: float, seed: int) -> bool:
+    h = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64 < ratio
+
+
 def write_poisoned(
-    cfg: NoiseConfig,
+    cfg: Any,
     accelerator: Any,
     run_dir: Path,
     *,
@@ -321,24 +357,42 @@ def write_poisoned(
     stage: str,
     extra: Optional[Dict[str, Any]] = None,
     aux: Optional[Path] = None,
+    budget: Optional[Budget] = None,
 ) -> Dict[str, Any]:
     """Phase 2: the shard map pass that writes clip(x + δ) for every sample (resumable by shard).
 
     ``make_delta(x, y, keys)`` gives δ in [0, 1] units; or, with ``make_delta=None`` and ``aux`` (an already
-    poisoned set of the same samples), δ = aux − x is re-quantized and checked against ε."""
+    poisoned set of the same samples), δ = aux − x is re-quantized and checked. ``budget`` (default ℓ∞ ``cfg.eps``)
+    is applied to every sample and checked on what is written: a sample over it stops the job. With
+    ``cfg.poison_ratio`` < 1 only a seeded subset of the keys is perturbed (δ is computed for those alone), the
+    rest is copied; the manifest lists the poisoned keys. ``cfg`` is any config with the noise fields
+    (``out``, ``data``, ``final_batch_size``, ``method``, ``seed``, ``save_noise``, ``progress``)."""
     out = Path(cfg.out) if cfg.out else run_dir / "poisoned"
-    eps_u8 = int(cfg.eps)
-    stats = NoiseStats(accelerator.device)
+    budget = budget or Budget("linf", float(cfg.eps))
+    stats = NoiseStats(accelerator.device, budget)
+    ratio = float(getattr(cfg, "poison_ratio", 1.0))
+    chosen = poison_keys(load_manifest(cfg.data.train), ratio=ratio, seed=cfg.seed)
+
+    def selected(keys: List[str]) -> torch.Tensor:
+        if ratio >= 1.0:
+            return torch.ones(len(keys), dtype=torch.bool)
+        if chosen is not None:
+            return torch.tensor([int(k) in chosen for k in keys], dtype=torch.bool)
+        return torch.tensor([_hash_kept(int(k), ratio=ratio, seed=cfg.seed) for k in keys], dtype=torch.bool)
 
     def fn(
         x_u8: torch.Tensor, y: torch.Tensor, keys: List[str], prev_u8: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        if make_delta is None:
-            delta = (prev_u8.float() - x_u8.float()) / 255  # type: ignore[union-attr]
-        else:
-            delta = make_delta(to_unit(x_u8), y, keys)
-        poisoned = quantize_noise(x_u8, delta, eps_u8)
-        stats.update(x_u8, poisoned, eps_u8)
+        mask = selected(keys).to(x_u8.device)
+        poisoned = x_u8.clone()
+        if mask.any():
+            xs, idx = x_u8[mask], mask.nonzero().flatten().tolist()
+            if make_delta is None:
+                delta = (prev_u8[mask].float() - xs.float()) / 255  # type: ignore[index]
+            else:
+                delta = make_delta(to_unit(xs), y[mask], [keys[i] for i in idx])
+            poisoned[mask] = budget.apply(xs, delta)
+        stats.update(x_u8, poisoned)
         return poisoned
 
     def extras(x_u8: torch.Tensor, p: torch.Tensor) -> List[Dict[str, bytes]]:
@@ -347,6 +401,14 @@ def write_poisoned(
         d = (p.to(torch.int16) - x_u8.to(torch.int16)).to(torch.int8).permute(0, 2, 3, 1).cpu().numpy()
         return [{"noise.npy": npy_bytes(a)} for a in d]
 
+    info: Dict[str, Any] = {"method": cfg.method, "norm": budget.norm, "eps": budget.eps, **(extra or {})}
+    if ratio < 1.0:
+        info["poison"] = {
+            "ratio": ratio,
+            "seed": cfg.seed,
+            "rule": "exact seeded draw" if chosen is not None else "seeded hash per key (fraction on average)",
+            "keys": sorted(chosen) if chosen is not None else None,
+        }
     t0 = time.time()
     m = run_map_pass(
         Path(cfg.data.train),
@@ -358,14 +420,14 @@ def write_poisoned(
         batch_size=cfg.final_batch_size,
         num_workers=cfg.data.workers,
         extras_fn=extras,
-        extra={"noise": {"method": cfg.method, "eps": cfg.eps, **(extra or {})}},
+        extra={"noise": info},
         progress=cfg.progress,
         aux=aux,
         stats=[stats.sums],
     )
     res = stats.result(accelerator)
     if res["eps_violations"]:
-        raise RuntimeError(f"{res['eps_violations']} samples exceed eps={eps_u8}/255: refusing to trust {out}")
+        raise RuntimeError(f"{res['eps_violations']} samples exceed the budget {budget}: refusing to trust {out}")
     spent = pass_seconds(m, accelerator, time.time() - t0)  # over every run of the pass
     return {"out": str(out), "manifest": m, "time_s": spent, **res}
 
@@ -395,6 +457,19 @@ def random_delta(cfg: NoiseConfig) -> Callable:
     return make
 
 
+def noise_line(n: Dict[str, Any], eps: Any = None) -> str:
+    """The written noise in one line, for the budget's norm (ε of the ℓ∞ family, ℓ2 / ℓ0 for the others)."""
+    budget = n.get("budget") or f"ℓ∞ {eps:g}/255"
+    tail = f"; {n['changed_samples']} of {n['samples']} samples changed" if "changed_samples" in n else ""
+    if budget.startswith("ℓ2"):
+        head = f"ℓ2 max {n['l2_max']:.3f}, mean {n['l2_mean'] / 255:.3f} per image"
+    elif budget.startswith("ℓ0"):
+        head = f"ℓ0 mean {n['l0_mean']:.2f} px, ℓ∞ max {n['linf_max']:.0f}/255"
+    else:
+        head = f"L∞ max {n['linf_max']:.0f}/255, mean L2 {n['l2_mean']:.1f}/255 per image"
+    return f"{head} (budget {budget}, 0 violations){tail}"
+
+
 def noise_summary(s: Dict[str, Any], run_dir: Path) -> str:
     """The end-of-job text of a noise stage: where the poisoned set is, its noise, the surrogate, the times, and
     the next command (a victim on the poisoned set)."""
@@ -403,8 +478,7 @@ def noise_summary(s: Dict[str, Any], run_dir: Path) -> str:
         "",
         f"{s['method'].upper()} noise: {s['name']}",
         f"  poisoned shard set   {s['poisoned']}  ({n['samples']} samples written in this run)",
-        f"  noise                L∞ max {n['linf_max']:.0f}/255 (ε = {s['eps']:.0f}/255, 0 violations), "
-        f"mean L2 {n['l2_mean']:.1f}/255 per image",
+        f"  noise                {noise_line(n, s.get('eps'))}",
     ]
     if "surrogate_acc_poisoned" in s:
         clean = s.get("surrogate_acc_clean_test")

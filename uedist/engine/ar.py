@@ -1,0 +1,101 @@
+"""AR: autoregressive perturbations (Sandoval-Segura et al., NeurIPS 2022). No model: one 3-channel AR process per
+class; each image gets a fresh realization scaled to ℓ2 ``l2``.
+
+    accelerate launch launch/noise.py --config configs/ar/cifar10.yaml [l2=4.0]
+
+As the reference (github.com/psandovalsegura/autoregressive-poisoning, autoregressive.py and
+create_ar_poisons_3channel.py): per channel c a 3×3 coefficient window b_c whose last entry is 0; a Gaussian start
+signal of (H + crop) × (W + crop); every entry from row 2, column 2 on (raster order) is replaced by the window
+sum Σ b_c · s over the 3×3 neighbourhood ending at it (the 8 entries above and to the left); the first ``crop``
+rows and columns are dropped and the result scaled to ℓ2 = ``l2`` (reference: 1.0; crop 4 at 32 px).
+
+Deviation: the reference ships ten coefficient sets found by a random search (autoregressive_param_finder.py) for
+10-class sets; we draw each class's coefficients by the rule the reference uses for a fresh process (N(0, 1),
+last entry 0, each channel normalized to sum 1), seeded, for any number of classes. Each sample's start signal is
+seeded by its key. The recursion is computed in float64, one row at a time: the two rows above contribute one
+convolution per row, the two entries to the left a scalar recurrence along the row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+from uedist.config import require
+from uedist.data.manifest import load_manifest
+from uedist.engine.attacks import AttackConfig, finish_attack, key_gen
+from uedist.engine.noise import noise_summary
+from uedist.ops.budget import Budget
+from uedist.registry import stage
+
+
+@dataclass
+class ARConfig(AttackConfig):
+    l2: float = 1.0  # ‖δ‖₂ per image, [0, 1] units (reference 1.0)
+    crop: int = 4  # rows/columns of the start signal dropped (reference 4)
+    max_size: int = 128  # refuse larger images: the process is not stable there (the reference stops at 96 px)
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.l2 > 0 and self.crop >= 2, "l2 > 0 and crop >= 2")
+
+
+def ar_coefficients(num_classes: int, *, seed: int) -> torch.Tensor:
+    """(K, 3, 3, 3) float64: per class and channel a 3×3 window, last entry 0, normalized to sum 1 (seeded)."""
+    g = torch.Generator().manual_seed(seed * 104_729 + 3)
+    b = torch.randn((num_classes, 3, 3, 3), generator=g, dtype=torch.float64)
+    b[..., 2, 2] = 0
+    return b / b.sum(dim=(2, 3), keepdim=True)
+
+
+def ar_process(b: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """Run the AR recursion on ``start`` (B, 3, H', W') with per-sample windows ``b`` (B, 3, 3, 3)."""
+    s = start.clone()
+    n, c, hh, ww = s.shape
+    top = b[:, :, :2, :].reshape(n, c, 1, 6)  # rows 0-1 of the window
+    left0, left1 = b[:, :, 2, 0], b[:, :, 2, 1]  # (B, 3)
+    for i in range(hh - 2):
+        rows = s[:, :, i : i + 2, :]  # (B, 3, 2, W')
+        win = rows.unfold(3, 3, 1)  # (B, 3, 2, W'-2, 3)
+        force = (win.permute(0, 1, 3, 2, 4).reshape(n, c, ww - 2, 6) * top).sum(-1)  # (B, 3, W'-2)
+        row = s[:, :, i + 2, :]
+        for j in range(ww - 2):
+            row[:, :, j + 2] = force[:, :, j] + left0 * row[:, :, j] + left1 * row[:, :, j + 1]
+    return s
+
+
+def ar_delta(cfg: ARConfig, *, num_classes: int, size: tuple) -> Any:
+    h, w = size
+    coeffs = ar_coefficients(num_classes, seed=cfg.seed)
+
+    def make(x: torch.Tensor, y: torch.Tensor, keys: List[str]) -> torch.Tensor:
+        start = torch.stack(
+            [
+                torch.randn((3, h + cfg.crop, w + cfg.crop), generator=key_gen(cfg.seed, k), dtype=torch.float64)
+                for k in keys
+            ]
+        )
+        s = ar_process(coeffs[y.cpu()], start)[:, :, cfg.crop :, cfg.crop :]
+        norm = s.flatten(1).norm(dim=1)
+        if not torch.isfinite(norm).all():
+            raise FloatingPointError(f"AR: the process diverged at {h}x{w} px (keys {keys[0]}..{keys[-1]})")
+        return (s * (cfg.l2 / norm.clamp_min(1e-300)).view(-1, 1, 1, 1)).to(x)
+
+    return make
+
+
+@stage("ar", kind="noise", schema=ARConfig, inputs=("data.train",), output="poisoned", summary=noise_summary)
+def generate_ar(cfg: ARConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
+    """AR: class-wise autoregressive-process noise at ℓ2 ``l2`` per image (no model); writes the poisoned set."""
+    m = load_manifest(cfg.data.train)
+    require(
+        max(m.image_size) <= cfg.max_size,
+        f"ar: {m.image_size[0]}x{m.image_size[1]} px is above max_size={cfg.max_size}; the AR process of the "
+        "reference is defined for small images (32-96 px)",
+    )
+    make = ar_delta(cfg, num_classes=m.num_classes, size=tuple(m.image_size))
+    extra = {"crop": cfg.crop, "coefficients": "seeded: N(0,1), b[2,2]=0, sum 1 per channel"}
+    return finish_attack(cfg, accelerator, run_dir, make_delta=make, budget=Budget("l2", cfg.l2), extra=extra)
