@@ -24,8 +24,9 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Literal, Optional
+from typing import Any, Callable, Dict, List, Literal, Optional, Union
 
+from uedist.app.paper_tables import validate_columns
 from uedist.config import ConfigError, config_to_dict, identity, load_config, require, run_dir
 from uedist.dist import get_logger
 from uedist.io import atomic_write_json
@@ -67,6 +68,10 @@ class StudyConfig:
     ddpm: Dict[str, StageSpec] = field(default_factory=dict)  # per dataset key: the DDPM diffusion purifiers use
     skip: List[str] = field(default_factory=list)  # "dataset/noise/purifier/victim/mode" fnmatch patterns
     report: bool = True
+    # report columns: name -> "purifier/victim[/mode]" (a list: the best of them); paper_table: the published
+    # table (uedist.app.paper_tables) whose figures the report writes beside ours, matched by row and column name
+    columns: Dict[str, Union[str, List[str]]] = field(default_factory=dict)
+    paper_table: str = ""
 
     def validate(self) -> None:
         from uedist.app.stages import load_stages
@@ -90,6 +95,7 @@ class StudyConfig:
             require(bool(s.config), f"victims.{k}.config (a configs/victim/*.yaml) is required")
         for k in (*self.noises, *self.purifiers, *self.victims, *self.datasets):
             require("/" not in k and k.strip() == k and k != "", f"bad name {k!r}: no slashes or spaces")
+        validate_columns(self)  # the report columns and the paper table
 
 
 # -------------------------------------------------------------------------------------------------- stage lookup

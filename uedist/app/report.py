@@ -5,7 +5,9 @@ Reads the ``stage.json`` records the pipeline leaves (only the stages of the cur
 
 - ``results.csv``: one row per victim run (dataset, noise, purifier, victim, mode, top-1, top-5, ...);
 - ``results.md``: per dataset and mode, the papers' table: rows = noise, columns = purifier × victim, cells = clean
-  test accuracy (%);
+  test accuracy (%); or, when the study names its report ``columns`` (e.g. ``AT: none/resnet18_at``), per dataset
+  one table with those columns, and with ``paper_table`` the published figure beside ours in every cell the paper
+  has (``41.20 (paper 12.26)``; :mod:`uedist.app.paper_tables`), ``column`` and ``paper`` fields in the CSV;
 - ``accuracy.png``: grouped bars of the same numbers; ``curves.png``: victims' training accuracy curves;
 - ``grid_<dataset>_<noise>.png``: clean | poisoned | noise ×8 | each purifier's output, for a few samples;
 - ``timing.csv`` / ``timing.md``: wall-clock per stage.
@@ -20,6 +22,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from uedist.app.paper_tables import Cell, get_paper_table, paper_text, parse_cells
 from uedist.io import atomic_write, atomic_write_text
 
 RESULT_FIELDS = [
@@ -36,6 +39,8 @@ RESULT_FIELDS = [
     "train_set",
     "run",
 ]
+# with report columns: the column a run is shown in and the paper's figure for it
+PAPER_FIELDS = [*RESULT_FIELDS[:5], "column", "test_top1", "paper", *RESULT_FIELDS[6:]]
 
 
 def load_records(study_dir: Path) -> List[Dict[str, Any]]:
@@ -71,6 +76,20 @@ def study_order(study_dir: Path) -> Dict[str, List[str]]:
         "victim": list(c.get("victims") or []),
         "mode": list(c.get("modes") or []),
     }
+
+
+def study_columns(study_dir: Path) -> Tuple[Dict[str, List[Cell]], str]:
+    """The study's report columns (name -> cells, in order) and its paper table id, from study.yaml; empty when
+    the study names none."""
+    f = Path(study_dir) / "study.yaml"
+    if not f.is_file():
+        return {}, ""
+    import yaml
+
+    c = yaml.safe_load(f.read_text()) or {}
+    modes = list(c.get("modes") or ["standard"])
+    cols = {name: parse_cells(spec, modes=modes) for name, spec in (c.get("columns") or {}).items()}
+    return cols, str(c.get("paper_table") or "")
 
 
 def sort_rows(rows: List[Dict[str, Any]], order: Dict[str, List[str]]) -> List[Dict[str, Any]]:
@@ -133,6 +152,56 @@ def results_markdown(rows: Sequence[Dict[str, Any]]) -> str:
                 lines.append(f"| {n} | " + " | ".join("—" if x is None else f"{x:.2f}" for x in vals) + " |")
             parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
+
+
+def column_rows(
+    rows: Sequence[Dict[str, Any]], columns: Dict[str, List[Cell]], *, paper_table: str = ""
+) -> List[Dict[str, Any]]:
+    """Each row with ``column`` (the first report column showing its cell; "" when none) and ``paper`` (the
+    published figure of that noise and column as printed; "" when the paper has none)."""
+    out = []
+    for r in rows:
+        cell = (r["purifier"], r["victim"], r["mode"])
+        col = next((name for name, cells in columns.items() if cell in cells), "")
+        fig = paper_text(paper_table, r["noise"], col) if paper_table and col else None
+        out.append({**r, "column": col, "paper": fig or ""})
+    return out
+
+
+def columns_markdown(rows: Sequence[Dict[str, Any]], columns: Dict[str, List[Cell]], *, paper_table: str = "") -> str:
+    """Per dataset: rows = noise, the study's report columns, cells = top-1 % (the best of a column's cells),
+    with the paper's figure beside ours where the paper has one."""
+    table = get_paper_table(paper_table) if paper_table else None
+    parts = []
+    for ds in _ordered([r["dataset"] for r in rows]):
+        sub = [r for r in rows if r["dataset"] == ds]
+        acc: Dict[Tuple[str, str], List[float]] = {}
+        for r in sub:
+            for name, cells in columns.items():
+                if (r["purifier"], r["victim"], r["mode"]) in cells and r["test_top1"] is not None:
+                    acc.setdefault((r["noise"], name), []).append(float(r["test_top1"]))
+        title = f"### {ds}: clean test accuracy (%)" + (f", ours (paper): {table.source}" if table else "")
+        lines = [title, "", "| noise | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+        for n in _ordered([r["noise"] for r in sub if any((r["noise"], c) in acc for c in columns)]):
+            vals = []
+            for c in columns:
+                ours = max(acc[(n, c)]) if (n, c) in acc else None
+                fig = table.text(n, c) if table else None
+                vals.append(("—" if ours is None else f"{ours:.2f}") + (f" (paper {fig})" if fig else ""))
+            lines.append(f"| {n} | " + " | ".join(vals) + " |")
+        lines += ["", "Columns: " + "; ".join(f"{c} = {_cells_text(cells)}" for c, cells in columns.items()) + "."]
+        if table:
+            lines.append(f"Paper: {table.source}; {table.setting}.")
+        left = sum(1 for r in sub if not any((r["purifier"], r["victim"], r["mode"]) in cs for cs in columns.values()))
+        if left:
+            lines.append(f"{left} victim run(s) in no column: see results.csv.")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def _cells_text(cells: Sequence[Cell]) -> str:
+    names = ["/".join(c) for c in cells]
+    return names[0] if len(names) == 1 else "best of " + ", ".join(names)
 
 
 def timing_rows(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -279,9 +348,17 @@ def write_report(study_dir: Path, out: Optional[Path] = None) -> Dict[str, Any]:
     if not records:
         raise FileNotFoundError(f"{study_dir}: no finished stages (stage.json) to report")
     rows = sort_rows(results_rows(records), study_order(study_dir))
+    columns, paper_table = study_columns(study_dir)
+    if columns:
+        rows = column_rows(rows, columns, paper_table=paper_table)
     written: Dict[str, Any] = {}
-    written["results.csv"] = atomic_write_text(out / "results.csv", _csv(rows, RESULT_FIELDS))
-    md = results_markdown(rows) if rows else "(no victim has finished yet)\n"
+    written["results.csv"] = atomic_write_text(
+        out / "results.csv", _csv(rows, PAPER_FIELDS if columns else RESULT_FIELDS)
+    )
+    if not rows:
+        md = "(no victim has finished yet)\n"
+    else:
+        md = columns_markdown(rows, columns, paper_table=paper_table) if columns else results_markdown(rows)
     written["results.md"] = atomic_write_text(out / "results.md", md)
     written["markdown"] = md
     t = timing_rows(records)
