@@ -71,6 +71,14 @@ def _save(obj: Any, path: Path) -> None:
         torch.save(obj, f)
 
 
+def save_weights(obj: Dict[str, Any], path: PathLike) -> None:
+    """Write a dict of tensors (e.g. ``{"model": state_dict}``) atomically: a reader never sees half a file.
+    Read it back with :func:`load_state` (``weights_only=True``)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    _save(obj, p)
+
+
 def save_checkpoint(
     ckpt_dir: PathLike,
     step: int,
@@ -137,7 +145,12 @@ def latest_checkpoint(ckpt_dir: PathLike) -> Optional[Path]:
 def load_state(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
     """Load ``state.pt`` of a checkpoint folder (weights_only: plain tensors and containers only; anything
     else is refused as "not a uedist checkpoint", naming the file, and never unpickled)."""
-    f = Path(path) / "state.pt"
+    return load_weights(Path(path) / "state.pt", map_location)
+
+
+def load_weights(f: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+    """Load one file written by :func:`save_weights` or as a checkpoint's ``state.pt``, weights_only."""
+    f = Path(f)
     try:
         return torch.load(f, map_location=map_location, weights_only=True)
     except FileNotFoundError:

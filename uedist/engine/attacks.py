@@ -190,11 +190,13 @@ def source_model(cfg: Any, accelerator: Any, run_dir: Path, *, m: Manifest) -> T
             cfg.source_victim,
             [*cfg.source_overrides, f"data.train={cfg.data.train}", *test, f"name={cfg.name}_source"],
         )
-        if accelerator.is_main_process:
-            save_config(vcfg, vdir / "config.yaml")
-        done = vdir / "metrics.json"
-        if not done.is_file():
-            train_victim(vcfg, accelerator, vdir)
+        saved = vdir / "config.yaml"
+        same = saved.is_file() and identity(load_config(VictimConfig, str(saved), [])) == identity(vcfg)
+        if not (same and (vdir / "metrics.json").is_file()):  # else: trained by an earlier run of this job
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_config(vcfg, saved)
+            train_victim(vcfg, accelerator, vdir)  # resumes its checkpoints; refuses them if the config changed
         trained = True
     model = _load_victim_weights(vcfg, vdir, m=m, build=build_victim).to(accelerator.device).eval()
     for p in model.parameters():

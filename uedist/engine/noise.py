@@ -486,6 +486,14 @@ def noise_summary(s: Dict[str, Any], run_dir: Path) -> str:
             f"  surrogate            {s['surrogate_acc_poisoned']:.2f}% on the poisoned train set"
             + (f", {clean:.2f}% on the clean test set" if clean is not None else "")
         )
+    if "source" in s:
+        src = s["source"]
+        acc = src.get("clean_test_top1")
+        lines.append(
+            f"  source model         {src['run']}"
+            + (f" (clean test top-1 {acc:.2f}%)" if acc is not None else "")
+            + (", trained by this job" if src.get("trained_here") else "")
+        )
     if "rounds" in s:
         lines.append(f"  EM rounds            {s['rounds']} (surrogate error on x+δ {s['final_error']:.4f})")
     t = s["timings"]

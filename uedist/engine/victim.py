@@ -143,6 +143,7 @@ class VictimConfig:
     channels_last: bool = False
     ckpt_every: int = runtime(500)
     eval_every: int = runtime(0)  # 0: evaluate at the end only
+    snapshots: int = 0  # keep N model-only weight files evenly spaced through training (SEP's checkpoint ensemble)
     log_every: int = runtime(50, positive_=True)
     resume: bool = runtime(True)
     progress: bool = runtime(True)
@@ -259,7 +260,11 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
         seen[0] += y.shape[0] * world
         return {"train_loss": loss.item(), "train_acc": 100.0 * acc}
 
+    snap_at = snapshot_steps(total, cfg.snapshots)
+
     def evaluate_due(step: int) -> Optional[Dict[str, float]]:
+        if step in snap_at:
+            save_snapshot(p, run_dir=run_dir, step=step)
         if not (cfg.eval_every and step % cfg.eval_every == 0 and step != total):
             return None
         sync_buffers(p.model, accelerator)
@@ -278,6 +283,24 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
         on_step=evaluate_due,
     )
     return _finish(cfg, p, run_dir=run_dir, done=done, seen=seen[0], num_train=train_m.num_samples, eval_tf=eval_tf)
+
+
+def snapshot_steps(total: int, n: int) -> set:
+    """The steps of ``n`` snapshots evenly spaced through ``total`` steps, the last at ``total``."""
+    return {max(1, round(total * (i + 1) / n)) for i in range(n)} if n > 0 else set()
+
+
+def save_snapshot(p: Prepared, *, run_dir: Path, step: int) -> None:
+    """Rank 0 writes the unwrapped model's weights as ``snapshots/step_<step>.pt`` (atomically; no collective)."""
+    if p.accelerator.is_main_process:
+        from uedist.checkpoint import save_weights
+
+        save_weights({"model": p.model.state_dict(), "step": step}, run_dir / "snapshots" / f"step_{step:08d}.pt")
+
+
+def list_snapshots(run_dir: Path) -> list:
+    """The snapshot files of a victim run, in step order."""
+    return sorted((run_dir / "snapshots").glob("step_*.pt"))
 
 
 def _finish(
