@@ -3,13 +3,21 @@ against a direct computation of its definition, and each end to end through laun
 every written sample, 2 processes writing what 1 does, a killed job resuming to identical shards)."""
 
 import itertools
+import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from uedist.data.manifest import Manifest, ShardInfo, keys_of
+from tests.conftest import REPO
+from tests.test_multiprocess import accelerate_launch
+from tests.test_noise_resume import _kill_when, _shards
+from uedist.data.images import decode_image
+from uedist.data.manifest import Manifest, ShardInfo, keys_of, load_manifest
+from uedist.data.shards import iter_samples, verify_shard_set
 from uedist.engine.ar import ar_coefficients, ar_process
 from uedist.engine.attacks import features_and_logits
 from uedist.engine.lsp import LSPConfig, lsp_delta
@@ -251,3 +259,133 @@ def test_sep_pulls_features_to_the_wrong_class_centroid():
     assert d.abs().max() <= 8 / 255 + 1e-7 and dist(x + d) < dist(x)
     files = [f"s{i}" for i in range(10)]
     assert pick_snapshots(files, 5) == ["s1", "s3", "s5", "s7", "s9"] and pick_snapshots(files, 1) == ["s9"]
+
+
+# --------------------------------------------------------------------------------------------------- end to end
+TINY = {
+    "lsp": ["patch_size=4"],
+    "ar": [],
+    "ops": [],
+    "ntga": ["final_batch_size=40", "target_size=40", "steps=2"],
+    "tap": ["steps=2", "restarts=2"],
+    "sep": ["num_models=2", "steps=1", "vr_steps=1", "source_snapshots=2"],
+}
+NEEDS_SOURCE = {"tap", "sep"}
+NORM = {
+    "lsp": ("l2", 1.0),
+    "ar": ("l2", 1.0),
+    "ops": ("l0", 1),
+    "ntga": ("linf", 8),
+    "tap": ("linf", 8),
+    "sep": ("linf", 8),
+}
+
+
+@pytest.fixture(scope="module")
+def source_run(synth_sets, tmp_path_factory):
+    """A clean victim of the synthetic set with 4 snapshots: the source model of TAP and SEP."""
+    root = tmp_path_factory.mktemp("src")
+    args = [f"run_root={root}", "name=src", f"data.train={synth_sets / 'train'}", f"data.test={synth_sets / 'test'}"]
+    args += ["epochs=0", "steps=8", "model.width=0.125", "data.batch_size=32", "data.workers=0", "progress=false"]
+    cmd = [sys.executable, str(REPO / "launch/victim.py"), "--config", "configs/victim/synthetic.yaml", *args]
+    r = subprocess.run([*cmd, "snapshots=4"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root / "src"
+
+
+def _attack_args(method, sets, root, name, source):
+    args = [f"method={method}", f"name={name}", f"run_root={root}", f"data.train={sets / 'train'}"]
+    args += [f"data.test={sets / 'test'}", "data.workers=0", "progress=false", *TINY[method]]
+    return args + ([f"source_model={source}"] if method in NEEDS_SOURCE else [])
+
+
+def _noise(args, timeout=600):
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch/noise.py"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def check_budget(clean, poisoned, norm, eps):
+    """Every written sample within the budget (measured on the decoded PNGs), keys, labels and order kept."""
+    assert verify_shard_set(poisoned, decode=True).ok
+    changed = 0
+    for a, b in zip(iter_samples(clean), iter_samples(poisoned), strict=True):
+        assert (a.key, a.label) == (b.key, b.label) and b.ext == "png"
+        x = torch.from_numpy(decode_image(a.data, a.ext)).permute(2, 0, 1)[None]
+        p = torch.from_numpy(decode_image(b.data, b.ext)).permute(2, 0, 1)[None]
+        assert measure(x, p, norm).item() <= eps + 1e-9
+        changed += bool((x != p).any())
+    return changed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(TINY))
+def test_attack_end_to_end_and_two_processes(method, synth_sets, source_run, tmp_path):
+    r = _noise(_attack_args(method, synth_sets, tmp_path / "one", method, source_run))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "one" / method / "poisoned"
+    norm, eps = NORM[method]
+    assert check_budget(synth_sets / "train", out, norm, eps) >= 200  # (a pixel already at the colour stays)
+    m = json.loads((tmp_path / "one" / method / "metrics.json").read_text())
+    assert m["noise"]["eps_violations"] == 0 and m["noise"]["budget"] == str(Budget(norm, eps))
+    assert load_manifest(out).extra["noise"]["norm"] == norm and f"{method.upper()} noise" in r.stdout
+    two = accelerate_launch(
+        str(REPO / "launch/noise.py"), *_attack_args(method, synth_sets, tmp_path / "two", method, source_run)
+    )
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    assert _shards(tmp_path / "two" / method / "poisoned") == _shards(out)  # 2 processes write what 1 does
+
+
+@pytest.mark.slow
+def test_poison_ratio_poisons_exactly_the_listed_keys(synth_sets, tmp_path):
+    r = _noise(_attack_args("lsp", synth_sets, tmp_path, "part", None) + ["poison_ratio=0.25"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "part" / "poisoned"
+    info = load_manifest(out).extra["noise"]["poison"]
+    assert info["ratio"] == 0.25 and len(info["keys"]) == 60 and info["rule"] == "exact seeded draw"
+    listed = {f"{k:08d}" for k in info["keys"]}
+    for a, b in zip(iter_samples(synth_sets / "train"), iter_samples(out), strict=True):
+        same = (decode_image(a.data, a.ext) == decode_image(b.data, b.ext)).all()
+        assert same == (a.key not in listed), a.key
+    assert "60 of 240 samples changed" in r.stdout
+
+
+@pytest.mark.slow
+def test_killed_attack_resumes_to_identical_shards(synth_sets, source_run, tmp_path):
+    args = _attack_args("tap", synth_sets, tmp_path, "ref", source_run)
+    args = [a for a in args if not a.startswith(("steps=", "restarts="))] + ["steps=40", "restarts=1"]
+    ref = _noise(args)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    killed = [a.replace("name=ref", "name=kill") for a in args]
+    out = tmp_path / "kill" / "poisoned"
+    _kill_when([sys.executable, str(REPO / "launch/noise.py"), *killed], lambda: any(out.glob("shard-*.tar")))
+    assert 0 < len(list(out.glob("shard-*.tar"))) < 6
+    again = _noise(killed)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _shards(out) == _shards(tmp_path / "ref" / "poisoned")
+
+
+def test_a_budget_violation_stops_the_pass(synth_sets, tmp_path):
+    from uedist.dist import make_accelerator
+    from uedist.engine.lsp import LSPConfig
+    from uedist.engine.noise import write_poisoned
+
+    class Leaky(Budget):  # a broken attack: writes past its own budget
+        def apply(self, x_u8, delta):
+            return (x_u8.int() + 40).clamp(0, 255).to(torch.uint8)
+
+    cfg = LSPConfig(method="lsp", name="leak", run_root=str(tmp_path), progress=False)
+    cfg.data.train, cfg.data.workers = str(synth_sets / "train"), 0
+    with pytest.raises(RuntimeError, match="exceed the budget"):
+        write_poisoned(
+            cfg,
+            make_accelerator(),
+            tmp_path / "leak",
+            make_delta=lambda x, y, k: x * 0,
+            stage="t",
+            budget=Leaky("l2", 1.0),
+        )
