@@ -170,3 +170,14 @@ def test_gpu_check_dry_run(tmp_path):
     assert (out / "bench" / "bench.json").is_file() and "SEM total" in (out / "sem_cifar10.md").read_text()
     bad = subprocess.run(["bash", str(REPO / "launch/bench/gpu_check.sh"), str(out), "--dryrun"], capture_output=True)
     assert bad.returncode == 2
+
+
+@pytest.mark.slow
+def test_bench_attacks_quick(tmp_path):
+    res, md = run_quick("attacks", tmp_path)
+    got = {(r["attack"], r["px"]) for r in res["rows"]}
+    assert {(a, 32) for a in ("lsp", "ar", "ops", "tap", "sep", "ntga")} <= got and ("ar", 224) not in got
+    assert all(r["images_per_s_at_reference"] > 0 for r in res["rows"])
+    tap = next(r for r in res["rows"] if (r["attack"], r["px"]) == ("tap", 32))
+    assert tap["images_per_s_at_reference"] < tap["timed_images_per_s"]  # scaled to 2008 passes per image
+    assert len(res["ntga_blocks"]) == 4 and "NTGA" in md and "| tap |" in md

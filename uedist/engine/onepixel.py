@@ -107,14 +107,8 @@ def _search(cfg: OPSConfig, accelerator: Any, run_dir: Path) -> List[List[Dict[s
     return picks
 
 
-@stage("ops", kind="noise", schema=OPSConfig, inputs=("data.train",), output="poisoned", summary=noise_summary)
-def generate_ops(cfg: OPSConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
-    """OPS: per class the most separating pixel and colour, set in each of its images (ℓ0 = ``pixels``)."""
-    import time
-
-    t0 = time.time()
-    picks = _search(cfg, accelerator, run_dir)
-    search_s = time.time() - t0
+def ops_delta(picks: List[List[Dict[str, Any]]]) -> Any:
+    """``make_delta(x, y, keys)``: each image's class pixels set to the class colours (δ = c − x there, 0 elsewhere)."""
     table = [[(p["row"], p["col"], torch.tensor(p["colour"], dtype=torch.float32)) for p in ps] for ps in picks]
 
     def make(x: torch.Tensor, y: torch.Tensor, keys: List[str]) -> torch.Tensor:
@@ -124,6 +118,18 @@ def generate_ops(cfg: OPSConfig, accelerator: Any, run_dir: Path) -> Dict[str, A
                 delta[i, :, r, c] = colour.to(x) - x[i, :, r, c]
         return delta
 
+    return make
+
+
+@stage("ops", kind="noise", schema=OPSConfig, inputs=("data.train",), output="poisoned", summary=noise_summary)
+def generate_ops(cfg: OPSConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
+    """OPS: per class the most separating pixel and colour, set in each of its images (ℓ0 = ``pixels``)."""
+    import time
+
+    t0 = time.time()
+    picks = _search(cfg, accelerator, run_dir)
+    search_s = time.time() - t0
+    make = ops_delta(picks)
     extra = {"pixels": cfg.pixels, "classes": picks}
     return finish_attack(
         cfg,

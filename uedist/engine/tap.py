@@ -82,6 +82,33 @@ def targeted_pgd(
     return delta.detach(), final
 
 
+def tap_delta(cfg: TAPConfig, model: torch.nn.Module, *, num_classes: int, size: int, device: torch.device) -> Any:
+    """``make_delta(x, y, keys)`` of TAP against the frozen ``model`` (restarts kept per sample)."""
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    eps = cfg.budget / 255
+
+    def forward(z: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(**amp):
+            return model(z.contiguous(memory_format=torch.channels_last) if cfg.channels_last else z).float()
+
+    def make(x: torch.Tensor, y: torch.Tensor, keys: List[str]) -> torch.Tensor:
+        gen = batch_gen(cfg.seed, keys)
+        aug = crafting_augment(cfg, size, gen)
+        target = (y + cfg.shift) % num_classes
+        best, best_loss = None, None
+        for _ in range(cfg.restarts):
+            d, loss = targeted_pgd(forward, x, target, eps=eps, alpha=cfg.tau * eps, steps=cfg.steps, aug=aug, gen=gen)
+            if best is None:
+                best, best_loss = d, loss
+            else:
+                better = loss < best_loss
+                best = torch.where(better.view(-1, 1, 1, 1), d, best)
+                best_loss = torch.minimum(loss, best_loss)
+        return best
+
+    return make
+
+
 @stage(
     "tap", kind="noise", schema=TAPConfig, inputs=("data.train", "data.test"), output="poisoned", summary=noise_summary
 )
@@ -93,27 +120,7 @@ def generate_tap(cfg: TAPConfig, accelerator: Any, run_dir: Path) -> Dict[str, A
     t0 = time.time()
     model, info = source_model(cfg, accelerator, run_dir, m=m)
     source_s = time.time() - t0
-    amp = dict(device_type=accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
-    eps, size = cfg.budget / 255, max(m.image_size)
-
-    def forward(z: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(**amp):
-            return model(z.contiguous(memory_format=torch.channels_last) if cfg.channels_last else z).float()
-
-    def make(x: torch.Tensor, y: torch.Tensor, keys: List[str]) -> torch.Tensor:
-        gen = batch_gen(cfg.seed, keys)
-        aug = crafting_augment(cfg, size, gen)
-        target = (y + cfg.shift) % m.num_classes
-        best, best_loss = None, None
-        for _ in range(cfg.restarts):
-            d, loss = targeted_pgd(forward, x, target, eps=eps, alpha=cfg.tau * eps, steps=cfg.steps, aug=aug, gen=gen)
-            if best is None:
-                best, best_loss = d, loss
-            else:
-                better = loss < best_loss
-                best = torch.where(better.view(-1, 1, 1, 1), d, best)
-                best_loss = torch.minimum(loss, best_loss)
-        return best
+    make = tap_delta(cfg, model, num_classes=m.num_classes, size=max(m.image_size), device=accelerator.device)
 
     extra = {"source": info, "target": f"(y + {cfg.shift}) mod K", "steps": cfg.steps, "restarts": cfg.restarts}
     return finish_attack(
