@@ -164,6 +164,53 @@ def test_shipped_noise_configs_load_with_reference_settings():
     )
 
 
+def test_shipped_attack_configs_load_with_reference_settings():
+    from tests.conftest import REPO
+    from uedist.app.stages import get_stage
+
+    for attack in ("tap", "sep", "ntga", "lsp", "ar", "ops"):
+        schema = get_stage(attack, "noise").schema
+        files = {f.stem: f for f in (REPO / "configs" / attack).glob("*.yaml")}
+        assert {"cifar10", "cifar10_cpu", "demo", "facescrub"} <= set(files), attack
+        assert ("imagenet100" in files) == (attack != "ar"), (
+            attack
+        )  # AR: refused above 128 px, said in ar/facescrub.yaml
+        for f in files.values():
+            assert load_config(schema, f).method == attack, f
+    ref = {
+        a: load_config(get_stage(a, "noise").schema, REPO / f"configs/{a}/cifar10.yaml") for a in ("tap", "sep", "ntga")
+    }
+    assert (ref["tap"].budget, ref["tap"].steps, ref["tap"].tau, ref["tap"].restarts, ref["tap"].shift) == (
+        8,
+        250,
+        0.05,
+        8,
+        1,
+    )
+    s = ref["sep"]
+    assert (s.budget, s.step_size, s.steps, s.vr_steps, s.num_models) == (8, 1, 30, 15, 15)
+    n = ref["ntga"]
+    assert (n.budget, n.steps, n.t, n.diag_reg, n.final_batch_size, n.w_std2, n.b_std2) == (
+        8,
+        10,
+        64,
+        1e-4,
+        512,
+        1.76,
+        0.18,
+    )
+    lsp = load_config(get_stage("lsp", "noise").schema, REPO / "configs/lsp/cifar10.yaml")
+    ar = load_config(get_stage("ar", "noise").schema, REPO / "configs/ar/cifar10.yaml")
+    ops = load_config(get_stage("ops", "noise").schema, REPO / "configs/ops/cifar10.yaml")
+    assert (lsp.l2, lsp.patch_size, lsp.class_sep, ar.l2, ar.crop, ops.pixels) == (1.0, 8, 10.0, 1.0, 4, 1)
+    with pytest.raises(ConfigError, match="budget"):
+        load_config(get_stage("tap", "noise").schema, REPO / "configs/tap/cifar10.yaml", ["budget=2.5"])
+    with pytest.raises(ConfigError, match="poison_ratio"):
+        load_config(get_stage("lsp", "noise").schema, REPO / "configs/lsp/cifar10.yaml", ["poison_ratio=1.5"])
+    with pytest.raises(ConfigError):
+        load_config(get_stage("lsp", "noise").schema, REPO / "configs/lsp/cifar10.yaml", ["l2_budget=4"])  # a typo
+
+
 @pytest.mark.slow
 def test_shipped_study_configs_expand():
     """Every configs/pipeline/*.yaml loads and expands: each stage's own config resolves in its own schema."""
