@@ -179,7 +179,52 @@ def test_mse_pull_grows_with_stride():
         cfg = load_config(JCDPConfig, None, ["ddpm=x", *ov])
         return mse_pull(cfg, chain(cfg, Schedule.linear(1000, variance=cfg.variance)))
 
-    full, strided = pull("lam_mse=30"), pull("lam_mse=30", "stride=10")
+    def const(*ov):
+        return pull("guidance=constant", *ov)
+
+    full, strided = const("lam_mse=30"), const("lam_mse=30", "stride=10")
     assert 0 < full < strided < 1
-    assert pull("lam_mse=30", "t_p=60", "stride=20", "mse_t=[21,1000]") > 1  # overshoots: warned at run time
+    assert const("lam_mse=30", "t_p=60", "stride=20", "mse_t=[21,1000]") > 1  # overshoots: warned at run time
     assert pull("method=diffusion") == 0.0
+    assert 0 < pull() < 1e-3  # the reference schedule: 2·0.166·β_20 ≈ 1.6e-4 of the gap per step
+
+
+def test_reference_guidance_schedule_equals_a_hand_computation():
+    from uedist.diffusion.purify import reference_lambdas
+
+    s = Schedule.linear(1000)
+    lams = reference_lambdas(lambda t: float(s.ac[t - 1]))
+
+    def by_hand(t):  # β_k linear 1e-4..0.02 over 1000 steps, ᾱ_t = Π(1 − β_k), s_t = √(1 − ᾱ)/(m √ᾱ)
+        a = 1.0
+        for k in range(1, t + 1):
+            a *= 1 - (1e-4 + (k - 1) * (0.02 - 1e-4) / 999)
+        st = math.sqrt(1 - a) / ((8 * 2 / 255 / 3) / 70000 * math.sqrt(a))
+        return st / (500 * 3 * 32 * 32), st / 500  # batch-mean over 500 images (MSE also over their 3072 values)
+
+    for t in (1, 11, 12, 20):
+        assert lams(t, 3072) == pytest.approx(by_hand(t), rel=1e-9)
+    assert lams(12, 3072)[0] == pytest.approx(0.110, abs=0.002) and lams(20, 3072)[0] == pytest.approx(0.166, abs=0.002)
+    assert lams(1, 3072)[1] == pytest.approx(67, abs=1) and lams(11, 3072)[1] == pytest.approx(314, abs=2)
+
+
+def test_reference_split_of_mse_and_lpips_steps():
+    """The reference's 0-based i = t − 1: MSE for i > 10 (t = 12…20), LPIPS for i ≤ 10 (t = 1…11)."""
+    from uedist.config import load_config
+    from uedist.engine.jcdp import JCDPConfig
+
+    cfg = load_config(JCDPConfig, None, ["ddpm=x"])
+    seen = {}
+
+    def fake_lpips(a, b):
+        seen["lpips"] = True
+        return (a - b).pow(2).flatten(1).sum(1) * 0
+
+    guide = jcdp_guidance(fake_lpips, lam_mse=1.0, lam_lpips=1.0, mse_t=tuple(cfg.mse_t), lpips_t=tuple(cfg.lpips_t))
+    x, ref = torch.zeros(1, 3, 4, 4), torch.ones(1, 3, 4, 4)
+    terms = {}
+    for t in range(1, 21):
+        seen.clear()
+        d = guide(x, ref, t)
+        terms[t] = ("mse" if d.abs().sum() > 0 else "") + ("lpips" if seen else "")
+    assert all(terms[t] == "lpips" for t in range(1, 12)) and all(terms[t] == "mse" for t in range(12, 21))

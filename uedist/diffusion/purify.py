@@ -9,12 +9,14 @@ then for t = T_p..1 noise the *unlearnable* image x_u equally, x̃_t = √ᾱ_t 
     x*_{t−1} ~ N(μ_θ(x*_t, t) + σ_t² (d₁ + d₂), σ_t² I),
     d₁ = −λ₁ ∇_{x*_t} ‖x*_t − x̃_t‖²   (pixel guidance, on the steps in ``mse_t``; ‖·‖² summed per image)
     d₂ = −λ₂ ∇_{x*_t} LPIPS(x*_t, x̃_t)   (perceptual guidance, on the steps in ``lpips_t``)
-(reference split: MSE for t > 10, LPIPS for t ≤ 10). Plain purification is the same chain with N = 1 and no
+(the reference's 0-based i = t − 1: MSE for i > 10, LPIPS for i ≤ 10, i.e. paper steps t ≥ 12 and t ≤ 11). The
+strengths λ₁, λ₂ are the reference's schedule by default (``reference_lambdas``) or constants. Plain purification is the same chain with N = 1 and no
 guidance (AVATAR, Dolatabadi et al.). A strided chain (``Schedule.respaced``) visits fewer steps between T_p and 0.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
@@ -94,6 +96,28 @@ def sample(
     return reverse_chain(eps_fn, s, x, k0=len(s.steps) - 1, gen=gen)
 
 
+def reference_strength(alpha_bar: float, *, guide_scale: float = 70000.0) -> float:
+    """The LE reference's guidance scale s_t = √(1 − ᾱ_t) / (m·√ᾱ_t), m = (8·2/255/3) / guide_scale."""
+    m = (8 * 2 / 255 / 3) / guide_scale
+    return math.sqrt(1 - alpha_bar) / (m * math.sqrt(alpha_bar))
+
+
+def reference_lambdas(
+    alpha_bar: Callable[[int], float], *, guide_scale: float = 70000.0, ref_batch: int = 500
+) -> Callable[[int, int], Tuple[float, float]]:
+    """(paper step t, values per image D) -> (λ₁, λ₂) for uedist's per-image sums equal to the reference's pull.
+
+    The reference multiplies by s_t the gradients of *batch-mean* losses: the MSE averaged over B·D values and
+    LPIPS averaged over B images (its batch B = 500). Per image that is λ₁ = s_t / (B·D) on ‖x − x̃‖² and
+    λ₂ = s_t / B on LPIPS (CIFAR-10: λ₁ ≈ 0.10–0.17 on the MSE steps, λ₂ ≈ 67–314 on the LPIPS steps)."""
+
+    def lams(t: int, dim: int) -> Tuple[float, float]:
+        st = reference_strength(alpha_bar(t), guide_scale=guide_scale)
+        return st / (ref_batch * dim), st / ref_batch
+
+    return lams
+
+
 def jcdp_guidance(
     lpips_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
     *,
@@ -101,20 +125,23 @@ def jcdp_guidance(
     lam_lpips: float,
     mse_t: Tuple[int, int],
     lpips_t: Tuple[int, int],
+    lams: Optional[Callable[[int, int], Tuple[float, float]]] = None,
 ) -> GuideFn:
     """d₁ + d₂ of Algorithm 1. ``lpips_fn(a, b)`` -> (B,) distances of images in [-1, 1]; ``mse_t`` / ``lpips_t``
-    are inclusive ranges of paper steps t on which each term is applied."""
+    are inclusive ranges of paper steps t on which each term is applied. ``lams(t, D)`` -> (λ₁, λ₂) per step (the
+    reference's schedule, :func:`reference_lambdas`) replaces the constants ``lam_mse`` / ``lam_lpips``."""
 
     def guide(x: torch.Tensor, ref: torch.Tensor, t: int) -> torch.Tensor:
+        l1, l2 = lams(t, x[0].numel()) if lams is not None else (lam_mse, lam_lpips)
         d = torch.zeros_like(x)
-        if lam_mse and mse_t[0] <= t <= mse_t[1]:
-            d = d - lam_mse * 2 * (x - ref)  # −λ₁ ∇‖x − x̃‖²
-        if lam_lpips and lpips_t[0] <= t <= lpips_t[1]:
+        if l1 and mse_t[0] <= t <= mse_t[1]:
+            d = d - l1 * 2 * (x - ref)  # −λ₁ ∇‖x − x̃‖²
+        if l2 and lpips_t[0] <= t <= lpips_t[1]:
             if lpips_fn is None:
                 raise ValueError("LPIPS guidance requested without an LPIPS network")
             xg = x.detach().float().requires_grad_(True)
             (g,) = torch.autograd.grad(lpips_fn(xg, ref.float()).sum(), xg)
-            d = d - lam_lpips * g.to(x)
+            d = d - l2 * g.to(x)
         return d
 
     return guide

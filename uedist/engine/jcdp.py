@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Tuple
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ import torch
 from uedist.config import identity, location, positive, require, runtime
 from uedist.data.grids import write_image_grid
 from uedist.data.loaders import make_map_loader
-from uedist.diffusion.purify import jcdp_guidance, purify
+from uedist.diffusion.purify import jcdp_guidance, purify, reference_lambdas
 from uedist.diffusion.schedule import Schedule
 from uedist.dist import get_logger
 from uedist.engine.ddpm import load_ddpm
@@ -54,8 +54,10 @@ class JCDPData:
 
 @dataclass
 class JCDPConfig:
-    """Defaults: the LE reference (T_p 20, N 4, MSE for t > 10, LPIPS-AlexNet for t ≤ 10, full reverse chain).
-    λ₁, λ₂ are not given in REFERENCE.md; ours are stated in the configs."""
+    """Defaults: the LE reference (T_p 20, N 4, MSE for paper steps t ≥ 12 and LPIPS-AlexNet for t ≤ 11 — the
+    reference's 0-based i > 10 / i ≤ 10 —, the full reverse chain, and its guidance schedule: λ₁, λ₂ vary with t
+    as s_t = √(1 − ᾱ_t)/(m·√ᾱ_t) on batch-mean losses, converted to our per-image sums). ``guidance=constant``
+    uses ``lam_mse`` / ``lam_lpips`` instead (ours; the earlier default)."""
 
     method: Literal["jcdp", "diffusion"] = "jcdp"  # diffusion: plain diffusion purification, no guidance
     name: str = location("jcdp")
@@ -70,10 +72,13 @@ class JCDPConfig:
     stride: int = 1  # reverse chain visits every stride-th step (1 = the full chain; >1 a strided-chain deviation)
     variance: Literal["beta", "posterior"] = "beta"  # σ_t²: β_t ("fixedlarge", DDPM CIFAR-10 / the LE code's
     #   pytorch_diffusion sampler) or β̃_t; with β̃ the last step has σ² = 0, so it takes no guidance at all
-    lam_mse: float = 100.0  # λ₁ on ‖x*_t − x̃_t‖² (summed per image)
-    lam_lpips: float = 1000.0  # λ₂ on LPIPS(x*_t, x̃_t)
-    mse_t: Tuple[int, int] = (11, 1000)  # paper steps t (inclusive) guided by MSE
-    lpips_t: Tuple[int, int] = (1, 10)  # paper steps t (inclusive) guided by LPIPS
+    guidance: Literal["reference", "constant"] = "reference"  # λ₁, λ₂: the reference's schedule, or the constants
+    guide_scale: float = 70000.0  # the reference's guide_scale (m = (8·2/255/3) / guide_scale)
+    ref_batch: int = positive(500)  # the batch the reference's losses are averaged over (its batch: 500)
+    lam_mse: float = 100.0  # guidance=constant: λ₁ on ‖x*_t − x̃_t‖² (summed per image)
+    lam_lpips: float = 1000.0  # guidance=constant: λ₂ on LPIPS(x*_t, x̃_t)
+    mse_t: Tuple[int, int] = (12, 1000)  # paper steps t (inclusive) guided by MSE (reference: 0-based i > 10)
+    lpips_t: Tuple[int, int] = (1, 11)  # paper steps t (inclusive) guided by LPIPS (reference: i ≤ 10)
     lpips: LPIPSSpec = field(default_factory=LPIPSSpec)
     bf16: bool = False  # autocast for the UNet (guidance gradients stay fp32)
     grid: int = runtime(16)  # images in the poisoned | purified grid (0 = none)
@@ -88,7 +93,13 @@ class JCDPConfig:
 
     @property
     def guided(self) -> bool:
-        return self.method == "jcdp" and (self.lam_mse > 0 or self.lam_lpips > 0)
+        if self.method != "jcdp":
+            return False
+        return self.guidance == "reference" or self.lam_mse > 0 or self.lam_lpips > 0
+
+    @property
+    def uses_lpips(self) -> bool:
+        return self.guided and (self.guidance == "reference" or self.lam_lpips > 0)
 
 
 def chain(cfg: JCDPConfig, s: Schedule) -> Schedule:
@@ -96,14 +107,26 @@ def chain(cfg: JCDPConfig, s: Schedule) -> Schedule:
     return s if cfg.stride == 1 else s.respaced(range(cfg.stride - 1, s.T, cfg.stride))
 
 
-def mse_pull(cfg: JCDPConfig, s: Schedule) -> float:
+def lambdas(cfg: JCDPConfig, full: Schedule) -> Optional[Callable[[int, int], Tuple[float, float]]]:
+    """The per-step (λ₁, λ₂) of ``guidance=reference`` from the chain's ᾱ (full or strided); None = constants."""
+    if cfg.guidance != "reference":
+        return None
+    ab = dict(zip((full.steps + 1).tolist(), full.ac.tolist()))  # paper step -> ᾱ (a strided chain keeps ᾱ)
+    return reference_lambdas(ab.__getitem__, guide_scale=cfg.guide_scale, ref_batch=cfg.ref_batch)
+
+
+def mse_pull(cfg: JCDPConfig, s: Schedule, *, dim: int = 3 * 32 * 32, full: Optional[Schedule] = None) -> float:
     """The largest 2·λ₁·σ_t² over the MSE-guided steps of the chain: the fraction of the gap x̃_t − x*_t that one
     guided step adds to the mean (> 1 overshoots). It grows with σ_t², i.e. with T_p and the stride."""
-    if not cfg.guided or not cfg.lam_mse:
+    lams = lambdas(cfg, full if full is not None else s)
+    if not cfg.guided or (lams is None and not cfg.lam_mse):
         return 0.0
-    t = s.steps + 1
-    on = (t <= cfg.t_p) & (t >= cfg.mse_t[0]) & (t <= cfg.mse_t[1])
-    return float(2 * cfg.lam_mse * s.var[on].max()) if on.any() else 0.0
+    pulls = [
+        2 * (lams(int(t), dim)[0] if lams is not None else cfg.lam_mse) * float(v)
+        for t, v in zip((s.steps + 1).tolist(), s.var.tolist())
+        if t <= cfg.t_p and cfg.mse_t[0] <= t <= cfg.mse_t[1]
+    ]
+    return max(pulls, default=0.0)
 
 
 def make_purifier(cfg: JCDPConfig, device: torch.device):
@@ -113,8 +136,8 @@ def make_purifier(cfg: JCDPConfig, device: torch.device):
     require(cfg.t_p <= s.T, f"t_p {cfg.t_p} exceeds the DDPM's T = {s.T}")
     if dcfg.t_max and cfg.t_p > dcfg.t_max:
         log.warning("t_p %d is beyond the steps this DDPM was trained on (t_max %d)", cfg.t_p, dcfg.t_max)
-    s = chain(cfg, s)
-    pull = mse_pull(cfg, s)
+    full, s = s, chain(cfg, s)
+    pull = mse_pull(cfg, s, full=full)
     if pull > 1:
         log.warning(
             "MSE guidance overshoots: 2·λ₁·σ_t² reaches %.2f > 1 on this chain, so the guided mean moves past "
@@ -124,9 +147,14 @@ def make_purifier(cfg: JCDPConfig, device: torch.device):
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     guide = None
     if cfg.guided:
-        lp = build_lpips(cfg.lpips.net, cfg.lpips.backbone).to(device) if cfg.lam_lpips > 0 else None
+        lp = build_lpips(cfg.lpips.net, cfg.lpips.backbone).to(device) if cfg.uses_lpips else None
         guide = jcdp_guidance(
-            lp, lam_mse=cfg.lam_mse, lam_lpips=cfg.lam_lpips, mse_t=tuple(cfg.mse_t), lpips_t=tuple(cfg.lpips_t)
+            lp,
+            lam_mse=cfg.lam_mse,
+            lam_lpips=cfg.lam_lpips,
+            mse_t=tuple(cfg.mse_t),
+            lpips_t=tuple(cfg.lpips_t),
+            lams=lambdas(cfg, full),
         )
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -215,9 +243,13 @@ def purify_shards(cfg: JCDPConfig, accelerator: Any, run_dir: Path) -> Dict[str,
         "stride": cfg.stride,
         "denoising_steps_per_image": cfg.rounds * cfg.t_p // cfg.stride,
         "guided": cfg.guided,
-        "lam_mse": cfg.lam_mse if cfg.guided else 0.0,
-        "lam_lpips": cfg.lam_lpips if cfg.guided else 0.0,
-        "lpips": {"net": cfg.lpips.net, "backbone": cfg.lpips.backbone} if cfg.guided and cfg.lam_lpips else None,
+        "guidance": cfg.guidance if cfg.guided else None,
+        "guide_scale": cfg.guide_scale if cfg.guided and cfg.guidance == "reference" else None,
+        "lam_mse": cfg.lam_mse if cfg.guided and cfg.guidance == "constant" else 0.0,
+        "lam_lpips": cfg.lam_lpips if cfg.guided and cfg.guidance == "constant" else 0.0,
+        "mse_t": list(cfg.mse_t),
+        "lpips_t": list(cfg.lpips_t),
+        "lpips": {"net": cfg.lpips.net, "backbone": cfg.lpips.backbone} if cfg.uses_lpips else None,
         "time_s": dt,
         "images_per_s": res["samples"] / dt if res["samples"] else None,
         "world_size": accelerator.num_processes,
@@ -244,7 +276,12 @@ def purification_grid(poisoned: Path, purified: Path, *, n: int, path: Path) -> 
 
 def jcdp_summary(m: Dict[str, Any], run_dir: Path) -> str:
     """The end-of-job text of a JCDP / plain diffusion purification."""
-    guide = f"λ₁ {m['lam_mse']:g} (MSE), λ₂ {m['lam_lpips']:g} (LPIPS {m['lpips']})" if m["guided"] else "no guidance"
+    if not m["guided"]:
+        guide = "no guidance"
+    elif m.get("guidance") == "reference":
+        guide = f"the reference's guidance schedule (guide_scale {m['guide_scale']:g}; LPIPS {m['lpips']})"
+    else:
+        guide = f"λ₁ {m['lam_mse']:g} (MSE), λ₂ {m['lam_lpips']:g} (LPIPS {m['lpips']})"
     lines = [
         "",
         f"{m['name']}: {m['method']} purification, N {m['rounds']} x T_p {m['t_p']} (stride {m['stride']}), {guide}",
