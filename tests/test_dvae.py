@@ -226,3 +226,32 @@ def test_two_processes_ddp(synth_sets, tmp_path):
         assert met[st]["ranks_in_sync"]
     assert verify_shard_set(tmp_path / "ddp" / "purified").ok
     assert "psnr_output_vs_clean" not in met["purified_stats"]  # no clean set given
+
+
+def test_each_inference_pass_draws_its_own_latent_noise(synth_sets, tmp_path, monkeypatch):
+    """P¹, P² and P³ sample z with noise seeded by key *and* pass: P² and P³ (both stage 2) must not share it."""
+    from uedist.config import load_config
+    from uedist.data.manifest import load_manifest
+    from uedist.dist import make_accelerator
+    from uedist.engine import dvae as eng
+
+    cfg = load_config(
+        eng.DVAEConfig,
+        None,
+        [f"data.src={synth_sets / 'train'}", "model.width=0.125", "progress=false", "data.workers=0"],
+    )
+    model = eng.build_dvae(cfg, load_manifest(synth_sets / "train"))
+    seen, real = [], model.forward
+
+    def spy(x, y, **kw):
+        seen.append(kw["noise"][0].clone())
+        return real(x, y, **kw)
+
+    monkeypatch.setattr(model, "forward", spy)
+    firsts = []
+    for stage, what in ((1, "x_minus_p"), (2, "x_minus_p"), (2, "rec")):
+        seen.clear()
+        eng.dvae_pass(cfg, model, stage=stage, what=what, src=synth_sets / "train", dst=tmp_path / f"{stage}{what}",
+                      accelerator=make_accelerator(), clean=None)  # fmt: skip
+        firsts.append(seen[0])
+    assert not torch.equal(firsts[0], firsts[1]) and not torch.equal(firsts[1], firsts[2])

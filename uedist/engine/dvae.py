@@ -13,7 +13,15 @@ the same command continues where it stopped. Layout of ``runs/<name>/``: ``stage
 
 Loss per step (Eq. 14 as coded by the reference): ‖x − x̂‖² + ‖clip(x̂ + p̂) − x‖² + λ·max(KLD, limit), λ = 0.01
 when limit ≥ 1 else 0.5, plus max(‖p̂‖², 0.002) from epoch 11 on. Inference samples z (the reference does) with
-noise seeded by each sample's key, so a resumed pass writes what an uninterrupted one would.
+noise seeded by each sample's key and the pass (P¹, P², P³ each draw their own), so a resumed pass writes what an
+uninterrupted one would.
+
+Resolution: the reference is CIFAR-only (latent at H/2 on the 32 px images); its repository also has an
+ImageNet-mini config (``stem_end_block: 15``: the latent at H/8 on a 512-channel trunk, 20 epochs). Ours keeps the
+CIFAR design (latent at H/2, ``uedist.models.dvae``) at every size, so that the rate constraint acts on the same
+per-pixel budget whatever the resolution and the 8/255 perturbation, which lives at pixel scale, is not averaged
+away by an H/8 latent before the class-wise embeddings can take it; the cost at 256 px is measured in
+docs/benchmarks.md (``launch/bench/dvae.py``).
 """
 
 from __future__ import annotations
@@ -262,6 +270,7 @@ def dvae_pass(
     stats, psnr = PassStats(device), PSNRStats(device)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     side = load_manifest(src).image_size
+    pass_no = stage + (what == "rec")  # P¹ = stage 1's x − p̂, P² = stage 2's x − p̂, P³ = stage 2's x̂
 
     @torch.no_grad()
     def fn(
@@ -269,7 +278,8 @@ def dvae_pass(
     ) -> torch.Tensor:
         x = to_unit(x_u8)
         noise = None
-        if cfg.sample_latent:  # ε seeded by each sample's key: the same whatever the batch, rank count or resume
+        if cfg.sample_latent:  # ε seeded by each sample's key and the pass (P¹ 1, P² 2, P³ 3): the same whatever
+            # the batch, rank count or resume, and a stream of its own for each pass
             shape = (model.latent_dim, side[0] // 2, side[1] // 2)
             noise = torch.stack(
                 [
@@ -277,7 +287,7 @@ def dvae_pass(
                         shape,
                         device=device,
                         generator=torch.Generator(device=device).manual_seed(
-                            cfg.seed * 1_000_003 + 7919 * stage + int(k)
+                            cfg.seed * 1_000_003 + 7919 * pass_no + int(k)
                         ),
                     )
                     for k in keys
