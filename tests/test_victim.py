@@ -220,3 +220,17 @@ def test_log_with_tensorboard_writes_the_curve_as_event_files(synth_sets, tmp_pa
     curve = list(csv.DictReader((tmp_path / "tb" / "curve.csv").open()))
     assert [e.step for e in loss] == [int(r["step"]) for r in curve if r.get("train_loss")] == [2, 4]
     assert [round(e.value, 4) for e in loss] == [round(float(r["train_loss"]), 4) for r in curve if r.get("train_loss")]
+
+
+@pytest.mark.parametrize("bn_mode, per_step", [("eval", 1), ("train", 3)])
+def test_adversarial_training_crafts_with_batchnorm_in_eval_mode_by_default(data, tmp_path, bn_mode, per_step):
+    """BatchNorm counts one batch per step when PGD crafts in eval mode (the SEM/REM reference, our default),
+    1 + K_a when it crafts in train mode (the option)."""
+    from uedist.engine.victim import AdvConfig
+
+    assert AdvConfig().bn_mode == "eval"
+    extra = ["steps=4", "ckpt_every=4", "adv.enabled=true", "adv.steps=2", "adv.eps=4", "adv.step_size=2"]
+    r = _run(_args(data, tmp_path, bn_mode, *extra, f"adv.bn_mode={bn_mode}"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    tracked = [v for k, v in _final_weights(tmp_path / bn_mode).items() if k.endswith("num_batches_tracked")]
+    assert tracked and all(int(v) == 4 * per_step for v in tracked)

@@ -83,7 +83,9 @@ class AdvConfig:
     eps: float = 4.0
     steps: int = 10
     step_size: float = 0.8
-    bn_mode: Literal["train", "eval"] = "train"  # BatchNorm mode while crafting the attack
+    # BatchNorm mode while crafting the attack: eval as the SEM/REM reference (whose AT figures the tables quote);
+    # train as Madry et al.'s original code and our earlier default
+    bn_mode: Literal["train", "eval"] = "eval"
 
     def validate(self) -> None:
         require(self.eps >= 0 and self.steps >= 0 and self.step_size >= 0, "adv: eps, steps, step_size must be >= 0")
