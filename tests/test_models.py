@@ -48,6 +48,11 @@ EXPECTED_PARAMS = {
     # torchvision.models.mobilenet_v2(num_classes=10); CIFAR strides add no parameters. (kuangliu's CIFAR
     # MobileNetV2 has 2,296,922: its blocks add a t=1 expansion conv and projection shortcuts.)
     ("mobilenetv2", "cifar", 10): 2_236_682,
+    # The SEM/REM reference victims (REFERENCE.md "Victims"; SEM Table 3): DenseNet-121 with the ImageNet stem at
+    # 10 classes (its 83 % clean figure), the post-activation WRN-34-10, VGG-16 with the 512-512 MLP head.
+    ("densenet121", "imagenet", 10): 6_964_106,
+    ("wrn34_10_post", "cifar", 10): 46_162_714,
+    ("vgg16_mlp", "cifar", 10): 15_253_578,
 }
 
 
@@ -119,7 +124,9 @@ def test_unknown_model_lists_known_names():
 
 
 def test_expected_names_registered():
-    assert {"wrn34_10", "wrn28_10", "densenet121", "vgg16", "mobilenetv2"} <= set(MODELS.names())
+    assert {"wrn34_10", "wrn28_10", "densenet121", "vgg16", "mobilenetv2", "wrn34_10_post", "vgg16_mlp"} <= set(
+        MODELS.names()
+    )
 
 
 def test_strided_pointwise_is_the_strided_1x1_convolution():

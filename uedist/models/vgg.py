@@ -4,7 +4,9 @@
     logits = model(x)  # x: (B, in_channels, H, W) normalized float, H, W >= 32 -> (B, num_classes)
 
 Parameter counts: 138,365,992 with the ImageNet head and 1000 classes (torchvision ``vgg16_bn``); 14,728,266 with
-the CIFAR head and 10 classes (kuangliu/pytorch-cifar ``VGG('VGG16')``).
+the CIFAR head and 10 classes (kuangliu/pytorch-cifar ``VGG('VGG16')``); 15,253,578 for ``vgg16_mlp``, the SEM/REM
+reference victim (CausalLearning/robust-unlearnable-examples models/vgg.py: global pool, then Dropout-Linear(512,
+512)-ReLU-Dropout-Linear(512, 512)-ReLU-Linear(512, classes), dropout 0.5).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class VGG(nn.Module):
         stem: str = "cifar",
         width: float = 1.0,
         dropout: float = 0.5,
+        mlp_head: bool = False,
     ) -> None:
         super().__init__()
         check_stem(stem)
@@ -81,6 +84,18 @@ class VGG(nn.Module):
                 nn.Linear(hidden, hidden),
                 nn.ReLU(inplace=True),
                 nn.Dropout(dropout),
+                nn.Linear(hidden, num_classes),
+            )
+        elif mlp_head:  # the SEM/REM reference's CIFAR head
+            hidden = scaled(512, width)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.classifier = nn.Sequential(
+                nn.Dropout(dropout),
+                nn.Linear(c, hidden),
+                nn.ReLU(inplace=True),
+                nn.Dropout(dropout),
+                nn.Linear(hidden, hidden),
+                nn.ReLU(inplace=True),
                 nn.Linear(hidden, num_classes),
             )
         else:
@@ -110,3 +125,12 @@ def vgg16(
 ) -> VGG:
     """VGG-16 with batch norm; ``dropout`` applies to the ImageNet classifier only."""
     return VGG(VGG16, num_classes, in_channels=in_channels, stem=stem, width=width, dropout=dropout)
+
+
+@MODELS.register("vgg16_mlp")
+def vgg16_mlp(
+    num_classes: int = 10, *, in_channels: int = 3, stem: str = "cifar", width: float = 1.0, dropout: float = 0.5
+) -> VGG:
+    """VGG-16 with batch norm and the SEM/REM reference's 512-512 MLP head with dropout (15,253,578 parameters
+    at 10 classes, CIFAR stem); with ``stem="imagenet"`` it is ``vgg16``'s ImageNet model."""
+    return VGG(VGG16, num_classes, in_channels=in_channels, stem=stem, width=width, dropout=dropout, mlp_head=True)
