@@ -145,10 +145,18 @@ def init_weights(path: str, prefer_ema: bool = True) -> Dict[str, torch.Tensor]:
 
 
 def load_ddpm(path: str, device: torch.device, prefer_ema: bool = True) -> Tuple[UNet, DDPMConfig]:
-    """A trained DDPM (EMA weights by default) rebuilt from the config its checkpoint carries; eval mode."""
+    """A trained DDPM (EMA weights by default) rebuilt from the config its checkpoint carries; eval mode. A folder
+    in the diffusers ``UNet2DModel`` layout (config.json + diffusion_pytorch_model.safetensors / .bin: how Ho et
+    al.'s CIFAR-10 model is published) loads into our UNet (:mod:`uedist.diffusion.diffusers_io`)."""
     from uedist.config import config_from_dict
+    from uedist.diffusion import diffusers_io
 
     p = Path(path)
+    if diffusers_io.is_unet2d_folder(p):
+        net, kw = diffusers_io.load_unet2d(p)
+        spec = diffusers_io.scheduler_spec(p)
+        cfg = DDPMConfig(unet=UNetSpec("unet", args=kw), diffusion=DiffusionSpec(**spec))
+        return net.to(device).eval(), cfg
     ck = latest_checkpoint(p / "checkpoints" if (p / "checkpoints").is_dir() else p)
     if ck is None:
         raise FileNotFoundError(f"no DDPM checkpoint under {path} (train one with launch/ddpm.py)")
