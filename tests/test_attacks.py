@@ -389,3 +389,18 @@ def test_a_budget_violation_stops_the_pass(synth_sets, tmp_path):
             stage="t",
             budget=Leaky("l2", 1.0),
         )
+
+
+def test_ar_windows_are_stable_and_told_apart():
+    """The reference's search criteria: bounded patterns, own filter blind to its pattern, the others respond."""
+    from uedist.engine.ar import _response
+
+    b = ar_coefficients(4, seed=0)
+    raw = ar_process(b, torch.randn(4, 3, 36, 36, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+    raw = raw[:, :, 4:, 4:]
+    norms = raw.flatten(1).norm(dim=1)
+    assert torch.isfinite(norms).all() and norms.max() <= 50
+    pats = raw / norms.view(-1, 1, 1, 1)
+    for i in range(4):
+        assert float(_response(b[i], pats[i : i + 1])) < 1e-9  # every entry obeys its own recursion
+        assert all(float(_response(b[j], pats[i : i + 1])) > 1.0 for j in range(i))
