@@ -2,11 +2,12 @@
 
     python launch/bench/attacks.py [--out runs/bench/attacks] [--width 1.0] [--quick]
 
-1. Images/s of one ``make_delta`` call per attack (AR at 32 px only: its process diverges at 224) (the noise of one map-pass batch; for TAP and SEP the crafting
-   pass against a ResNet-18 of ``--width``) at 32 px and at 224 px, on random images, at the reference settings
-   of ``configs/<method>/cifar10.yaml``. TAP (250 steps x 8 restarts) and SEP (30 x (15 + 15) passes) cost the same
-   per PGD step whatever the step count, so they are timed over ``--steps`` steps (one restart) and scaled to the
-   reference's count (columns ``timed passes`` / ``reference passes``); the others are timed as they run.
+1. Images/s of one ``make_delta`` call per attack, i.e. the noise of one map-pass batch (for TAP and SEP the
+   crafting pass against a ResNet-18 of ``--width``), at 32 px and at 224 px (AR at 32 px only: its process
+   diverges at 224), on random images, at the reference settings of ``configs/<method>/cifar10.yaml``. TAP (250
+   steps x 8 restarts) and SEP (30 x (15 + 15) passes) cost the same per PGD step whatever the step count, so they
+   are timed over ``--steps`` steps (one restart) and scaled to the reference's count (columns ``timed passes`` /
+   ``reference passes``); the others are timed as they run.
 2. NTGA: seconds per PGD step (kernel + prediction + gradient) for blocks of 64 … 512 at 32 px against a target set
    of ``--target`` images, fp64 and fp32.
 Writes <out>/attacks.json and <out>/attacks.md. ``--quick``: tiny sizes (a smoke run, not a measurement).

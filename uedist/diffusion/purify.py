@@ -10,8 +10,9 @@ then for t = T_p..1 noise the *unlearnable* image x_u equally, x̃_t = √ᾱ_t 
     d₁ = −λ₁ ∇_{x*_t} ‖x*_t − x̃_t‖²   (pixel guidance, on the steps in ``mse_t``; ‖·‖² summed per image)
     d₂ = −λ₂ ∇_{x*_t} LPIPS(x*_t, x̃_t)   (perceptual guidance, on the steps in ``lpips_t``)
 (the reference's 0-based i = t − 1: MSE for i > 10, LPIPS for i ≤ 10, i.e. paper steps t ≥ 12 and t ≤ 11). The
-strengths λ₁, λ₂ are the reference's schedule by default (``reference_lambdas``) or constants. Plain purification is the same chain with N = 1 and no
-guidance (AVATAR, Dolatabadi et al.). A strided chain (``Schedule.respaced``) visits fewer steps between T_p and 0.
+strengths λ₁, λ₂ are the reference's schedule by default (``reference_lambdas``) or constants. Plain purification
+is the same chain with N = 1 and no guidance (AVATAR, Dolatabadi et al.). A strided chain (``Schedule.respaced``)
+visits fewer steps between T_p and 0.
 """
 
 from __future__ import annotations
