@@ -140,6 +140,8 @@ def to_markdown(res: Dict[str, Any]) -> str:
     )  # fmt: skip
     md += [
         "",
+        "The ntga rows above time one block against a target set of 64 images (the reference: 10,000; see below).",
+        "",
         f"NTGA: one PGD step (kernel, prediction, gradient) against the block size, 32 px, target {res['target']}:",
         "",
     ]
