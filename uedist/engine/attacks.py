@@ -188,7 +188,13 @@ def source_model(cfg: Any, accelerator: Any, run_dir: Path, *, m: Manifest) -> T
         vcfg = load_config(
             VictimConfig,
             cfg.source_victim,
-            [*cfg.source_overrides, f"data.train={cfg.data.train}", *test, f"name={cfg.name}_source"],
+            [
+                f"progress={str(cfg.progress).lower()}",  # the attack's runtime choice, unless the overrides say
+                *cfg.source_overrides,
+                f"data.train={cfg.data.train}",
+                *test,
+                f"name={cfg.name}_source",
+            ],
         )
         saved = vdir / "config.yaml"
         same = saved.is_file() and identity(load_config(VictimConfig, str(saved), [])) == identity(vcfg)
