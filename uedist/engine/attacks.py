@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -168,7 +168,9 @@ def _bar(it: Any, *, progress: bool, desc: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------- source model
-def source_model(cfg: Any, accelerator: Any, run_dir: Path, *, m: Manifest) -> Tuple[Any, Dict[str, Any]]:
+def source_model(
+    cfg: Any, accelerator: Any, run_dir: Path, *, m: Manifest, extra: Sequence[str] = ()
+) -> Tuple[Any, Dict[str, Any]]:
     """The clean model of TAP / SEP (frozen, eval mode) and its provenance: ``source_model`` (a finished victim run
     folder) or, when empty, the victim config ``source_victim`` trained first into ``<run>/source`` on
     ``data.train`` / ``data.test`` (resumable like any victim run). Returns (model, info); ``info['run']`` is the
@@ -191,6 +193,7 @@ def source_model(cfg: Any, accelerator: Any, run_dir: Path, *, m: Manifest) -> T
             [
                 f"progress={str(cfg.progress).lower()}",  # the attack's runtime choice, unless the overrides say
                 *cfg.source_overrides,
+                *extra,  # what the attack itself needs of the run (SEP: its snapshots)
                 f"data.train={cfg.data.train}",
                 *test,
                 f"name={cfg.name}_source",

@@ -72,9 +72,7 @@ def pick_snapshots(files: List[Path], n: int) -> List[Path]:
 def _ensemble(cfg: SEPConfig, accelerator: Any, run_dir: Path, *, m: Any) -> Dict[str, Any]:
     from uedist.engine.victim import list_snapshots
 
-    if not cfg.source_model:
-        cfg.source_overrides = [*cfg.source_overrides, f"snapshots={cfg.source_snapshots}"]
-    base, info = source_model(cfg, accelerator, run_dir, m=m)
+    base, info = source_model(cfg, accelerator, run_dir, m=m, extra=[f"snapshots={cfg.source_snapshots}"])
     files = pick_snapshots(list_snapshots(Path(info["run"])), cfg.num_models)
     models = []
     for f in files:
