@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -287,33 +287,101 @@ def classifier_step(
     return step
 
 
-def noise_steps(cfg: Any, m: Manifest, *, batch: int, accelerator: Any) -> dict[str, tuple[Step, int]]:
+def noise_steps(
+    cfg: Any, m: Manifest, *, batch: int, accelerator: Any, structure: str = "ours", models: Optional[list] = None
+) -> dict[str, tuple[Step, int]]:
     """``{"surrogate step": (fn, passes), "final pass": (fn, passes)}`` for a ``NoiseConfig`` on a random batch at
     the manifest's size: the step is a fresh δ for the batch plus one adversarially trained SGD step of the
-    surrogate (``surrogate_step``), the final pass δ alone; ``passes`` are forward+backward passes per image."""
+    surrogate (``surrogate_step``), the final pass δ alone; ``passes`` are forward+backward passes per image.
+    ``structure="reference"``: the reference code's loop instead (:func:`reference_noise_delta`: J separate
+    forwards of B per δ step, the PGD and the SGD step on B), at the config's precision. ``models``: a list the
+    surrogate is appended to (to count its forwards)."""
     from uedist.engine.noise import make_eot, noise_for_batch, surrogate_for, surrogate_step
+    from uedist.precision import amp_args, use_channels_last
 
-    device, amp = accelerator.device, autocast_args(accelerator.device, cfg.bf16)
+    device, amp = accelerator.device, amp_args(cfg.bf16, accelerator.device)
+    cl = use_channels_last(cfg.channels_last, device)
     model = surrogate_for(cfg, m).to(device)
-    if cfg.channels_last:
+    if cl:
         model = model.to(memory_format=torch.channels_last)
+    if models is not None:
+        models.append(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     eot = make_eot(cfg, m, gen)
-    x, y = random_batch(batch, m.image_size[0], m.num_classes, device=device)
+    x, y = random_batch(batch, m.image_size[0], m.num_classes, device=device, channels_last=cl)
     inner = cfg.adv_steps + 1 if cfg.method == "rem" else 1  # REM: a min-max, K_a attack steps inside each δ step
     final_passes = cfg.noise_steps * cfg.eot_samples * inner
     kw = {"ddp": model, "model": model, "opt": opt, "eot": eot, "gen": gen, "amp": amp, "accelerator": accelerator}
     kw.update(step=1, ckpt_dir=Path(tempfile.gettempdir()))  # where a non-finite loss would leave its report
 
+    def delta() -> torch.Tensor:
+        if structure == "reference":
+            return reference_noise_delta(cfg, model, x, y, eot=eot, gen=gen, amp=amp)
+        return noise_for_batch(cfg, model, x, y=y, eot=eot, gen=gen, amp=amp)
+
     def final() -> None:
-        noise_for_batch(cfg, model, x, y=y, eot=eot, gen=gen, amp=amp)
+        delta()
 
     def step() -> None:
-        d = noise_for_batch(cfg, model, x, y=y, eot=eot, gen=gen, amp=amp)
-        surrogate_step(cfg, x + d, y, **kw)
+        surrogate_step(cfg, x + delta(), y, **kw)
 
     return {"surrogate step": (step, final_passes + cfg.adv_steps + 1), "final pass": (final, final_passes)}
+
+
+def reference_noise_delta(
+    cfg: Any,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eot: Callable[[torch.Tensor], torch.Tensor],
+    gen: torch.Generator,
+    amp: dict[str, Any],
+) -> torch.Tensor:
+    """δ the way the REM/SEM reference code computes it (``robust_workers.py``: per δ step, J separate calls of
+    B images, each ``t(x + δ)`` → inner perturbation → forward → mean cross-entropy → input gradient → ``(t(x+δ) ·
+    g).sum().backward()`` accumulating into δ.grad), for the benchmark's side-by-side: the same algorithm and
+    pass count as :func:`uedist.ops.noise.min_min_noise`, the reference's batching."""
+    from uedist.ops.pgd import pgd
+
+    eps, alpha = cfg.eps / 255, cfg.noise_step_size / 255
+    r_eps, r_alpha = cfg.adv_eps / 255, cfg.adv_step_size / 255
+
+    def fwd(z: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(**amp):
+            return model(z).float()
+
+    model.eval()
+    model.requires_grad_(False)
+    delta = ((torch.rand(x.shape, generator=gen, device=gen.device).to(x) * 2 - 1) * eps).requires_grad_(True)
+    for _ in range(cfg.noise_steps):
+        delta.grad = None
+        for _ in range(cfg.eot_samples):
+            def_x = eot((x + delta).clamp(0, 1))
+            adv = def_x.detach()
+            if cfg.method == "sem":
+                adv = (adv + (torch.rand(adv.shape, generator=gen, device=gen.device).to(adv) * 2 - 1) * r_eps).clamp(
+                    0, 1
+                )
+            elif cfg.method == "rem":
+                adv = adv + pgd(fwd, adv, y, eps=r_eps, alpha=r_alpha, steps=cfg.adv_steps, gen=gen)
+            adv.requires_grad_(True)
+            (g,) = torch.autograd.grad(F.cross_entropy(fwd(adv), y), adv)
+            (def_x * g).sum().backward()
+        with torch.no_grad():
+            delta -= alpha * delta.grad.sign()
+            delta.clamp_(-eps, eps)
+    model.requires_grad_(True)
+    model.train()
+    return ((x + delta.detach()).clamp(0, 1) - x).detach()
+
+
+def count_images(model: torch.nn.Module) -> tuple[list[int], Callable[[], None]]:
+    """([n], remove): n counts the images that go through ``model``'s forward from now until ``remove()``."""
+    n = [0]
+    h = model.register_forward_pre_hook(lambda _m, args: n.__setitem__(0, n[0] + int(args[0].shape[0])))
+    return n, h.remove
 
 
 def dvae_steps(

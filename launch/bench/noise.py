@@ -1,14 +1,21 @@
-"""Noise generation throughput and memory.
+"""Noise generation speed: our SEM / REM step beside the reference code's structure, its profile, and memory.
 
     python launch/bench/noise.py [--out runs/bench/noise] [--width 1.0] [--quick]
 
-1. Images/s of one SEM and one REM surrogate step (fresh δ for the batch + one adversarially trained SGD step)
-   and of the final pass (δ only, surrogate frozen), at 32 px (CIFAR reference settings: K_u 10, J 5, K_a 10) and
-   at 256 px stored / RRC 224 (ImageNet-100 settings: K_u 7, J 4, K_a 7), fp32 vs bf16 + channels_last, with the
-   forward/backward passes per image counted and the SEM/REM step-cost ratio.
-2. Peak RSS of the final pass (a subprocess each) over N and 4N samples: it must not grow with the dataset.
-Writes <out>/noise.json and <out>/noise.md. ``--quick``: one δ / attack / EoT step, width 1/8, N = 200 (a smoke
-run, not a measurement).
+1. **Side by side.** One surrogate step (a fresh δ for the batch + one adversarially trained SGD step) of SEM and
+   REM at 32 px (CIFAR reference settings: K_u 10, J 5, K_a 10; batch 32 and 128) and at 256 px stored / RRC 224
+   (ImageNet-100 settings: K_u 7, J 4, K_a 7, CIFAR stem as the reference keeps it), each three ways: the
+   reference's structure (J separate forwards of B images per δ step, fp32: ``uedist.benchmark.
+   reference_noise_delta``), ours at fp32, and ours at the defaults (bf16 + channels_last where native, the
+   inner-loop chunk of ``uedist.ops.batching``). Forward/backward passes per image are counted with a hook on
+   the surrogate; the ratio is the reference structure's time over ours; GFLOP/s is the step's convolution and
+   matmul FLOPs (counted once) over its time, beside the device's measured GEMM peak at that precision.
+   Where ``--k-rem`` / ``--k-224`` cut K_u (to keep the run short) the row says so: every structure then runs the
+   same cut step, so the ratio is unchanged.
+2. ``torch.compile`` of the surrogate's forward: cold (first step, compile included) and steady-state time.
+3. A torch.profiler profile of one SEM step at the defaults: the share of time in convolution / GEMM kernels.
+4. Peak RSS of the final pass over N and 4N samples (subprocesses): it must not grow with the dataset.
+Writes <out>/noise.json and <out>/noise.md. ``--quick``: width 1/8, tiny steps and batches (a smoke run).
 """
 
 from __future__ import annotations
@@ -20,10 +27,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from uedist.benchmark import Setting, fake_manifest, machine_info, markdown_table, noise_steps, timed, write_report
+import torch
+
+from uedist.benchmark import (
+    count_flops,
+    count_images,
+    fake_manifest,
+    gemm_rate,
+    machine_info,
+    markdown_table,
+    noise_steps,
+    timed,
+    write_report,
+)
 from uedist.config import load_config
 from uedist.dist import make_accelerator
 from uedist.engine.noise import NoiseConfig
+from uedist.precision import resolved
 
 SETTINGS = {
     32: ["noise_steps=10", "noise_step_size=1.6", "eot_samples=5", "adv_steps=10", "adv_step_size=0.8"],
@@ -37,67 +57,135 @@ SETTINGS = {
         "train_size=224",
     ],
 }
-QUICK = ["noise_steps=1", "eot_samples=1", "adv_steps=1"]
+QUICK = ["noise_steps=1", "eot_samples=2", "adv_steps=1"]
+FP32 = ["bf16=false", "channels_last=false"]
+WAYS = [("reference", "fp32", FP32), ("ours", "fp32", FP32), ("ours", "defaults", [])]
 
 
-def bench_steps(
-    s: Setting, px: int, *, batch: int, width: float, accelerator: Any, min_time: float, max_iters: int
-) -> list[dict[str, Any]]:
-    """SEM and REM rows at ``px``: one surrogate step and one final pass each."""
+def config(method: str, px: int, *, width: float, quick: bool, extra: list[str]) -> NoiseConfig:
+    over = [f"method={method}", f"surrogate.width={width}", "surrogate.stem=cifar", *SETTINGS[px]]
+    return load_config(NoiseConfig, None, over + (QUICK if quick else []) + extra)
+
+
+def step_flops(cfg: NoiseConfig, px: int, passes: int, batch: int, accelerator: Any) -> float:
+    """Convolution + matmul FLOPs of a step: one image's forward + input-backward at the augmented size, × passes ×
+    batch (the SGD step's weight gradients are left out: a lower bound)."""
+    from uedist.engine.noise import eot_size, surrogate_for
+
+    model = surrogate_for(cfg, fake_manifest(px, 10)).to(accelerator.device).eval()
+    model.requires_grad_(False)
+    h, w = eot_size(cfg, (px, px))
+    x = torch.rand(1, 3, h, w, device=accelerator.device)
+
+    def one() -> None:
+        xi = x.clone().requires_grad_(True)
+        torch.autograd.grad(model(xi).logsumexp(1).sum(), xi)
+
+    return count_flops(one) * passes * batch
+
+
+def side_by_side(args: argparse.Namespace, acc: Any, width: float, peak: dict[str, float]) -> list[dict[str, Any]]:
     rows = []
-    for method in ("sem", "rem"):
-        bf16 = str(s.bf16).lower()
-        cfg = load_config(
-            NoiseConfig,
-            None,
-            [
-                f"method={method}",
-                f"surrogate.width={width}",
-                "surrogate.stem=cifar",
-                f"bf16={bf16}",
-                f"channels_last={bf16}",
-                *SETTINGS[px],
-                *(QUICK if s.quick else []),
-            ],
-        )
-        cases = noise_steps(cfg, fake_manifest(px, 10), batch=batch, accelerator=accelerator)
-        for what, (fn, passes) in cases.items():
-            dt = timed(fn, min_time, max_iters)
-            rows.append(
-                {
-                    "method": method,
-                    "what": what,
-                    "px": px,
-                    "batch": batch,
-                    "width": width,
-                    "precision": s.precision,
-                    "fwd_bwd_per_image": passes,
-                    "images_per_s": batch / dt,
-                    "s_per_batch": dt,
-                }
-            )
-            print(
-                f"{method} {what:14s} {px}px {'bf16' if s.bf16 else 'fp32'} {batch / dt:9.3f} img/s "
-                f"({passes} passes/img)",
-                flush=True,
-            )
+    batches = {32: args.batches_32, 256: [args.batch_256]}
+    for px in (32, 256):
+        for method in ("sem", "rem"):
+            k = args.k_224 if px == 256 else (args.k_rem if method == "rem" else 0)
+            cut = [f"noise_steps={k}"] if k and not args.quick else []
+            for batch in batches[px]:
+                base = None
+                for structure, precision, over in WAYS:
+                    cfg = config(method, px, width=width, quick=args.quick, extra=over + cut)
+                    models: list = []
+                    fn, _ = noise_steps(
+                        cfg, fake_manifest(px, 10), batch=batch, accelerator=acc, structure=structure, models=models
+                    )["surrogate step"]
+                    n, remove = count_images(models[0])
+                    dt = timed(fn, 0.0 if args.quick else args.min_time, 1 if args.quick else 3)
+                    calls = max(1, round(n[0] / batch / _passes_formula(cfg)))  # timed() may call fn several times
+                    remove()
+                    passes = n[0] / batch / calls
+                    prec = resolved(cfg, acc.device)
+                    flops = step_flops(cfg, px, round(passes), batch, acc)
+                    row = {
+                        "method": method,
+                        "px": px,
+                        "batch": batch,
+                        "noise_steps": cfg.noise_steps,
+                        "eot_samples": cfg.eot_samples,
+                        "adv_steps": cfg.adv_steps,
+                        "structure": structure,
+                        "precision": "bf16+cl" if prec["bf16"] else ("fp32+cl" if prec["channels_last"] else "fp32"),
+                        "fwd_bwd_per_image": passes,
+                        "s_per_step": dt,
+                        "images_per_s": batch / dt,
+                        "gflops_per_s": flops / dt / 1e9,
+                    }
+                    row["peak_fraction"] = row["gflops_per_s"] * 1e9 / peak["bf16" if prec["bf16"] else "fp32"]
+                    base = base or dt
+                    row["speedup_vs_reference"] = base / dt
+                    rows.append(row)
+                    print(
+                        f"{method} {px}px b{batch} {structure:9s} {row['precision']:7s} {dt:8.2f} s/step "
+                        f"({passes:.0f} passes/img) ×{row['speedup_vs_reference']:.2f}",
+                        flush=True,
+                    )
     return rows
 
 
-def rem_sem_ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per resolution and precision: REM / SEM surrogate-step time and forward+backward passes."""
-    ratios = {}
-    for px in SETTINGS:
-        for prec in ("fp32", "bf16+cl"):
-            step = {
-                r["method"]: r for r in rows if (r["px"], r["precision"], r["what"]) == (px, prec, "surrogate step")
-            }
-            sem, rem = step["sem"], step["rem"]
-            ratios[f"{px}px {prec}"] = {
-                "time_ratio_rem_over_sem": sem["images_per_s"] / rem["images_per_s"],
-                "pass_ratio": rem["fwd_bwd_per_image"] / sem["fwd_bwd_per_image"],
-            }
-    return ratios
+def _passes_formula(cfg: NoiseConfig) -> int:
+    inner = cfg.adv_steps + 1 if cfg.method == "rem" else 1
+    return cfg.noise_steps * cfg.eot_samples * inner + cfg.adv_steps + 1
+
+
+def compile_rows(args: argparse.Namespace, acc: Any, width: float) -> list[dict[str, Any]]:
+    """SEM at 32 px, the defaults, eager vs ``compile=true``: first-call (cold) and steady-state s/step."""
+    import time
+
+    out = []
+    batch = args.batches_32[0]
+    for comp in (False, True):
+        cfg = config("sem", 32, width=width, quick=args.quick, extra=[f"compile={str(comp).lower()}"])
+        fn, _ = noise_steps(cfg, fake_manifest(32, 10), batch=batch, accelerator=acc)["surrogate step"]
+        t0 = time.perf_counter()
+        fn()
+        cold = time.perf_counter() - t0
+        steady = timed(fn, 0.0 if args.quick else args.min_time, 1 if args.quick else 3)
+        out.append({"compile": comp, "batch": batch, "cold_s": cold, "steady_s_per_step": steady})
+        print(f"compile={comp}: cold {cold:.1f} s, steady {steady:.2f} s/step", flush=True)
+    return out
+
+
+def profile(args: argparse.Namespace, acc: Any, width: float) -> dict[str, Any]:
+    """Self time of one SEM step at the defaults by operator: conv / GEMM kernels vs the rest."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    cfg = config("sem", 32, width=width, quick=args.quick, extra=[])
+    fn, _ = noise_steps(cfg, fake_manifest(32, 10), batch=args.batches_32[0], accelerator=acc)["surrogate step"]
+    fn()  # warm-up
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if acc.device.type == "cuda" else [])
+    with prof(activities=acts) as p:
+        fn()
+    cuda = acc.device.type == "cuda"
+    ops = []
+    for e in p.key_averages():
+        t = e.self_device_time_total if cuda else e.self_cpu_time_total
+        ops.append((e.key, float(t)))
+    total = sum(t for _, t in ops) or 1.0
+    compute = sum(t for k, t in ops if _is_compute(k))
+    top = sorted(ops, key=lambda kv: -kv[1])[:12]
+    return {
+        "batch": args.batches_32[0],
+        "clock": "device" if cuda else "cpu",
+        "total_ms": total / 1e3,
+        "conv_gemm_share": compute / total,
+        "top": [{"op": k, "ms": t / 1e3, "share": t / total, "conv_gemm": _is_compute(k)} for k, t in top],
+    }
+
+
+def _is_compute(name: str) -> bool:
+    n = name.lower()
+    return any(s in n for s in ("conv", "mm", "matmul", "linear", "gemm", "mkldnn_rnn"))
 
 
 def peak_rss(n: int, tmp: Path) -> float:
@@ -120,29 +208,68 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def to_markdown(res: dict[str, Any], width: float) -> str:
-    rss = res["memory"]
-    md = [f"Noise generation on {res['device']} ({res['threads']} threads), surrogate ResNet-18 width {width}.", ""]
+    pk = res["peak_gflops"]
+    md = [
+        f"Noise generation on {res['device']} ({res['threads']} threads), surrogate ResNet-18 width {width}; "
+        f"measured GEMM peak {pk['fp32']:.0f} GFLOP/s fp32, {pk['bf16']:.0f} GFLOP/s bf16.",
+        "",
+    ]
     md += markdown_table(
-        ["method", "what", "px", "batch", "precision", "fwd+bwd / image", "images/s"],
+        [
+            "method",
+            "px",
+            "batch",
+            "K_u·J·K_a",
+            "structure",
+            "precision",
+            "fwd+bwd / img",
+            "s / step",
+            "img/s",
+            "× reference",
+            "GFLOP/s",
+            "% of peak",
+        ],
         [
             (
-                r["method"],
-                r["what"],
+                r["method"].upper(),
                 r["px"],
                 r["batch"],
+                f"{r['noise_steps']}·{r['eot_samples']}·{r['adv_steps']}",
+                r["structure"],
                 r["precision"],
-                r["fwd_bwd_per_image"],
-                f"{r['images_per_s']:.3f}",
+                f"{r['fwd_bwd_per_image']:.0f}",
+                f"{r['s_per_step']:.2f}",
+                f"{r['images_per_s']:.2f}",
+                f"{r['speedup_vs_reference']:.2f}",
+                f"{r['gflops_per_s']:.0f}",
+                f"{100 * r['peak_fraction']:.0f}",
             )
             for r in res["rows"]
         ],
-        "llrrlrr",
+        "lrrllrrrrrrr",
     )
-    md += [""] + markdown_table(
-        ["setting", "REM/SEM step time", "REM/SEM passes"],
-        [(k, f"{v['time_ratio_rem_over_sem']:.2f}", f"{v['pass_ratio']:.2f}") for k, v in res["ratios"].items()],
-        "lrr",
+    md += ["", "torch.compile of the surrogate (SEM, 32 px, the defaults):", ""]
+    md += markdown_table(
+        ["compile", "batch", "first step (cold) s", "steady s / step"],
+        [
+            (str(c["compile"]).lower(), c["batch"], f"{c['cold_s']:.1f}", f"{c['steady_s_per_step']:.2f}")
+            for c in res["compile"]
+        ],
+        "lrrr",
     )
+    pr = res["profile"]
+    md += [
+        "",
+        f"Profile of one SEM step at the defaults (32 px, batch {pr['batch']}, {pr['clock']} self time "
+        f"{pr['total_ms']:.0f} ms): {100 * pr['conv_gemm_share']:.0f} % in convolution / GEMM kernels.",
+        "",
+    ]
+    md += markdown_table(
+        ["op", "ms", "share", "conv/GEMM"],
+        [(t["op"], f"{t['ms']:.1f}", f"{100 * t['share']:.1f} %", "yes" if t["conv_gemm"] else "") for t in pr["top"]],
+        "lrrl",
+    )
+    rss = res["memory"]
     md += [
         "",
         (
@@ -157,24 +284,41 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench/noise")
     p.add_argument("--width", type=float, default=None, help="surrogate ResNet-18 width (default 1.0; quick 0.125)")
-    p.add_argument("--batch-32", type=int, default=8)
-    p.add_argument("--batch-256", type=int, default=2)
+    p.add_argument(
+        "--batches-32",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=None,
+        help="batches at 32 px (default 32,128; quick 2)",
+    )
+    p.add_argument("--batch-256", type=int, default=None, help="batch at 256 px (default 2; quick 1)")
+    p.add_argument("--k-rem", type=int, default=2, help="K_u of the 32 px REM rows (0 = the reference's 10)")
+    p.add_argument("--k-224", type=int, default=1, help="K_u of the 256 px rows (0 = the reference's 7)")
     p.add_argument("--rss-n", type=int, default=2000, help="N for the peak-RSS comparison (N vs 4N, 64 px)")
     p.add_argument("--min-time", type=float, default=1.0)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
+    args.batches_32 = args.batches_32 or ([2] if args.quick else [32, 128])
+    args.batch_256 = args.batch_256 or (1 if args.quick else 2)
     acc = make_accelerator()
     width = args.width if args.width is not None else (0.125 if args.quick else 1.0)
-    rows: list[dict[str, Any]] = []
-    for px, batch in ((32, args.batch_32), (256, args.batch_256)):
-        for bf16 in (False, True):
-            s = Setting(acc.device, bf16=bf16, quick=args.quick)
-            min_time, iters = s.limits(args.min_time, 20)
-            rows += bench_steps(s, px, batch=batch, width=width, accelerator=acc, min_time=min_time, max_iters=iters)
+    n = 256 if args.quick else 2048
+    peak = {"fp32": gemm_rate(acc.device, torch.float32, n), "bf16": gemm_rate(acc.device, torch.bfloat16, n)}
+    rows = side_by_side(args, acc, width, peak)
+    comp = compile_rows(args, acc, width)
+    pr = profile(args, acc, width)
     with tempfile.TemporaryDirectory() as tmp:
-        n = 200 if args.quick else args.rss_n
-        rss = {"N": n, "rss_N_mib": peak_rss(n, Path(tmp)), "rss_4N_mib": peak_rss(4 * n, Path(tmp))}
-    res = {**machine_info(acc.device), "quick": args.quick, "rows": rows, "ratios": rem_sem_ratios(rows), "memory": rss}
+        k = 200 if args.quick else args.rss_n
+        rss = {"N": k, "rss_N_mib": peak_rss(k, Path(tmp)), "rss_4N_mib": peak_rss(4 * k, Path(tmp))}
+    res = {
+        **machine_info(acc.device),
+        "quick": args.quick,
+        "width": width,
+        "peak_gflops": {k2: v / 1e9 for k2, v in peak.items()},
+        "rows": rows,
+        "compile": comp,
+        "profile": pr,
+        "memory": rss,
+    }
     md = to_markdown(res, width)
     paths = write_report(Path(args.out), "noise", res, markdown=md)
     print(md + "wrote " + " and ".join(map(str, paths)))

@@ -223,6 +223,9 @@ class Prepared:
     update_fn: Optional[Callable[[torch.Tensor, float], None]] = None  # backward + (clipped) optimizer step
     save_fn: Optional[Callable[[int, float, Dict[str, Any]], None]] = None  # collective checkpoint
     wrapper: str = ""  # what trains the model, for metrics ("DistributedDataParallel", "DeepSpeedEngine(ZeRO-2)")
+    # The inner loops' generator (PGD starts, δ_r, EOT draws): on the device, so they draw there; ``gen`` itself
+    # when the device is the CPU (the same stream as before), else its own seeded device generator, checkpointed.
+    device_gen: Optional[torch.Generator] = None
     resumed: Dict[str, Any] = field(default_factory=dict)  # the checkpoint resumed from (a stage's own extra state)
 
     def update(self, loss: torch.Tensor, *, clip: float = 0.0) -> None:
@@ -270,7 +273,12 @@ def prepare_training(
     opt = make_opt(model.parameters()) if make_opt is not None else make_optimizer(model.parameters(), optim)
     sched = make_scheduler(opt, optim, max(total_steps, 1))
     gen = torch.Generator().manual_seed(seed * 1000 + accelerator.process_index)
-    ckpt = Checkpointer(ckpt_root, accelerator, every=ckpt_every, gens={gen_name: gen}, data=data_digests(config))
+    gens = {gen_name: gen}
+    device_gen = gen
+    if accelerator.device.type != "cpu":
+        device_gen = torch.Generator(device=accelerator.device).manual_seed(seed * 1000 + accelerator.process_index)
+        gens[f"{gen_name}_device"] = device_gen
+    ckpt = Checkpointer(ckpt_root, accelerator, every=ckpt_every, gens=gens, data=data_digests(config))
     state = ckpt.resume(model, opt, sched, config=config) if resume else None
     ddp, opt = accelerator.prepare(model, opt)
     return Prepared(
@@ -287,6 +295,7 @@ def prepare_training(
         accelerator=accelerator,
         wrapper=type(ddp).__name__,
         resumed=state or {},
+        device_gen=device_gen,
     )
 
 

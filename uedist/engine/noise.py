@@ -23,7 +23,9 @@ import torch.nn.functional as F
 
 from uedist.config import identity, location, positive, require, runtime
 from uedist.data.manifest import Manifest, keys_of, load_manifest
+from uedist.dist import get_logger
 from uedist.engine.evaluate import evaluate
+from uedist.engine.inner import forward_fn, inner_chunk
 from uedist.engine.loop import (
     OptimConfig,
     Tracker,
@@ -43,7 +45,10 @@ from uedist.ops.budget import Budget, measure
 from uedist.ops.images import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, to_unit
 from uedist.ops.noise import min_min_noise
 from uedist.ops.pgd import pgd
+from uedist.precision import amp_args, resolved, use_bf16, use_channels_last
 from uedist.registry import MODELS, stage
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -58,10 +63,30 @@ class NoiseData:
 
 @dataclass
 class EMConfig:
+    """EM rounds (``uedist.engine.em``). Defaults: the reference code (HanxunH/Unlearnable-Examples, REFERENCE.md);
+    uedist's earlier rule and settings stay available: ``rule=summed augment=true normalize=true grad_clip=0
+    start=random batch_size=128``."""
+
     mode: Literal["samplewise", "classwise"] = "samplewise"
-    train_steps: int = positive(10)  # surrogate steps between noise passes
-    stop_error: float = 0.01  # stop when the surrogate's error on x + δ is below this
+    train_steps: int = positive(10)  # surrogate steps between noise passes (reference 10)
+    stop_error: float = 0.01  # stop when the surrogate's error on x + δ is below this (reference 0.01)
     max_rounds: int = positive(50)
+    # Class-wise update. reference: over a fraction `subset` of the train set in batches of `batch_size`, each
+    # sample takes one signed step of noise_step_size from its class noise, then class noise := the per-class mean
+    # of those results, clamped to ±eps (sums and counts all-reduced across ranks). summed (ours): noise_steps
+    # signed steps of the gradient summed over a batch (and the ranks), one fresh batch each.
+    rule: Literal["reference", "summed"] = "reference"
+    subset: float = 0.2  # class-wise reference rule: the fraction of the train set one round's pass reads (ref. 0.2)
+    batch_size: int = positive(512)  # global batch: surrogate and class-wise pass (reference 512; ours 128)
+    augment: bool = False  # surrogate trains (and class-wise steps see) on t(x + δ), the EOT `augment` (ours: true)
+    normalize: bool = False  # surrogate normalizes its input with the dataset mean/std (reference: [0, 1] as is)
+    grad_clip: float = 5.0  # surrogate gradient-norm clip (reference 5; 0 = off, ours)
+    start: Literal["zero", "random"] = "zero"  # the first noise: zero (reference) or uniform in ±eps (ours)
+
+    def validate(self) -> None:
+        require(0 < self.subset <= 1, f"subset must be in (0, 1], got {self.subset}")
+        require(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        require(0 <= self.stop_error <= 1, f"stop_error must be in [0, 1], got {self.stop_error}")
 
 
 @dataclass
@@ -92,8 +117,10 @@ class NoiseConfig:
     poison_ratio: float = 1.0  # D-VAE Tables 8-9: a seeded fraction of the keys poisoned, the rest clean
     em: EMConfig = field(default_factory=EMConfig)
     random_mode: Literal["samplewise", "classwise"] = "samplewise"
-    bf16: bool = False
-    channels_last: bool = False
+    bf16: Optional[bool] = None  # null = auto: on where the device runs bf16 natively (uedist.precision)
+    channels_last: Optional[bool] = None  # null = auto: on with native bf16
+    compile: bool = False  # torch.compile the surrogate's forward in the noise, PGD and training loops
+    inner_batch: int = runtime(0)  # images per forward in the inner loops (0: all on a GPU, measured on a CPU)
     ckpt_every: int = runtime(500)
     log_every: int = runtime(50, positive_=True)
     resume: bool = runtime(True)
@@ -133,6 +160,16 @@ def make_eot(cfg: NoiseConfig, m: Manifest, gen: torch.Generator) -> Callable[[t
     return lambda z: z
 
 
+def eot_size(cfg: NoiseConfig, hw: Any) -> Tuple[int, int]:
+    """(H, W) of an EOT-augmented image of a stored (H, W): RRC's output size, else unchanged."""
+    size = max(int(hw[0]), int(hw[1]))
+    mode = cfg.augment if cfg.augment != "auto" else ("crop_flip" if size <= 64 else "rrc_flip")
+    if mode == "rrc_flip":
+        out = cfg.train_size or round(size * 7 / 8)
+        return out, out
+    return int(hw[0]), int(hw[1])
+
+
 def _set_grad(model: torch.nn.Module, flag: bool) -> None:
     for p in model.parameters():
         p.requires_grad_(flag)
@@ -148,16 +185,15 @@ def noise_for_batch(
     gen: torch.Generator,
     amp: Dict[str, Any],
 ) -> torch.Tensor:
-    """Fresh error-minimizing δ for x (B, C, H, W) in [0, 1], surrogate in eval mode with frozen parameters."""
-
-    def fwd(z: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(**amp):
-            return model(z).float()
-
+    """Fresh error-minimizing δ for x (B, C, H, W) in [0, 1], surrogate in eval mode with frozen parameters; the
+    forwards run ``inner_chunk`` images at a time (δ does not depend on it)."""
+    fwd = forward_fn(cfg, model, amp)
     was = model.training
     model.eval()
     _set_grad(model, False)
     try:
+        n = x.shape[0] * cfg.eot_samples
+        chunk = inner_chunk(cfg, x, n=n, bf16=amp["enabled"], out_hw=eot_size(cfg, x.shape[-2:]))
         return min_min_noise(
             fwd,
             x,
@@ -172,6 +208,7 @@ def noise_for_batch(
             inner_steps=cfg.adv_steps,
             inner_alpha=cfg.adv_step_size / 255,
             gen=gen,
+            chunk=chunk,
         )
     finally:
         _set_grad(model, True)
@@ -193,18 +230,19 @@ def train_surrogate(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[s
         config=cfg,
         ckpt_every=cfg.ckpt_every,
         resume=cfg.resume,
-        channels_last=cfg.channels_last,
+        channels_last=use_channels_last(cfg.channels_last, device),
         gen_name="noise",
     )
-    eot = make_eot(cfg, m, p.gen)
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    gen = p.device_gen or p.gen  # the inner loops draw on the device
+    eot = make_eot(cfg, m, gen)
+    amp = amp_args(cfg.bf16, device)
 
     def one(batch: Dict[str, torch.Tensor], step_no: int) -> Dict[str, float]:
         x = to_unit(batch["image"].to(device, non_blocking=True))
         y = batch["label"].to(device, non_blocking=True)
-        if cfg.channels_last:
+        if use_channels_last(cfg.channels_last, device):
             x = x.contiguous(memory_format=torch.channels_last)
-        delta = noise_for_batch(cfg, p.model, x, y=y, eot=eot, gen=p.gen, amp=amp)
+        delta = noise_for_batch(cfg, p.model, x, y=y, eot=eot, gen=gen, amp=amp)
         loss, acc = surrogate_step(
             cfg,
             x + delta,
@@ -213,7 +251,7 @@ def train_surrogate(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[s
             model=p.model,
             opt=p.opt,
             eot=eot,
-            gen=p.gen,
+            gen=gen,
             amp=amp,
             accelerator=accelerator,
             step=step_no,
@@ -260,14 +298,12 @@ def surrogate_step(
     with torch.no_grad():
         xa = eot(xp)
     if cfg.adv_steps > 0 and cfg.adv_eps > 0:
-
-        def fwd(z: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(**amp):
-                return model(z).float()
-
+        fwd = forward_fn(cfg, model, amp)
         model.eval()
         _set_grad(model, False)
-        xa = xa + pgd(fwd, xa, y, eps=cfg.adv_eps / 255, alpha=cfg.adv_step_size / 255, steps=cfg.adv_steps, gen=gen)
+        chunk = inner_chunk(cfg, xa, n=xa.shape[0], bf16=amp["enabled"])
+        eps, alpha = cfg.adv_eps / 255, cfg.adv_step_size / 255
+        xa = xa + pgd(fwd, xa, y, eps=eps, alpha=alpha, steps=cfg.adv_steps, gen=gen, chunk=chunk)
         _set_grad(model, True)
         model.train()
     with torch.autocast(**amp):
@@ -432,9 +468,10 @@ def write_poisoned(
     return {"out": str(out), "manifest": m, "time_s": spent, **res}
 
 
-def _batch_gen(seed: int, keys: List[str]) -> torch.Generator:
-    """A generator that depends only on the batch's first key: a resumed pass draws what an uninterrupted one did."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + int(keys[0]))
+def _batch_gen(seed: int, keys: List[str], device: Optional[torch.device] = None) -> torch.Generator:
+    """A generator that depends only on the batch's first key: a resumed pass draws what an uninterrupted one did.
+    It lives on ``device`` (the batch's), so the final pass draws there (the same numbers as today on a CPU)."""
+    return torch.Generator(device=device or "cpu").manual_seed(seed * 1_000_003 + int(keys[0]))
 
 
 def random_delta(cfg: NoiseConfig) -> Callable:
@@ -529,17 +566,20 @@ def generate_noise(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[st
     device = accelerator.device
     timings: Dict[str, float] = {}
     summary: Dict[str, Any] = {"method": cfg.method, "name": cfg.name, "train": cfg.data.train, "eps": cfg.eps}
+    summary["precision"] = resolved(cfg, device)
     model = None
     if cfg.method in ("sem", "rem"):
         phase1 = train_surrogate(cfg, accelerator, run_dir)
         timings["surrogate_training_s"] = phase1["time_s"]
         summary["surrogate_curve"] = phase1["curve"]
         model = load_surrogate(cfg, run_dir, m=m, device=device)
-        amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+        if use_channels_last(cfg.channels_last, device):
+            model = model.to(memory_format=torch.channels_last)
+        amp = amp_args(cfg.bf16, device)
 
         def make_delta(x: torch.Tensor, y: torch.Tensor, keys: List[str]) -> torch.Tensor:
-            gen = _batch_gen(cfg.seed, keys)
-            if cfg.channels_last:
+            gen = _batch_gen(cfg.seed, keys, device=x.device)
+            if use_channels_last(cfg.channels_last, device):
                 x = x.contiguous(memory_format=torch.channels_last)
             return noise_for_batch(cfg, model, x, y=y, eot=make_eot(cfg, m, gen), gen=gen, amp=amp)
     elif cfg.method == "random":
@@ -567,7 +607,7 @@ def surrogate_eval(cfg: NoiseConfig, model: Normalized, *, poisoned: Path, accel
             accelerator=accelerator,
             batch_size=cfg.final_batch_size,
             num_workers=cfg.data.workers,
-            bf16=cfg.bf16,
+            bf16=use_bf16(cfg.bf16, accelerator.device),
         )["top1"]
     }
     if cfg.data.test:
@@ -577,6 +617,6 @@ def surrogate_eval(cfg: NoiseConfig, model: Normalized, *, poisoned: Path, accel
             accelerator=accelerator,
             batch_size=cfg.final_batch_size,
             num_workers=cfg.data.workers,
-            bf16=cfg.bf16,
+            bf16=use_bf16(cfg.bf16, accelerator.device),
         )["top1"]
     return res

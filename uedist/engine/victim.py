@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from uedist.config import ConfigError, location, positive, require, runtime
 from uedist.data.manifest import Manifest, load_manifest
 from uedist.engine.evaluate import evaluate
+from uedist.engine.inner import forward_fn, inner_chunk
 from uedist.engine.loop import (
     OptimConfig,
     Prepared,
@@ -39,6 +40,7 @@ from uedist.models.wrappers import Normalized
 from uedist.ops import augment, iss, ueraser
 from uedist.ops.images import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, to_unit
 from uedist.ops.pgd import pgd
+from uedist.precision import amp_args, resolved, use_bf16, use_channels_last
 from uedist.registry import MODELS, stage
 
 
@@ -141,8 +143,10 @@ class VictimConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     adv: AdvConfig = field(default_factory=AdvConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
-    bf16: bool = False  # autocast to bfloat16
-    channels_last: bool = False
+    bf16: Optional[bool] = None  # autocast to bfloat16; null = auto: on where the device runs it natively
+    channels_last: Optional[bool] = None  # null = auto: on with native bf16 (uedist.precision)
+    compile: bool = False  # torch.compile the model's forward (training step and PGD)
+    inner_batch: int = runtime(0)  # images per forward in the PGD of adversarial training (0: all / measured)
     ckpt_every: int = runtime(500)
     eval_every: int = runtime(0)  # 0: evaluate at the end only
     snapshots: int = 0  # keep N model-only weight files evenly spaced through training (SEP's checkpoint ensemble)
@@ -248,7 +252,7 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
         config=cfg,
         ckpt_every=cfg.ckpt_every,
         resume=cfg.resume,
-        channels_last=cfg.channels_last,
+        channels_last=use_channels_last(cfg.channels_last, accelerator.device),
     )
     train_tf, eval_tf = _transforms(cfg, train_m, p.gen)
     step_fn = _make_step(cfg, p, num_classes=train_m.num_classes)
@@ -330,6 +334,7 @@ def _finish(
         "adversarial": cfg.adv.enabled,
         "world_size": accelerator.num_processes,
         "wrapper": p.wrapper,
+        "precision": resolved(cfg, accelerator.device),
         "ranks_in_sync": in_sync,
         "images_per_s": ips,
         "train_time_s": done.train_time,
@@ -362,8 +367,8 @@ def _eval(cfg: VictimConfig, model: torch.nn.Module, *, accelerator: Any, eval_t
         batch_size=cfg.data.eval_batch_size,
         num_workers=cfg.data.workers,
         transform=eval_tf,
-        bf16=cfg.bf16,
-        channels_last=cfg.channels_last,
+        bf16=use_bf16(cfg.bf16, accelerator.device),
+        channels_last=use_channels_last(cfg.channels_last, accelerator.device),
     )
 
 
@@ -371,24 +376,36 @@ def _make_step(cfg: VictimConfig, prepared: Prepared, *, num_classes: int) -> Ca
     """One training update on a [0, 1] batch; returns (loss tensor, accuracy fraction)."""
     a, d = cfg.adv, cfg.defense
     model, ddp_model, gen, accelerator = prepared.model, prepared.ddp, prepared.gen, prepared.accelerator
-    amp = dict(device_type=accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
-
-    def attack_forward(z: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(**amp):
-            return model(z).float()
+    attack_gen = prepared.device_gen or gen  # PGD starts drawn on the device
+    device = accelerator.device
+    amp = amp_args(cfg.bf16, device)
+    cl = use_channels_last(cfg.channels_last, device)
+    attack_forward = forward_fn(cfg, model, amp)
+    train_forward = forward_fn(cfg, ddp_model, amp)
 
     def step(x: torch.Tensor, y: torch.Tensor, step_no: int, *, draws: int = 1):
         """``x``: (draws * B, C, H, W), the UEraser draws of each image, draw-major; ``y``: (B,)."""
         yk = y.repeat(draws) if draws > 1 else y  # (draws * B,) labels of the rows of x
-        if cfg.channels_last:
+        if cl:
             x = x.contiguous(memory_format=torch.channels_last)
         if a.enabled and a.steps > 0:
             was = model.training
             model.train(a.bn_mode == "train")
             for p in model.parameters():
                 p.requires_grad_(False)
+            # BN in train mode couples a batch's images: chunking would change δ, so only eval-mode PGD is chunked
+            chunk = inner_chunk(cfg, x, n=x.shape[0], bf16=amp["enabled"])
+            eps, alpha = a.eps / 255, a.step_size / 255
             x = x + pgd(
-                attack_forward, x, yk, eps=a.eps / 255, alpha=a.step_size / 255, steps=a.steps, norm=a.norm, gen=gen
+                attack_forward,
+                x,
+                yk,
+                eps=eps,
+                alpha=alpha,
+                steps=a.steps,
+                norm=a.norm,
+                gen=attack_gen,
+                chunk=chunk if a.bn_mode == "eval" else 0,
             )
             for p in model.parameters():
                 p.requires_grad_(True)
@@ -397,8 +414,7 @@ def _make_step(cfg: VictimConfig, prepared: Prepared, *, num_classes: int) -> Ca
         if d.mixup or d.cutmix:
             onehot = F.one_hot(y, num_classes).float()
             x, target = (augment.mixup if d.mixup else augment.cutmix)(x, onehot, alpha=d.mixup or d.cutmix, gen=gen)
-        with torch.autocast(**amp):
-            logits = ddp_model(x).float()
+        logits = train_forward(x)
         if target is not None:
             loss = _soft_ce(logits, target)
         elif draws > 1:  # UEraser-Max: per-image max of the cross-entropy over its draws, then the mean

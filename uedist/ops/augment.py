@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 
 def _rand(gen: Optional[torch.Generator], *shape: int) -> torch.Tensor:
-    return torch.rand(*shape, generator=gen)
+    """Uniform draws on the generator's device (a CUDA generator draws on the GPU: no host RNG, no copy)."""
+    return torch.rand(*shape, generator=gen, device=gen.device if gen is not None else None)
 
 
 def random_crop_flip(
@@ -67,6 +68,34 @@ def _rrc_boxes(
     return boxes
 
 
+def _rrc_boxes_batched(
+    b: int, h: int, w: int, *, scale: Tuple[float, float], ratio: Tuple[float, float], gen: torch.Generator
+) -> torch.Tensor:
+    """:func:`_rrc_boxes`'s rule with all 10 tries of every image drawn at once on the generator's device (no
+    host sync): each image takes its first valid try, else the same centre-crop fallback. Used for generators
+    off the CPU; a CPU generator keeps the per-image loop (and its exact stream)."""
+    dev = gen.device
+    u = torch.rand(4, b, 10, generator=gen, device=dev, dtype=torch.float64)
+    area = h * w
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+    ar = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[1])
+    cw, ch = torch.round(torch.sqrt(target * ar)), torch.round(torch.sqrt(target / ar))
+    ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((b,), -1, device=dev))
+    pick = first.clamp(min=0)[:, None]
+    cw, ch = cw.gather(1, pick)[:, 0], ch.gather(1, pick)[:, 0]
+    top = torch.floor(u[2].gather(1, pick)[:, 0] * (h - ch + 1))
+    left = torch.floor(u[3].gather(1, pick)[:, 0] * (w - cw + 1))
+    in_r = w / h
+    fw, fh = (w, round(w / ratio[0])) if in_r < ratio[0] else ((round(h * ratio[1]), h) if in_r > ratio[1] else (w, h))
+    none = first < 0
+    cw, ch = torch.where(none, float(fw), cw), torch.where(none, float(fh), ch)
+    top = torch.where(none, float((h - fh) // 2), top)
+    left = torch.where(none, float((w - fw) // 2), left)
+    boxes = torch.stack([(top + ch / 2) / h * 2 - 1, (left + cw / 2) / w * 2 - 1, ch / h, cw / w], 1)
+    return boxes.float()
+
+
 def random_resized_crop_flip(
     x: torch.Tensor,
     size: int,
@@ -79,9 +108,10 @@ def random_resized_crop_flip(
     """RandomResizedCrop(size) + horizontal flip, batched via one ``grid_sample`` (bilinear).
     (B, C, H, W) -> (B, C, size, size)."""
     b, c, h, w = x.shape
-    boxes = _rrc_boxes(b, h, w, scale=scale, ratio=ratio, gen=gen)
-    sign = torch.where(_rand(gen, b) < 0.5, -1.0, 1.0) if flip else torch.ones(b)
-    theta = torch.zeros(b, 2, 3)
+    on_host = gen is None or gen.device.type == "cpu"
+    boxes = (_rrc_boxes if on_host else _rrc_boxes_batched)(b, h, w, scale=scale, ratio=ratio, gen=gen)
+    sign = torch.where(_rand(gen, b) < 0.5, -1.0, 1.0) if flip else torch.ones(b, device=boxes.device)
+    theta = torch.zeros(b, 2, 3, device=boxes.device)
     theta[:, 0, 0] = boxes[:, 3] * sign  # x scale (negative = flip)
     theta[:, 0, 2] = boxes[:, 1]
     theta[:, 1, 1] = boxes[:, 2]
@@ -115,7 +145,7 @@ def mixup(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mixup (Zhang et al. 2018): one λ ~ Beta(α, α) per batch, mixed with a random permutation of it."""
     lam = _beta(alpha, gen)
-    perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
+    perm = torch.randperm(x.shape[0], generator=gen, device=gen.device if gen is not None else None).to(x.device)
     return lam * x + (1 - lam) * x[perm], lam * y_onehot + (1 - lam) * y_onehot[perm]
 
 
@@ -128,7 +158,7 @@ def cutmix(
     ch, cw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
     cy, cx = int(_rand(gen, 1) * h), int(_rand(gen, 1) * w)
     y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
-    perm = torch.randperm(b, generator=gen).to(x.device)
+    perm = torch.randperm(b, generator=gen, device=gen.device if gen is not None else None).to(x.device)
     out = x.clone()
     out[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
     lam_adj = 1 - (y1 - y0) * (x1 - x0) / (h * w)
@@ -137,5 +167,5 @@ def cutmix(
 
 def _beta(alpha: float, gen: Optional[torch.Generator]) -> float:
     """λ ~ Beta(α, α), reproducible from ``gen`` (torch.distributions cannot take a generator)."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device if gen is not None else None))
     return float(np.random.default_rng(seed).beta(alpha, alpha))

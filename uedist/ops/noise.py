@@ -1,16 +1,20 @@
 """Error-minimizing noise: the inner loop shared by EM, REM and SEM (REFERENCE.md; SEM paper Algorithm 1).
 
 ``min_min_noise`` computes a perturbation δ, ‖δ‖∞ ≤ ρ_u, that *minimizes* the surrogate's loss: K_u signed
-descent steps of size α_u; each step's gradient averages J draws of a random augmentation t (EOT, all J draws
-batched into one forward), evaluated at
+descent steps of size α_u; each step's gradient sums J draws of a random augmentation t (EOT), evaluated at
 
     SEM:  x' = t(x + δ) + δ_r,   δ_r ~ U(−ρ_a, ρ_a)                 (1 forward/backward per draw)
     REM:  x' = t(x + δ) + δ_a,   δ_a = PGD_ascend(t(x + δ); ρ_a, K_a, α_a)   (K_a + 1 per draw)
-    EM:   x' = t(x + δ)          (no inner perturbation; J = 1 and t = identity in the original)
+    EM:   x' = t(x + δ)          (no inner perturbation)
 
 and the gradient reaches δ through t by the first-order rule: g = ∂L/∂x' is computed with x' detached, then
 ``(t(x + δ) · g).sum()`` is back-propagated into δ. The surrogate's parameters need no gradient here (the caller
 freezes them). Images in [0, 1]; radii and steps in that unit.
+
+All J·B augmented images, their δ_r and PGD starts are drawn at once; the forwards then run ``chunk`` images at a
+time (``uedist.ops.batching``): δ does not depend on the chunking (bit-identical in tests/test_speed.py). The loss
+is the per-image cross-entropy summed and divided by J·B (the mean of the reference), so no chunk-size factor
+enters an image's gradient.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ from __future__ import annotations
 from typing import Callable, Literal, Optional
 
 import torch
-import torch.nn.functional as F
 
-from uedist.ops.pgd import pgd
+from uedist.ops.batching import input_grad, uniform
+from uedist.ops.pgd import draw_start, pgd
 
 Inner = Literal["uniform", "pgd", "none"]
 
@@ -41,24 +45,28 @@ def min_min_noise(
     inner_alpha: float = 0.0,
     delta: Optional[torch.Tensor] = None,
     gen: Optional[torch.Generator] = None,
+    chunk: int = 0,
 ) -> torch.Tensor:
     """δ for the batch x (B, C, H, W) with labels y; ``eot(z)`` applies one random augmentation per image of
-    z (J·B, C, H, W), differentiably. ``delta`` continues from a given δ (EM); default: uniform random start."""
+    z (J·B, C, H, W), differentiably. ``delta`` continues from a given δ (EM); default: uniform random start.
+    ``gen`` draws δ's start, δ_r and the PGD starts (on its device); ``chunk``: images per forward (0 = all)."""
     if delta is None:
-        delta = (torch.rand(x.shape, generator=gen) * 2 - 1).to(x) * eps
+        delta = (uniform(x.shape, gen, x) * 2 - 1) * eps
     delta = ((x + delta).clamp(0, 1) - x).detach()
     y_rep = y.repeat(samples)
+    scale = 1.0 / (x.shape[0] * samples)
     for _ in range(steps):
         delta.requires_grad_(True)
         x_aug = eot((x + delta).repeat(samples, 1, 1, 1))  # (J·B, C, H', W'), differentiable w.r.t. δ
         x_in = x_aug.detach()
         if inner == "uniform" and inner_eps > 0:
-            x_in = (x_in + (torch.rand(x_in.shape, generator=gen) * 2 - 1).to(x_in) * inner_eps).clamp(0, 1)
+            x_in = (x_in + (uniform(x_in.shape, gen, x_in) * 2 - 1) * inner_eps).clamp(0, 1)
         elif inner == "pgd" and inner_steps > 0:
-            x_in = x_in + pgd(forward, x_in, y_rep, eps=inner_eps, alpha=inner_alpha, steps=inner_steps, gen=gen)
-        x_in.requires_grad_(True)
-        loss = F.cross_entropy(forward(x_in), y_rep)
-        (g,) = torch.autograd.grad(loss, x_in)
+            start = draw_start(x_in, inner_eps, "linf", gen)
+            x_in = x_in + pgd(
+                forward, x_in, y_rep, eps=inner_eps, alpha=inner_alpha, steps=inner_steps, start=start, chunk=chunk
+            )
+        g = input_grad(forward, x_in, y_rep, chunk=chunk, scale=scale)
         (grad,) = torch.autograd.grad((x_aug * g).sum(), delta)  # first-order rule through t
         with torch.no_grad():
             delta = (delta - alpha * grad.sign()).clamp(-eps, eps)

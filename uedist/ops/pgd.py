@@ -4,6 +4,12 @@ The model's parameters get no gradient here (``torch.autograd.grad`` w.r.t. the 
 one forward and one input-backward and leaves ``.grad`` of the parameters untouched — and, run on the
 unwrapped module, triggers no DDP gradient sync. Images are in [0, 1]; radii and steps in that unit
 (divide /255 settings by 255 first).
+
+The default loss is the per-image cross-entropy *summed* over the batch: a signed (L∞) or per-image normalized
+(L2) step does not depend on the loss's scale, and a summed loss gives every image the same gradient whatever
+shares its forward (to the kernels' rounding), so ``chunk`` (images per forward, ``uedist.ops.batching``) leaves
+an L∞ δ bit-identical and an L2 δ equal to float rounding. The random start is drawn for the whole batch first,
+on the generator's device.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
+
+from uedist.ops.batching import normal, spans, uniform
 
 Norm = Literal["linf", "l2"]
 
@@ -29,6 +37,19 @@ def project(delta: torch.Tensor, eps: float, norm: Norm) -> torch.Tensor:
     return delta * (eps / n).clamp(max=1.0).view(-1, *([1] * (delta.dim() - 1)))
 
 
+def draw_start(x: torch.Tensor, eps: float, norm: Norm, gen: Optional[torch.Generator]) -> torch.Tensor:
+    """PGD's random start for x: uniform in the L∞ ball, or a uniform direction at a uniform radius (L2)."""
+    if norm == "linf":
+        return (uniform(x.shape, gen, x) * 2 - 1) * eps
+    d = normal(x.shape, gen, x)
+    r = uniform((x.shape[0],), gen, x).view(-1, *([1] * (x.dim() - 1)))
+    return _l2_normalize(d) * eps * r
+
+
+def _sum_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
 def pgd(
     forward: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -40,32 +61,35 @@ def pgd(
     norm: Norm = "linf",
     random_start: bool = True,
     minimize: bool = False,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
     gen: Optional[torch.Generator] = None,
+    start: Optional[torch.Tensor] = None,
+    chunk: int = 0,
 ) -> torch.Tensor:
     """Return δ (same shape as x), ‖δ‖ ≤ eps, x + δ in [0, 1], after ``steps`` signed (L∞) or normalized (L2)
     gradient steps of size ``alpha`` that ascend (``minimize=False``: adversarial) or descend the loss.
 
-    ``forward`` maps images in [0, 1] to logits (normalization included)."""
+    ``forward`` maps images in [0, 1] to logits (normalization included). ``start``: a given random start (else
+    drawn from ``gen`` when ``random_start``). ``loss_fn`` (default: summed cross-entropy) must be a per-image sum
+    for ``chunk`` > 0 to leave δ unchanged."""
     if steps <= 0 or eps <= 0:
         return torch.zeros_like(x)
-    if random_start:
-        if norm == "linf":
-            delta = (torch.rand(x.shape, generator=gen) * 2 - 1).to(x) * eps
-        else:
-            d = torch.randn(x.shape, generator=gen).to(x)
-            r = torch.rand(x.shape[0], generator=gen).to(x).view(-1, *([1] * (x.dim() - 1)))
-            delta = _l2_normalize(d) * eps * r
-        delta = (x + delta).clamp(0, 1) - x
-    else:
-        delta = torch.zeros_like(x)
+    if start is None and random_start:
+        start = draw_start(x, eps, norm, gen)
+    delta = torch.zeros_like(x) if start is None else (x + start).clamp(0, 1) - x
+    loss_fn = loss_fn or _sum_ce
     sign = -1.0 if minimize else 1.0
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        loss = loss_fn(forward(x + delta), y)
-        (g,) = torch.autograd.grad(loss, delta)
-        with torch.no_grad():
-            step = g.sign() if norm == "linf" else _l2_normalize(g)
-            delta = project(delta + sign * alpha * step, eps, norm)
-            delta = (x + delta).clamp(0, 1) - x
-    return delta.detach()
+    parts = [slice(None)] if chunk <= 0 or chunk >= x.shape[0] else list(spans(x.shape[0], chunk))
+    out = []
+    for s in parts:
+        xs, ys, d = x[s], y[s], delta[s]
+        for _ in range(steps):
+            d.requires_grad_(True)
+            loss = loss_fn(forward(xs + d), ys)
+            (g,) = torch.autograd.grad(loss, d)
+            with torch.no_grad():
+                step = g.sign() if norm == "linf" else _l2_normalize(g)
+                d = project(d + sign * alpha * step, eps, norm)
+                d = (xs + d).clamp(0, 1) - xs
+        out.append(d.detach())
+    return out[0] if len(out) == 1 else torch.cat(out)

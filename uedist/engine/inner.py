@@ -1,0 +1,39 @@
+"""The inner loops' two speed knobs, shared by the noise stages and the victim's adversarial training:
+``forward_fn`` (autocast, optional ``torch.compile``) and ``inner_chunk`` (images per forward,
+``uedist.ops.batching``). The chunk never changes δ; compile may change kernel rounding (docs/speed.md)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+
+from uedist.ops import batching
+
+
+def forward_fn(cfg: Any, model: torch.nn.Module, amp: Dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Images in [0, 1] -> float32 logits under ``amp`` autocast, through ``torch.compile`` when ``cfg.compile``
+    (one compiled module per model, kept on it; recompiles per input shape / train-eval mode, as Dynamo guards)."""
+    net = model
+    if getattr(cfg, "compile", False):
+        net = model.__dict__.get("_uedist_compiled")
+        if net is None:
+            net = torch.compile(model)
+            model.__dict__["_uedist_compiled"] = net
+
+    def fwd(z: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(**amp):
+            return net(z).float()
+
+    return fwd
+
+
+def inner_chunk(cfg: Any, x: torch.Tensor, *, n: int, bf16: bool, out_hw: Optional[Tuple[int, int]] = None) -> int:
+    """Images per forward for an inner loop of ``n`` images made from the batch ``x`` (of ``out_hw`` pixels after
+    the EOT augmentation, default x's): the config's ``inner_batch`` when set, else
+    :func:`uedist.ops.batching.default_chunk` (all on a GPU, the measured cache-sized batch on a CPU)."""
+    setting = int(getattr(cfg, "inner_batch", 0))
+    if setting > 0:
+        return setting
+    hw = out_hw or (int(x.shape[-2]), int(x.shape[-1]))
+    return batching.default_chunk(n, device=x.device, image_hw=hw, bf16=bf16)
