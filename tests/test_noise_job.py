@@ -95,20 +95,25 @@ def test_rem_and_classwise_random(synth_sets, tmp_path):
             assert same.mean() > 0.9
 
 
-def _em_args(mode):
-    return [f"em.mode={mode}", "em.max_rounds=2", "em.train_steps=3", "em.stop_error=0.0", "adv_steps=0"]
+# uedist's earlier EM rule and settings, kept as options (the defaults are the reference code's)
+EM_OURS = ["em.rule=summed", "em.augment=true", "em.normalize=true", "em.grad_clip=0", "em.start=random"]
+
+
+def _em_args(mode, *extra):
+    return [f"em.mode={mode}", "em.max_rounds=2", "em.train_steps=3", "em.stop_error=0.0", "adv_steps=0",
+            "em.batch_size=16", *extra]  # fmt: skip
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["samplewise", "classwise"])
-def test_em_rounds(synth_sets, tmp_path, mode):
+@pytest.mark.parametrize("mode, extra", [("samplewise", []), ("classwise", []), ("classwise", EM_OURS)])
+def test_em_rounds(synth_sets, tmp_path, mode, extra):
     r = _run(
         "em.py",
         _args(
             synth_sets,
             tmp_path,
             f"em_{mode}",
-            *_em_args(mode),
+            *_em_args(mode, *extra),
         ),
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -137,6 +142,25 @@ def test_em_rounds(synth_sets, tmp_path, mode):
         assert "resumed from" in log and "round 1 surrogate step" not in log.split("resumed from")[-1]
         assert json.loads((run / "metrics.json").read_text())["history"] == m["history"]
         assert {f.name: f.read_bytes() for f in (run / "poisoned").glob("*.tar")} == before
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_em_classwise_two_processes(synth_sets, tmp_path):
+    """The reference class-wise rule under DDP: per-class sums and counts all-reduced each batch, so both ranks
+    hold the same class noises (no rank waits on a collective the other skips) and the set is class-constant."""
+    r = accelerate_launch(str(REPO / "launch/em.py"), *_args(synth_sets, tmp_path, "emcw", *_em_args("classwise")))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((tmp_path / "emcw" / "metrics.json").read_text())["rounds"] == 2
+    deltas = check_poisoned(synth_sets / "train", tmp_path / "emcw" / "poisoned", 8)
+    by_class = {}
+    for label, d in deltas.values():
+        by_class.setdefault(label, []).append(d)
+    for ds in by_class.values():  # identical within a class wherever no pixel was clipped at 0 or 255
+        ref = max(ds, key=lambda d: np.abs(d).sum())
+        assert np.abs(ref).max() > 0
+        for d in ds:
+            assert ((np.abs(d) == np.abs(ref)) | (np.sign(d) == np.sign(ref))).mean() > 0.9
 
 
 @pytest.mark.slow
@@ -205,6 +229,11 @@ def test_main_job_refuses_a_set_from_an_older_generator(tmp_path, monkeypatch):
         ("eot_samples=0", "eot_samples=0: must be > 0"),
         ("noise_steps=0", "noise_steps >= 1"),
         ("method=rem adv_steps=0", "rem needs adv_steps >= 1"),
+        ("em.subset=0", "em.subset must be in (0, 1]"),
+        ("em.subset=1.5", "em.subset must be in (0, 1]"),
+        ("em.grad_clip=-1", "em.grad_clip=-1.0: must be >= 0"),
+        ("em.rule=mean", "em.rule: expected one of"),
+        ("em.start=uniform", "em.start: expected one of"),
     ],
 )
 def test_noise_config_validation(override, needle):

@@ -2,32 +2,45 @@
 
 Rounds, until the surrogate's error on x + δ falls below ``em.stop_error`` (or ``em.max_rounds``):
 
-1. train the surrogate ``em.train_steps`` steps on the current poisoned set (standard training, crop+flip);
+1. train the surrogate ``em.train_steps`` steps (batch ``em.batch_size``, gradient norm clipped to
+   ``em.grad_clip``) on the current poisoned set;
 2. sample-wise: a shard map pass over the clean set, reading the current poisoned set alongside (δ = P − x), runs
-   K_u descent steps of α_u from that δ and writes the next poisoned set; class-wise: K_u descent steps of the
-   C per-class noises (held in memory: C×3×H×W) over batches of the stream, then the poisoned set is written;
+   K_u descent steps of α_u from that δ (no augmentation) and writes the next poisoned set; class-wise: one pass of
+   ``em.rule`` over batches of the clean stream updates the C per-class noises (held in memory: C×3×H×W), then the
+   poisoned set is written;
 3. the surrogate's accuracy on the new poisoned set decides whether to stop.
 
+Defaults are the reference code's (HanxunH/Unlearnable-Examples; REFERENCE.md "EM in the reference code"): the
+surrogate sees x + δ in [0, 1] without normalization (``em.normalize``) and without augmentation
+(``em.augment``), batch 512, clip 5; noise starts at zero (``em.start``); class-wise, per batch of a 20 % pass
+(``em.subset``), one signed step per sample from its class noise, then class noise := the per-class mean,
+clamped to ±ρ_u (``em.rule=reference``, ``uedist.ops.em``). No EOT in the noise steps unless ``em.augment``
+(then the class-wise steps see t(x + δ) too; the sample-wise steps never do). uedist's earlier rule and settings:
+``em.rule=summed em.augment=true em.normalize=true em.grad_clip=0 em.start=random em.batch_size=128``.
+
 State lives on disk between rounds (the round's poisoned shard set, the surrogate checkpoint, the class-wise
-noise tensor), so no sample-wise noise is ever held for the whole set, and a killed job resumes at its round.
-EM's δ has no EOT and no inner perturbation (REFERENCE.md: ρ_u 8, 20 steps of 0.8, 10 surrogate steps).
+noise tensor inside it, written atomically), so no sample-wise noise is ever held for the whole set, and a killed
+job resumes at its round. Every draw is seeded (the streams by seed and round, the noise passes by key).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
 
 from uedist.config import identity, require
 from uedist.data.loaders import make_train_loader
-from uedist.data.manifest import load_manifest
+from uedist.data.manifest import Manifest, load_manifest
 from uedist.dist import get_logger
 from uedist.engine.evaluate import evaluate
+from uedist.engine.inner import inner_chunk
 from uedist.engine.loop import (
     Prepared,
     Tracker,
@@ -49,8 +62,16 @@ from uedist.engine.noise import (
     write_poisoned,
 )
 from uedist.io import atomic_write_json
+from uedist.models.wrappers import Normalized
+from uedist.ops.em import (
+    classwise_reference_sums,
+    classwise_reference_update,
+    classwise_summed_grad,
+    classwise_summed_update,
+)
 from uedist.ops.images import to_unit
 from uedist.ops.noise import min_min_noise
+from uedist.precision import use_bf16, use_channels_last
 from uedist.registry import stage
 
 log = get_logger(__name__)
@@ -69,7 +90,7 @@ def generate_em(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[str, 
     require(cfg.em.train_steps >= 1, f"em.train_steps must be >= 1, got {cfg.em.train_steps}")
     torch.manual_seed(cfg.seed)
     p = prepare_training(
-        surrogate_for(cfg, m),
+        em_surrogate(cfg, m),
         cfg.optim,
         cfg.em.train_steps * cfg.em.max_rounds,
         accelerator=accelerator,
@@ -78,14 +99,14 @@ def generate_em(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[str, 
         config=cfg,
         ckpt_every=0,
         resume=cfg.resume,
-        channels_last=cfg.channels_last,
+        channels_last=use_channels_last(cfg.channels_last, accelerator.device),
         gen_name="noise",
     )
     rnd = int(p.resumed.get("round", 0))
     classwise = p.resumed.get("classwise")
     classwise = classwise.to(accelerator.device) if classwise is not None else None
     history: List[Dict[str, Any]] = list(p.resumed.get("history", []))
-    eot = make_eot(cfg, m, p.gen)
+    eot = em_eot(cfg, m, p.gen)
     tracker = Tracker(cfg.log_with, run_dir / "tb", accelerator)
     rounds_dir = run_dir / "em_rounds"
     current = Path(cfg.data.train) if rnd == 0 else rounds_dir / f"round-{rnd:03d}"
@@ -136,23 +157,40 @@ def generate_em(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[str, 
     return summary
 
 
+def em_surrogate(cfg: NoiseConfig, m: Manifest) -> Normalized:
+    """The surrogate of ``surrogate_for``; without ``em.normalize`` (the reference) its network takes the [0, 1]
+    images as they are (mean 0, std 1)."""
+    model = surrogate_for(cfg, m)
+    if cfg.em.normalize:
+        return model
+    c = model.mean.shape[1]
+    return Normalized(model.net, [0.0] * c, [1.0] * c)
+
+
+def em_eot(cfg: NoiseConfig, m: Manifest, gen: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
+    """t: the EOT augmentation of ``cfg.augment`` with ``em.augment`` (ours), else the identity (the reference)."""
+    return make_eot(cfg, m, gen) if cfg.em.augment else (lambda z: z)
+
+
 def _train_round(cfg: NoiseConfig, p: Prepared, *, data: Path, eot: Any, rnd: int, tracker: Tracker) -> None:
-    """``em.train_steps`` steps of standard training (t(x + δ), cross-entropy) on the round's poisoned set; global
-    steps ``rnd·train_steps + 1 ..``; the round's checkpoint is saved by the caller once its noise is written."""
+    """``em.train_steps`` steps of standard training (cross-entropy on t(x + δ), t = ``eot``; batch
+    ``em.batch_size``, gradient norm clipped to ``em.grad_clip``) on the round's poisoned set; global steps
+    ``rnd·train_steps + 1 ..``; the round's checkpoint is saved by the caller once its noise is written."""
     acc, device = p.accelerator, p.accelerator.device
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg.bf16, device))
     end = (rnd + 1) * cfg.em.train_steps
+    data_cfg = dataclasses.replace(cfg.data, batch_size=cfg.em.batch_size)
 
     def one(batch: Dict[str, torch.Tensor], step_no: int) -> Dict[str, Any]:
         x = eot(to_unit(batch["image"].to(device, non_blocking=True)))
         y = batch["label"].to(device, non_blocking=True)
-        if cfg.channels_last:
+        if use_channels_last(cfg.channels_last, device):
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(**amp):
             logits = p.ddp(x).float()
         loss = F.cross_entropy(logits, y)
         check_finite(loss, step_no, accelerator=acc, ckpt_dir=p.ckpt.dir)
-        p.update(loss)
+        p.update(loss, clip=cfg.em.grad_clip)
         return {"loss": loss.detach(), "acc_poisoned": 100.0 * (logits.argmax(1) == y).float().mean()}
 
     p.model.train()
@@ -160,7 +198,7 @@ def _train_round(cfg: NoiseConfig, p: Prepared, *, data: Path, eot: Any, rnd: in
         p,
         one,
         lambda: train_batches(
-            cfg.data, p, total=cfg.em.train_steps, seed=cfg.seed * 7 + rnd, accelerator=acc, src=str(data), start=0
+            data_cfg, p, total=cfg.em.train_steps, seed=cfg.seed * 7 + rnd, accelerator=acc, src=str(data), start=0
         ),
         total=end,
         desc=f"{cfg.name} EM round {rnd + 1} surrogate",
@@ -176,13 +214,17 @@ def _train_round(cfg: NoiseConfig, p: Prepared, *, data: Path, eot: Any, rnd: in
 def _delta(
     cfg: NoiseConfig, model: torch.nn.Module, x: torch.Tensor, *, y: torch.Tensor, start: Any, keys: List[str]
 ) -> torch.Tensor:
+    """Sample-wise δ for x (B, C, H, W) in [0, 1]: K_u signed steps of α_u from ``start`` (the previous round's δ;
+    in round 1 zero with ``em.start=zero``, else the seeded uniform start of ``min_min_noise``), no augmentation."""
+    if start is None and cfg.em.start == "zero":
+        start = torch.zeros_like(x)
     model.eval()
     _set_grad(model, False)
     try:
         return min_min_noise(
-            model,
-            x,
-            y,
+            forward=model,
+            x=x,
+            y=y,
             eps=cfg.eps / 255,
             alpha=cfg.noise_step_size / 255,
             steps=cfg.noise_steps,
@@ -190,7 +232,8 @@ def _delta(
             samples=1,
             inner="none",
             delta=start,
-            gen=_batch_gen(cfg.seed, keys),
+            gen=_batch_gen(cfg.seed, keys, device=x.device),
+            chunk=inner_chunk(cfg, x, n=x.shape[0], bf16=False),
         )
     finally:
         _set_grad(model, True)
@@ -239,38 +282,62 @@ def _write_round(
     )
 
 
-def _classwise_update(
-    cfg: NoiseConfig, model: torch.nn.Module, *, m: Any, noise: Any, eot: Any, rnd: int, accelerator: Any
-) -> torch.Tensor:
-    """K_u signed descent steps of the per-class noises, each on a fresh batch; gradients summed across ranks."""
-    device = accelerator.device
+def initial_classwise(cfg: NoiseConfig, m: Manifest, device: torch.device) -> torch.Tensor:
+    """The class noises (C, 3, H, W) before round 1: zero (``em.start=zero``, the reference) or seeded uniform in
+    ±ρ_u (ours)."""
     h, w = m.image_size
-    if noise is None:
-        g = torch.Generator().manual_seed(cfg.seed)
-        noise = ((torch.rand(m.num_classes, 3, h, w, generator=g) * 2 - 1) * cfg.eps / 255).to(device)
+    if cfg.em.start == "zero":
+        return torch.zeros(m.num_classes, 3, h, w, device=device)
+    g = torch.Generator().manual_seed(cfg.seed)
+    return ((torch.rand(m.num_classes, 3, h, w, generator=g) * 2 - 1) * cfg.eps / 255).to(device)
+
+
+def classwise_batches(cfg: NoiseConfig, m: Manifest, *, rnd: int, accelerator: Any) -> Any:
+    """This rank's batches of round ``rnd``'s class-wise pass, from the clean set's seeded stream, ``em.batch_size``
+    global (split across ranks): reference ⌈subset·N / batch⌉ batches (the reference reads a fixed stratified
+    20 % split, reshuffled each round; here each round draws that many samples afresh), summed K_u batches."""
     world = accelerator.num_processes
-    loader = make_train_loader(
+    if cfg.em.batch_size % world:
+        raise ValueError(f"em.batch_size {cfg.em.batch_size} is not divisible by {world} processes")
+    n = cfg.noise_steps
+    if cfg.em.rule == "reference":
+        n = max(1, math.ceil(cfg.em.subset * m.num_samples / cfg.em.batch_size))
+    return make_train_loader(
         cfg.data.train,
-        batch_size=cfg.data.batch_size // world,
-        num_steps=cfg.noise_steps,
+        batch_size=cfg.em.batch_size // world,
+        num_steps=n,
         seed=cfg.seed * 13 + rnd,
         rank=accelerator.process_index,
         world_size=world,
         num_workers=0,
         shuffle_buffer=cfg.data.shuffle_buffer,
     )
+
+
+def _classwise_update(
+    cfg: NoiseConfig, model: torch.nn.Module, *, m: Any, noise: Any, eot: Any, rnd: int, accelerator: Any
+) -> torch.Tensor:
+    """One round's pass of ``em.rule`` over :func:`classwise_batches`, the surrogate frozen. reference: per batch,
+    per-class sums and counts of the one-step results are all-reduced, then class noise := their mean, clamped;
+    summed: one signed step per batch along the gradient summed across ranks."""
+    device, eps, alpha = accelerator.device, cfg.eps / 255, cfg.noise_step_size / 255
+    noise = noise if noise is not None else initial_classwise(cfg, m, device)
     model.eval()
     _set_grad(model, False)
-    for batch in loader:
-        x, y = to_unit(batch["image"].to(device)), batch["label"].to(device)
-        noise.requires_grad_(True)
-        loss = F.cross_entropy(model(eot((x + noise[y]).clamp(0, 1))), y)
-        (grad,) = torch.autograd.grad(loss, noise)
-        grad = accelerator.reduce(grad, reduction="sum")
-        with torch.no_grad():
-            noise = (noise - cfg.noise_step_size / 255 * grad.sign()).clamp(-cfg.eps / 255, cfg.eps / 255)
-    _set_grad(model, True)
-    model.train()
+    try:
+        for batch in classwise_batches(cfg, m, rnd=rnd, accelerator=accelerator):
+            x, y = to_unit(batch["image"].to(device)), batch["label"].to(device)
+            if cfg.em.rule == "reference":
+                sums, counts = classwise_reference_sums(model, x, y, noise, eps=eps, alpha=alpha, eot=eot)
+                sums = accelerator.reduce(sums, reduction="sum")
+                counts = accelerator.reduce(counts, reduction="sum")
+                noise = classwise_reference_update(noise, sums, counts, eps=eps)
+            else:
+                grad = accelerator.reduce(classwise_summed_grad(model, x, y, noise, eot=eot), reduction="sum")
+                noise = classwise_summed_update(noise, grad, eps=eps, alpha=alpha)
+    finally:
+        _set_grad(model, True)
+        model.train()
     return noise.detach()
 
 
