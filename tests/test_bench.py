@@ -101,6 +101,9 @@ def test_bench_noise_quick(tmp_path):
         assert b["speedup_vs_reference"] == pytest.approx(a["s_per_step"] / b["s_per_step"])
     sem = rows[0]  # quick: K_u 1, J 2, K_a 1 -> 1*2 + (1 + 1) passes per image
     assert sem["method"] == "sem" and sem["fwd_bwd_per_image"] == 4
+    assert {(r["px"], r["precision"]) for r in res["chunk_sweep"]} == {
+        (p, q) for p in (32, 224) for q in ("fp32", "bf16+cl")
+    }
     assert [c["compile"] for c in res["compile"]] == [False, True] and positive(res["compile"], "cold_s")
     assert 0 < res["profile"]["conv_gemm_share"] < 1 and res["profile"]["top"]
     assert res["memory"]["N"] == 200 and res["memory"]["rss_N_mib"] > 0 and res["memory"]["rss_4N_mib"] > 0

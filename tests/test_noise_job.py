@@ -270,3 +270,21 @@ def test_summary_names_the_victim_command(train, hint):
         "noise": {"samples": 10, "linf_max": 8.0, "l2_mean": 1.0},
     }
     assert hint in noise_summary(s, Path("runs/x"))
+
+
+def test_reference_surrogate_options(synth_sets, tmp_path):
+    """``surrogate_input=half train_on_rounded=true`` (the REM/SEM reference's surrogate: x − 0.5, std 1; trained on
+    δ rounded to /255): the surrogate is built that way and a job runs end to end with both set; the default is
+    ours (dataset normalization)."""
+    from uedist.benchmark import fake_manifest
+    from uedist.engine.noise import NoiseConfig, surrogate_for
+
+    ref = surrogate_for(load_config(NoiseConfig, None, ["surrogate_input=half"]), fake_manifest(32, 10))
+    ours = surrogate_for(load_config(NoiseConfig, None, []), fake_manifest(32, 10))
+    assert ref.mean.flatten().tolist() == [0.5] * 3 and ref.std.flatten().tolist() == [1.0] * 3
+    assert ours.std.flatten().tolist() != [1.0] * 3
+    r = _run(
+        "sem.py", _args(synth_sets, tmp_path, "sem_ref", "steps=2", "surrogate_input=half", "train_on_rounded=true")
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    check_poisoned(synth_sets / "train", tmp_path / "sem_ref" / "poisoned", 8)

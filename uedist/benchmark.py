@@ -378,10 +378,22 @@ def reference_noise_delta(
 
 
 def count_images(model: torch.nn.Module) -> tuple[list[int], Callable[[], None]]:
-    """([n], remove): n counts the images that go through ``model``'s forward from now until ``remove()``."""
+    """([n], remove): n counts the images whose loss is taken (``F.cross_entropy``'s rows) from now until
+    ``remove()``: every forward of the noise loops, the PGD and the training step ends in one, whichever module
+    (``model`` or a BatchNorm-folded copy of it) ran the forward. ``model`` is kept for the signature."""
     n = [0]
-    h = model.register_forward_pre_hook(lambda _m, args: n.__setitem__(0, n[0] + int(args[0].shape[0])))
-    return n, h.remove
+    orig = F.cross_entropy
+
+    def counting(logits: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        n[0] += int(logits.shape[0])
+        return orig(logits, *args, **kwargs)
+
+    torch.nn.functional.cross_entropy = counting
+
+    def remove() -> None:
+        torch.nn.functional.cross_entropy = orig
+
+    return n, remove
 
 
 def dvae_steps(

@@ -12,9 +12,10 @@
    matmul FLOPs (counted once) over its time, beside the device's measured GEMM peak at that precision.
    Where ``--k-rem`` / ``--k-224`` cut K_u (to keep the run short) the row says so: every structure then runs the
    same cut step, so the ratio is unchanged.
-2. ``torch.compile`` of the surrogate's forward: cold (first step, compile included) and steady-state time.
-3. A torch.profiler profile of one SEM step at the defaults: the share of time in convolution / GEMM kernels.
-4. Peak RSS of the final pass over N and 4N samples (subprocesses): it must not grow with the dataset.
+2. The chunk sweep behind the CPU default: forward + input-backward images/s against images per forward.
+3. ``torch.compile`` of the surrogate's forward: cold (first step, compile included) and steady-state time.
+4. A torch.profiler profile of one SEM step at the defaults: the share of time in convolution / GEMM kernels.
+5. Peak RSS of the final pass over N and 4N samples (subprocesses): it must not grow with the dataset.
 Writes <out>/noise.json and <out>/noise.md. ``--quick``: width 1/8, tiny steps and batches (a smoke run).
 """
 
@@ -155,6 +156,35 @@ def compile_rows(args: argparse.Namespace, acc: Any, width: float) -> list[dict[
     return out
 
 
+def chunk_sweep(args: argparse.Namespace, acc: Any, width: float) -> list[dict[str, Any]]:
+    """Images/s of the inner loop's unit (surrogate forward + input backward, eval mode, frozen) against images
+    per forward, fp32 and bf16 + channels_last, at 32 and 224 px: the measurement behind
+    ``uedist.ops.batching.CPU_PIXELS`` (and on a GPU, why the default is one forward)."""
+    from uedist.engine.inner import forward_fn
+    from uedist.engine.noise import surrogate_for
+    from uedist.ops.batching import input_grad
+    from uedist.precision import amp_args
+
+    sizes = {32: [2] if args.quick else [8, 16, 32, 64, 128, 256, 640], 224: [1] if args.quick else [2, 4, 8, 16]}
+    out = []
+    for px, batches in sizes.items():
+        for bf16 in (False, True):
+            cfg = config("sem", 32, width=width, quick=args.quick, extra=[f"bf16={str(bf16).lower()}"])
+            model = surrogate_for(cfg, fake_manifest(px, 10)).to(acc.device).eval()
+            model.requires_grad_(False)
+            if bf16:
+                model = model.to(memory_format=torch.channels_last)
+            fwd = forward_fn(cfg, model, amp_args(bf16, acc.device))
+            for b in batches:
+                x = torch.rand(b, 3, px, px, device=acc.device)
+                x = x.contiguous(memory_format=torch.channels_last) if bf16 else x
+                y = torch.zeros(b, dtype=torch.long, device=acc.device)
+                dt = timed(lambda: input_grad(fwd, x, y), 0.0 if args.quick else args.min_time, 1 if args.quick else 5)
+                out.append({"px": px, "precision": "bf16+cl" if bf16 else "fp32", "images": b, "images_per_s": b / dt})
+                print(f"chunk sweep {px}px {out[-1]['precision']} {b:4d} images: {b / dt:8.1f} img/s", flush=True)
+    return out
+
+
 def profile(args: argparse.Namespace, acc: Any, width: float) -> dict[str, Any]:
     """Self time of one SEM step at the defaults by operator: conv / GEMM kernels vs the rest."""
     from torch.profiler import ProfilerActivity
@@ -190,8 +220,8 @@ def _is_compute(name: str) -> bool:
 
 def peak_rss(n: int, tmp: Path) -> float:
     """Peak RSS (MiB) of a subprocess that builds N synthetic samples and writes their random-noise poisoned set."""
+    # VmHWM (this process's own high-water mark, kB): ru_maxrss would carry the parent's peak across exec
     code = f"""
-import resource
 from pathlib import Path
 from uedist.benchmark import build_synthetic_set
 from uedist.config import load_config
@@ -201,7 +231,7 @@ train = build_synthetic_set(Path("{tmp}/d{n}"), num_train={n}, size=64, shard_si
 cfg = load_config(NoiseConfig, None, [f"data.train={{train}}", "method=random", "out={tmp}/p{n}", "progress=false",
     "data.workers=0"])
 write_poisoned(cfg, make_accelerator(), Path("{tmp}"), make_delta=random_delta(cfg), stage="bench")
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print([ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmHWM")][0])
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     return int(out[-1]) / 1024
@@ -248,6 +278,12 @@ def to_markdown(res: dict[str, Any], width: float) -> str:
         ],
         "lrrllrrrrrrr",
     )
+    md += ["", "Inner-loop unit (forward + input backward, frozen surrogate) against images per forward, img/s:", ""]
+    sw = res["chunk_sweep"]
+    keys = sorted({(r["px"], r["precision"]) for r in sw})
+    for px, prec in keys:
+        cells = [f"{r['images']}: {r['images_per_s']:.1f}" for r in sw if (r["px"], r["precision"]) == (px, prec)]
+        md.append(f"- {px} px {prec}: " + ", ".join(cells))
     md += ["", "torch.compile of the surrogate (SEM, 32 px, the defaults):", ""]
     md += markdown_table(
         ["compile", "batch", "first step (cold) s", "steady s / step"],
@@ -303,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     width = args.width if args.width is not None else (0.125 if args.quick else 1.0)
     n = 256 if args.quick else 2048
     peak = {"fp32": gemm_rate(acc.device, torch.float32, n), "bf16": gemm_rate(acc.device, torch.bfloat16, n)}
+    sweep = chunk_sweep(args, acc, width)
     rows = side_by_side(args, acc, width, peak)
     comp = compile_rows(args, acc, width)
     pr = profile(args, acc, width)
@@ -315,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         "width": width,
         "peak_gflops": {k2: v / 1e9 for k2, v in peak.items()},
         "rows": rows,
+        "chunk_sweep": sweep,
         "compile": comp,
         "profile": pr,
         "memory": rss,

@@ -8,14 +8,27 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
+from uedist.models.fold import fold_batchnorm
 from uedist.ops import batching
 
 
-def forward_fn(cfg: Any, model: torch.nn.Module, amp: Dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+def forward_fn(
+    cfg: Any, model: torch.nn.Module, amp: Dict[str, Any], *, fold: bool = False
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """Images in [0, 1] -> float32 logits under ``amp`` autocast, through ``torch.compile`` when ``cfg.compile``
-    (one compiled module per model, kept on it; recompiles per input shape / train-eval mode, as Dynamo guards)."""
+    (one compiled module per model, kept on it; recompiles per input shape / train-eval mode, as Dynamo guards).
+    ``fold`` (for a frozen eval-mode model, with ``cfg.fold_bn`` and without compile): BatchNorm folded into the
+    convolutions first (``uedist.models.fold``; redone per call, as the weights may have changed)."""
     net = model
-    if getattr(cfg, "compile", False):
+    if fold and getattr(cfg, "fold_bn", False) and not getattr(cfg, "compile", False) and not model.training:
+        net = fold_batchnorm(model)
+        if net is not model and any(
+            p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+            for p in model.parameters()
+            if p.dim() == 4
+        ):
+            net = net.to(memory_format=torch.channels_last)
+    elif getattr(cfg, "compile", False):
         net = model.__dict__.get("_uedist_compiled")
         if net is None:
             net = torch.compile(model)

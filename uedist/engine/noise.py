@@ -120,6 +120,12 @@ class NoiseConfig:
     bf16: Optional[bool] = None  # null = auto: on where the device runs bf16 natively (uedist.precision)
     channels_last: Optional[bool] = None  # null = auto: on with native bf16
     compile: bool = False  # torch.compile the surrogate's forward in the noise, PGD and training loops
+    fold_bn: bool = True  # inner loops: eval-mode BatchNorm folded into the convolutions (same function; ours)
+    # The REM/SEM reference's surrogate sees x − 0.5 (std 1) and trains on δ rounded to /255 (REFERENCE.md); ours
+    # normalizes with the dataset's mean/std and trains on the unrounded δ. Both are options; ours is the default
+    # (its efficacy is what docs/noise.md measures); the reference's: surrogate_input=half train_on_rounded=true.
+    surrogate_input: Literal["dataset", "half"] = "dataset"
+    train_on_rounded: bool = False
     inner_batch: int = runtime(0)  # images per forward in the inner loops (0: all on a GPU, measured on a CPU)
     ckpt_every: int = runtime(500)
     log_every: int = runtime(50, positive_=True)
@@ -144,6 +150,8 @@ class NoiseConfig:
 def surrogate_for(cfg: NoiseConfig, m: Manifest) -> Normalized:
     stem = cfg.surrogate.stem if cfg.surrogate.stem != "auto" else ("cifar" if max(m.image_size) <= 64 else "imagenet")
     net = MODELS.build(cfg.surrogate.name, num_classes=m.num_classes, stem=stem, width=cfg.surrogate.width)
+    if cfg.surrogate_input == "half":  # the REM/SEM reference: x − 0.5, std 1
+        return Normalized(net, (0.5, 0.5, 0.5), (1.0, 1.0, 1.0))
     mean, std = (CIFAR10_MEAN, CIFAR10_STD) if m.dataset.startswith("cifar") else (IMAGENET_MEAN, IMAGENET_STD)
     return Normalized(net, mean, std)
 
@@ -187,10 +195,10 @@ def noise_for_batch(
 ) -> torch.Tensor:
     """Fresh error-minimizing δ for x (B, C, H, W) in [0, 1], surrogate in eval mode with frozen parameters; the
     forwards run ``inner_chunk`` images at a time (δ does not depend on it)."""
-    fwd = forward_fn(cfg, model, amp)
     was = model.training
     model.eval()
     _set_grad(model, False)
+    fwd = forward_fn(cfg, model, amp, fold=True)
     try:
         n = x.shape[0] * cfg.eot_samples
         chunk = inner_chunk(cfg, x, n=n, bf16=amp["enabled"], out_hw=eot_size(cfg, x.shape[-2:]))
@@ -243,6 +251,8 @@ def train_surrogate(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[s
         if use_channels_last(cfg.channels_last, device):
             x = x.contiguous(memory_format=torch.channels_last)
         delta = noise_for_batch(cfg, p.model, x, y=y, eot=eot, gen=gen, amp=amp)
+        if cfg.train_on_rounded:  # the reference trains on the δ it would write: whole /255 levels
+            delta = ((x + torch.round(delta * 255) / 255).clamp(0, 1) - x).detach()
         loss, acc = surrogate_step(
             cfg,
             x + delta,
@@ -289,7 +299,7 @@ def surrogate_step(
     accelerator: Any,
     step: int,
     ckpt_dir: Path,
-) -> Tuple[float, float]:
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """One SGD step of the surrogate on PGD(ρ_a, K_a, α_a)-attacked t(x + δ) (adversarial training).
 
     ``xp`` (B, C, H, W) in [0, 1] is the perturbed batch x + δ, ``y`` (B,) its labels; ``ddp`` is the (possibly
@@ -298,9 +308,9 @@ def surrogate_step(
     with torch.no_grad():
         xa = eot(xp)
     if cfg.adv_steps > 0 and cfg.adv_eps > 0:
-        fwd = forward_fn(cfg, model, amp)
         model.eval()
         _set_grad(model, False)
+        fwd = forward_fn(cfg, model, amp, fold=True)
         chunk = inner_chunk(cfg, xa, n=xa.shape[0], bf16=amp["enabled"])
         eps, alpha = cfg.adv_eps / 255, cfg.adv_step_size / 255
         xa = xa + pgd(fwd, xa, y, eps=eps, alpha=alpha, steps=cfg.adv_steps, gen=gen, chunk=chunk)
@@ -313,7 +323,8 @@ def surrogate_step(
     opt.zero_grad(set_to_none=True)
     accelerator.backward(loss)
     opt.step()
-    return loss.item(), (logits.argmax(1) == y).float().mean().item()
+    # 0-d tensors: read by the loop only when it logs (no host sync per step besides check_finite's)
+    return loss.detach(), (logits.argmax(1) == y).float().mean()
 
 
 def load_surrogate(cfg: NoiseConfig, run_dir: Path, *, m: Manifest, device: torch.device) -> Normalized:

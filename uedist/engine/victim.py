@@ -146,6 +146,7 @@ class VictimConfig:
     bf16: Optional[bool] = None  # autocast to bfloat16; null = auto: on where the device runs it natively
     channels_last: Optional[bool] = None  # null = auto: on with native bf16 (uedist.precision)
     compile: bool = False  # torch.compile the model's forward (training step and PGD)
+    fold_bn: bool = True  # PGD with BN in eval mode: BatchNorm folded into the convolutions (same function; ours)
     inner_batch: int = runtime(0)  # images per forward in the PGD of adversarial training (0: all / measured)
     ckpt_every: int = runtime(500)
     eval_every: int = runtime(0)  # 0: evaluate at the end only
@@ -264,7 +265,7 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
         y = batch["label"].to(device, non_blocking=True)
         loss, acc = step_fn(x, y, step_no, draws=draws)
         seen[0] += y.shape[0] * world
-        return {"train_loss": loss.item(), "train_acc": 100.0 * acc}
+        return {"train_loss": loss, "train_acc": 100.0 * acc}  # 0-d tensors, read when the loop logs
 
     snap_at = snapshot_steps(total, cfg.snapshots)
 
@@ -396,8 +397,9 @@ def _make_step(cfg: VictimConfig, prepared: Prepared, *, num_classes: int) -> Ca
             # BN in train mode couples a batch's images: chunking would change δ, so only eval-mode PGD is chunked
             chunk = inner_chunk(cfg, x, n=x.shape[0], bf16=amp["enabled"])
             eps, alpha = a.eps / 255, a.step_size / 255
+            fwd = forward_fn(cfg, model, amp, fold=True) if a.bn_mode == "eval" else attack_forward
             x = x + pgd(
-                attack_forward,
+                fwd,
                 x,
                 yk,
                 eps=eps,
@@ -423,7 +425,7 @@ def _make_step(cfg: VictimConfig, prepared: Prepared, *, num_classes: int) -> Ca
             loss = F.cross_entropy(logits, y)
         check_finite(loss, step_no, accelerator=accelerator, ckpt_dir=prepared.ckpt.dir)  # before any update
         prepared.update(loss)
-        acc = (logits.argmax(1) == yk).float().mean().item()  # over all draws
+        acc = (logits.argmax(1) == yk).float().mean()  # over all draws; no host sync here
         return loss.detach(), acc
 
     return step
