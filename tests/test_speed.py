@@ -170,3 +170,26 @@ def test_folded_noise_matches_unfolded():
         eot = lambda z, g=g: augment.random_crop_flip(z, pad=4, gen=g)  # noqa: E731
         out.append(noise_for_batch(cfg, net, x, y=y, eot=eot, gen=g, amp=amp))
     assert (out[0] != out[1]).float().mean() < 0.03  # measured 1.1 % on this untrained net
+
+
+def test_fold_is_reused_until_the_weights_change():
+    """One fold per set of weights: the same folded module while nothing changes; a new one after an in-place
+    update (as an optimizer step makes), computing the updated function."""
+    from uedist.engine.inner import forward_fn
+
+    net = _net()
+    cfg = load_config(NoiseConfig, None, [])
+    amp = {"device_type": "cpu", "dtype": torch.bfloat16, "enabled": False}
+    forward_fn(cfg, net, amp, fold=True)
+    first = net.__dict__["_uedist_folded"][1]
+    forward_fn(cfg, net, amp, fold=True)
+    assert net.__dict__["_uedist_folded"][1] is first
+    with torch.no_grad():
+        next(net.parameters()).mul_(1.5)
+    x = torch.rand(2, 3, 32, 32)
+    out = forward_fn(cfg, net, amp, fold=True)(x)
+    assert net.__dict__["_uedist_folded"][1] is not first
+    assert torch.allclose(out, net(x), atol=1e-4, rtol=1e-4)
+    assert load_config(NoiseConfig, None, ["inner_batch=0"]).inner_batch == 0
+    with pytest.raises(Exception, match="inner_batch"):
+        load_config(NoiseConfig, None, ["inner_batch=-1"])

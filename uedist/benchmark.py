@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -288,14 +288,13 @@ def classifier_step(
 
 
 def noise_steps(
-    cfg: Any, m: Manifest, *, batch: int, accelerator: Any, structure: str = "ours", models: Optional[list] = None
+    cfg: Any, m: Manifest, *, batch: int, accelerator: Any, structure: str = "ours"
 ) -> dict[str, tuple[Step, int]]:
     """``{"surrogate step": (fn, passes), "final pass": (fn, passes)}`` for a ``NoiseConfig`` on a random batch at
     the manifest's size: the step is a fresh δ for the batch plus one adversarially trained SGD step of the
     surrogate (``surrogate_step``), the final pass δ alone; ``passes`` are forward+backward passes per image.
     ``structure="reference"``: the reference code's loop instead (:func:`reference_noise_delta`: J separate
-    forwards of B per δ step, the PGD and the SGD step on B), at the config's precision. ``models``: a list the
-    surrogate is appended to (to count its forwards)."""
+    forwards of B per δ step, the PGD and the SGD step on B), at the config's precision."""
     from uedist.engine.noise import make_eot, noise_for_batch, surrogate_for, surrogate_step
     from uedist.precision import amp_args, use_channels_last
 
@@ -304,8 +303,6 @@ def noise_steps(
     model = surrogate_for(cfg, m).to(device)
     if cl:
         model = model.to(memory_format=torch.channels_last)
-    if models is not None:
-        models.append(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     gen = torch.Generator(device=device).manual_seed(0)
     eot = make_eot(cfg, m, gen)
@@ -377,10 +374,10 @@ def reference_noise_delta(
     return ((x + delta.detach()).clamp(0, 1) - x).detach()
 
 
-def count_images(model: torch.nn.Module) -> tuple[list[int], Callable[[], None]]:
+def count_loss_rows() -> tuple[list[int], Callable[[], None]]:
     """([n], remove): n counts the images whose loss is taken (``F.cross_entropy``'s rows) from now until
     ``remove()``: every forward of the noise loops, the PGD and the training step ends in one, whichever module
-    (``model`` or a BatchNorm-folded copy of it) ran the forward. ``model`` is kept for the signature."""
+    (the surrogate or a BatchNorm-folded copy of it) ran the forward."""
     n = [0]
     orig = F.cross_entropy
 

@@ -7,8 +7,8 @@
    (ImageNet-100 settings: K_u 7, J 4, K_a 7, CIFAR stem as the reference keeps it), each three ways: the
    reference's structure (J separate forwards of B images per δ step, fp32: ``uedist.benchmark.
    reference_noise_delta``), ours at fp32, and ours at the defaults (bf16 + channels_last where native, the
-   inner-loop chunk of ``uedist.ops.batching``). Forward/backward passes per image are counted with a hook on
-   the surrogate; the ratio is the reference structure's time over ours; GFLOP/s is the step's convolution and
+   inner-loop chunk of ``uedist.ops.batching``). Forward/backward passes per image are counted as the rows whose
+   loss is taken; the ratio is the reference structure's time over ours; GFLOP/s is the step's convolution and
    matmul FLOPs (counted once) over its time, beside the device's measured GEMM peak at that precision.
    Where ``--k-rem`` / ``--k-224`` cut K_u (to keep the run short) the row says so: every structure then runs the
    same cut step, so the ratio is unchanged.
@@ -32,7 +32,7 @@ import torch
 
 from uedist.benchmark import (
     count_flops,
-    count_images,
+    count_loss_rows,
     fake_manifest,
     gemm_rate,
     machine_info,
@@ -96,11 +96,9 @@ def side_by_side(args: argparse.Namespace, acc: Any, width: float, peak: dict[st
                 base = None
                 for structure, precision, over in WAYS:
                     cfg = config(method, px, width=width, quick=args.quick, extra=over + cut)
-                    models: list = []
-                    fn, _ = noise_steps(
-                        cfg, fake_manifest(px, 10), batch=batch, accelerator=acc, structure=structure, models=models
-                    )["surrogate step"]
-                    n, remove = count_images(models[0])
+                    m = fake_manifest(px, 10)
+                    fn, _ = noise_steps(cfg, m, batch=batch, accelerator=acc, structure=structure)["surrogate step"]
+                    n, remove = count_loss_rows()
                     dt = timed(fn, 0.0 if args.quick else args.min_time, 1 if args.quick else 3)
                     calls = max(1, round(n[0] / batch / _passes_formula(cfg)))  # timed() may call fn several times
                     remove()

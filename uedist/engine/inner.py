@@ -18,16 +18,12 @@ def forward_fn(
     """Images in [0, 1] -> float32 logits under ``amp`` autocast, through ``torch.compile`` when ``cfg.compile``
     (one compiled module per model, kept on it; recompiles per input shape / train-eval mode, as Dynamo guards).
     ``fold`` (for a frozen eval-mode model, with ``cfg.fold_bn`` and without compile): BatchNorm folded into the
-    convolutions first (``uedist.models.fold``; redone per call, as the weights may have changed)."""
+    convolutions first (``uedist.models.fold``), kept on the model until one of its parameters or buffers changes
+    (their in-place version counters: an optimizer step, a train-mode BN update, a load), so the δ steps and the
+    surrogate's PGD of one training step share one fold, and a frozen final pass folds once."""
     net = model
     if fold and getattr(cfg, "fold_bn", False) and not getattr(cfg, "compile", False) and not model.training:
-        net = fold_batchnorm(model)
-        if net is not model and any(
-            p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-            for p in model.parameters()
-            if p.dim() == 4
-        ):
-            net = net.to(memory_format=torch.channels_last)
+        net = _folded(model)
     elif getattr(cfg, "compile", False):
         net = model.__dict__.get("_uedist_compiled")
         if net is None:
@@ -39,6 +35,19 @@ def forward_fn(
             return net(z).float()
 
     return fwd
+
+
+def _folded(model: torch.nn.Module) -> torch.nn.Module:
+    tensors = [*model.parameters(), *model.buffers()]
+    key = tuple((id(t), t._version) for t in tensors)
+    cached = model.__dict__.get("_uedist_folded")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    net = fold_batchnorm(model)
+    if net is not model and any(t.dim() == 4 and not t.is_contiguous() for t in model.parameters()):
+        net = net.to(memory_format=torch.channels_last)  # the model is channels_last: so is its folded copy
+    model.__dict__["_uedist_folded"] = (key, net)
+    return net
 
 
 def inner_chunk(cfg: Any, x: torch.Tensor, *, n: int, bf16: bool, out_hw: Optional[Tuple[int, int]] = None) -> int:

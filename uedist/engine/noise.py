@@ -138,6 +138,7 @@ class NoiseConfig:
         require(0 < self.eps <= 64, f"eps must be in (0, 64] (/255), got {self.eps}")
         require(self.eps == int(self.eps), f"eps must be a whole number of /255 levels, got {self.eps}")
         require(self.noise_steps >= 1 and self.noise_step_size > 0, "noise_steps >= 1 and noise_step_size > 0")
+        require(self.inner_batch >= 0, f"inner_batch must be >= 0 (0 = the device's default), got {self.inner_batch}")
         require(self.adv_eps >= 0 and self.adv_steps >= 0 and self.adv_step_size >= 0, "adv_* must be >= 0")
         require(self.steps >= 0 and self.data.batch_size >= 1, "steps >= 0, data.batch_size >= 1")
         require(self.method != "rem" or self.adv_steps >= 1, "rem needs adv_steps >= 1 (the inner PGD)")

@@ -159,6 +159,7 @@ class VictimConfig:
     def validate(self) -> None:
         require((self.steps > 0) != (self.epochs > 0), "set exactly one of steps or epochs")
         require(self.data.batch_size > 0, "data.batch_size must be > 0")
+        require(self.inner_batch >= 0, f"inner_batch must be >= 0 (0 = the device's default), got {self.inner_batch}")
 
     def total_steps(self, num_train: int) -> int:
         return self.steps or max(1, math.ceil(self.epochs * num_train / self.data.batch_size))

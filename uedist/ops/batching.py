@@ -11,8 +11,8 @@ The chunk size is a speed knob only (``default_chunk``):
 
 - on a GPU large batches win: the default is all J·B images in one forward;
 - on a CPU the per-image cost grows past a cache-sized batch (measured on this project's 2-core CPU,
-  ResNet-18 full width, forward + input-backward: fp32 105 img/s at 32 images, 71 at 128, 52 at 640; bf16 +
-  channels_last 338 at 128, 77 at 640 — docs/speed.md), so the default is that measured size, as pixels per
+  ResNet-18 full width, forward + input-backward: fp32 101 img/s at 32 images, 79 at 128, 71 at 640; bf16 +
+  channels_last 303 at 128, 210 at 640 — docs/speed.md), so the default is that measured size, as pixels per
   forward. It is a fixed rule rather than a timing at start-up: a forward of one image may take another
   convolution kernel than a forward of many (one δ value of 18,432 differed in our check), so the chunk must not
   vary between two runs of one config if their outputs are to be byte-identical.
@@ -79,8 +79,8 @@ def input_grad(
 
 
 # Pixels per forward on a CPU (images × H × W), measured on this project's 2-core Xeon (AMX), ResNet-18 full width,
-# forward + input-backward (docs/speed.md): fp32 peaks at 32 images of 32² (105 img/s; 71 at 128, 52 at 640),
-# bf16 + channels_last at 128 of 32² (338 img/s; 77 at 640); at 224² both are flat from 4 images up.
+# forward + input-backward (launch/bench/noise.py, docs/speed.md): fp32 peaks at 32 images of 32² (101 img/s; 79
+# at 128, 71 at 640), bf16 + channels_last at 128 of 32² (303 img/s; 210 at 640); at 224² 2-4 images are best.
 CPU_PIXELS = {False: 32 * 32 * 32, True: 128 * 32 * 32}
 CPU_MIN_IMAGES = 4
 

@@ -79,9 +79,8 @@ def pgd(
     delta = torch.zeros_like(x) if start is None else (x + start).clamp(0, 1) - x
     loss_fn = loss_fn or _sum_ce
     sign = -1.0 if minimize else 1.0
-    parts = [slice(None)] if chunk <= 0 or chunk >= x.shape[0] else list(spans(x.shape[0], chunk))
     out = []
-    for s in parts:
+    for s in spans(x.shape[0], chunk):
         xs, ys, d = x[s], y[s], delta[s]
         for _ in range(steps):
             d.requires_grad_(True)
