@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.conftest import REPO
 from tests.test_multiprocess import accelerate_launch
@@ -26,7 +27,7 @@ from uedist.engine.onepixel import ops_scores, ops_search
 from uedist.engine.sep import pick_snapshots, sep_delta
 from uedist.engine.tap import targeted_pgd
 from uedist.ops.budget import Budget, measure
-from uedist.ops.ntk import FCKernel, gd_mse_predict
+from uedist.ops.ntk import CNNKernel, FCKernel, gd_mse_predict
 
 # ------------------------------------------------------------------------------------------------------ budgets
 
@@ -136,6 +137,75 @@ def test_fc_kernel_matches_wide_networks(act):
     assert torch.allclose(nngp, mc, rtol=0.15, atol=0.1 * nngp.abs().max())
 
 
+def _finite_cnn(x, g, *, width, dense, pad, k=5, s=2, w2=1.76, b2=0.18, grad=False):
+    """A finite NTGA ``cnn`` surrogate in the NTK parametrization: 2 × (k×k conv, stride s, zero pad ``pad``,
+    ReLU), flatten, linear dense layers of widths ``dense``, a scalar readout. Returns (outputs, parameters)."""
+    params, h, c = [], x, x.shape[1]
+    for _ in range(2):
+        w = torch.randn(width, c, k, k, generator=g, dtype=torch.float64).requires_grad_(grad)
+        b = torch.randn(width, generator=g, dtype=torch.float64).requires_grad_(grad)
+        params += [w, b]
+        z = math.sqrt(w2 / (c * k * k)) * F.conv2d(F.pad(h, pad), w, stride=s) + math.sqrt(b2) * b[:, None, None]
+        h, c = torch.relu(z), width
+    h = h.flatten(1)
+    for out in [*dense, 1]:
+        w = torch.randn(h.shape[1], out, generator=g, dtype=torch.float64).requires_grad_(grad)
+        b = torch.randn(out, generator=g, dtype=torch.float64).requires_grad_(grad)
+        params += [w, b]
+        h = math.sqrt(w2 / h.shape[1]) * h @ w + math.sqrt(b2) * b
+    return h[:, 0], params
+
+
+@pytest.mark.parametrize("k,pad", [(5, (1, 2, 1, 2)), (3, (0, 1, 0, 1))])  # SAME padding at 8 px, stride 2
+def test_cnn_kernel_matches_wide_networks(k, pad):
+    x = torch.rand(4, 2, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ntk = CNNKernel(filter_size=k, stride=2)(x, x)
+    nngp = CNNKernel(filter_size=k, stride=2, kind="nngp")(x, x)
+    emp = 0  # the NTK is J Jᵀ of wide networks
+    for seed in range(3):
+        out, ps = _finite_cnn(
+            x, torch.Generator().manual_seed(10 + seed), width=256, dense=[512, 512], pad=pad, k=k, grad=True
+        )
+        jac = torch.stack(
+            [torch.cat([t.flatten() for t in torch.autograd.grad(o, ps, retain_graph=True)]) for o in out]
+        )
+        emp = emp + (jac @ jac.T).detach() / 3
+    assert (ntk - emp).abs().max() < 0.06 * ntk.abs().max()
+    g, mc = torch.Generator().manual_seed(3), 0  # the NNGP is the output covariance over random networks
+    with torch.no_grad():
+        for _ in range(3000):
+            mc = mc + torch.outer(*[_finite_cnn(x, g, width=64, dense=[128, 128], pad=pad, k=k)[0]] * 2) / 3000
+    assert (nngp - mc).abs().max() < 0.05 * nngp.abs().max()
+    assert (torch.diagonal(nngp) < torch.diagonal(ntk)).all()
+
+
+def test_cnn_kernel_blocks_and_shapes():
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(7, 3, 12, 12, generator=g, dtype=torch.float64).requires_grad_(True)
+    b = torch.rand(5, 3, 12, 12, generator=g, dtype=torch.float64)
+    whole, blocked = CNNKernel()(a, b), CNNKernel(block_entries=40)(a, b)  # one block against checkpointed blocks
+    assert torch.allclose(whole, blocked, rtol=1e-12, atol=1e-12)
+    (g1,) = torch.autograd.grad(whole.sum(), a)
+    (g2,) = torch.autograd.grad(blocked.sum(), a)
+    assert torch.allclose(g1, g2, rtol=1e-10, atol=1e-12) and g1.abs().sum() > 0
+    assert torch.allclose(CNNKernel()(b, b), CNNKernel()(b, b).T)  # symmetric
+    with pytest.raises(ValueError, match="one shape"):
+        CNNKernel()(a, b[:, :, :8])
+
+
+def test_gd_mse_predict_normalizes_time_by_all_outputs():
+    """neural-tangents' gradient_descent_mse: exp(−t·λ/(n·k)) in K's eigenbasis, K + diag_reg·tr(K)/n·I."""
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(12, 6, generator=g, dtype=torch.float64), torch.randn(5, 6, generator=g, dtype=torch.float64)
+    y = torch.nn.functional.one_hot(torch.arange(12) % 4, 4).double()
+    k = FCKernel()
+    ktr, kte = k(a, a), k(b, a)
+    reg = ktr + 1e-2 * torch.trace(ktr) / 12 * torch.eye(12, dtype=torch.float64)
+    lam, v = torch.linalg.eigh(reg)
+    by_hand = kte @ v @ torch.diag(-torch.expm1(-3.0 * lam / (12 * 4)) / lam) @ v.T @ y
+    assert torch.allclose(gd_mse_predict(ktr, kte, y, t=3.0, diag_reg=1e-2), by_hand, atol=1e-10)
+
+
 def test_gd_mse_predict_limits():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(20, 6, generator=g, dtype=torch.float64), torch.randn(7, 6, generator=g, dtype=torch.float64)
@@ -148,7 +218,8 @@ def test_gd_mse_predict_limits():
     assert gd_mse_predict(ktr, kte, y, t=1e-6, diag_reg=0.0).abs().max() < 1e-4
 
 
-def test_ntga_block_raises_the_target_loss():
+@pytest.mark.parametrize("arch", ["cnn", "fc"])
+def test_ntga_block_raises_the_target_loss(arch):
     from uedist.engine.ntga import NTGAConfig, ntga_block
 
     g = torch.Generator().manual_seed(0)
@@ -156,17 +227,24 @@ def test_ntga_block_raises_the_target_loss():
     xt, yt = torch.rand(30, 3, 6, 6, generator=g), torch.arange(30) % 3
     x = (x + 0.3 * torch.nn.functional.one_hot(y, 3).float().repeat_interleave(36, 1).view(24, 3, 6, 6)).clamp(0, 1)
     xt = (xt + 0.3 * torch.nn.functional.one_hot(yt, 3).float().repeat_interleave(36, 1).view(30, 3, 6, 6)).clamp(0, 1)
-    cfg = NTGAConfig(budget=8, steps=5, t=64.0)
-    k = FCKernel()
+    cfg = NTGAConfig(budget=8, t=64.0, arch=arch)
+    k = cfg.make_kernel()
 
-    def loss(xb):
-        a, b = xb.flatten(1).double(), xt.flatten(1).double()
-        f = gd_mse_predict(k(a, a), k(b, a), torch.nn.functional.one_hot(y, 3).double(), t=64.0, diag_reg=1e-4)
-        return torch.nn.functional.cross_entropy(f, yt).item()
+    def loss(xb, grad=False):
+        xb, y1 = xb.double().requires_grad_(grad), torch.nn.functional.one_hot(y, 3).double()
+        f = gd_mse_predict(k(xb, xb), k(xt.double(), xb), y1, t=64.0, diag_reg=1e-4)
+        ce = torch.nn.functional.cross_entropy(f, yt)
+        return torch.autograd.grad(ce, xb)[0] if grad else ce.item()
 
-    d = ntga_block(k, x, y, target=(xt, yt), cfg=cfg, num_classes=3, standardize=lambda z: z)
-    assert d.abs().max() <= 8 / 255 + 1e-6 and ((x + d) >= 0).all() and ((x + d) <= 1).all()
+    d = ntga_block(k, x, y, target=(xt, yt), cfg=cfg, num_classes=3)
+    assert d.dtype == x.dtype and ((x + d) >= 0).all() and ((x + d) <= 1).all()
     assert loss(x + d) > loss(x) + 1e-3
+    # the reference rule: one signed step of the whole budget at the clean block
+    step = (x.double() + 8 / 255 * loss(x, grad=True).sign()).clamp(0, 1) - x.double()
+    assert torch.allclose(d.double(), step, atol=1e-6)
+    assert (d.abs() > 8 / 255 - 1e-6).float().mean() > 0.9  # the whole budget, but where [0, 1] clips
+    pgd = ntga_block(k, x, y, target=(xt, yt), cfg=NTGAConfig(budget=8, rule="pgd", steps=5, arch=arch), num_classes=3)
+    assert pgd.abs().max() <= 8 / 255 + 1e-6 and loss(x + pgd) > loss(x) + 1e-3 and not torch.allclose(pgd, d)
 
 
 # --------------------------------------------------------------------------------------------- OPS / AR / LSP

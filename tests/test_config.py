@@ -190,6 +190,7 @@ def test_shipped_attack_configs_load_with_reference_settings():
     s = ref["sep"]
     assert (s.budget, s.step_size, s.steps, s.vr_steps, s.num_models) == (8, 1, 30, 15, 15)
     n = ref["ntga"]
+    assert (n.rule, n.arch, n.stride, n.standardize) == ("reference", "cnn", 2, False)
     assert (n.budget, n.steps, n.t, n.diag_reg, n.final_batch_size, n.w_std2, n.b_std2) == (
         8,
         10,

@@ -208,6 +208,8 @@ def source_model(
             train_victim(vcfg, accelerator, vdir)  # resumes its checkpoints; refuses them if the config changed
         trained = True
     model = _load_victim_weights(vcfg, vdir, m=m, build=build_victim).to(accelerator.device).eval()
+    if getattr(cfg, "channels_last", False):
+        model = model.to(memory_format=torch.channels_last)  # with channels_last inputs (TAP, SEP)
     for p in model.parameters():
         p.requires_grad_(False)
     info = {"run": str(vdir), "trained_here": trained, "victim": identity(vcfg)}
