@@ -122,7 +122,7 @@ def bench_ntga_blocks(blocks: List[int], *, target: int, min_time: float) -> Lis
                 lambda x=x, y=y, cfg=cfg: ntga_block(cfg.make_kernel(), x, y, target=(xt, yt), cfg=cfg, num_classes=10),
                 min_time=min_time, max_iters=3,
             )  # fmt: skip
-            rows.append({"block": b, "target": target, "float64": f64, "s_per_step": dt, "images_per_s": b / dt})
+            rows.append({"block": b, "target": target, "float64": f64, "s_per_block": dt, "images_per_s": b / dt})
             print(f"ntga block {b:4d} target {target} {'fp64' if f64 else 'fp32'}: {dt:.3f} s/block", flush=True)
     return rows
 
@@ -146,7 +146,7 @@ def to_markdown(res: Dict[str, Any]) -> str:
     ]
     md += markdown_table(
         ["block", "precision", "s / block", "images/s"],
-        [(r["block"], "fp64" if r["float64"] else "fp32", f"{r['s_per_step']:.3f}", f"{r['images_per_s']:.1f}")
+        [(r["block"], "fp64" if r["float64"] else "fp32", f"{r['s_per_block']:.3f}", f"{r['images_per_s']:.1f}")
          for r in res["ntga_blocks"]],
         "rlrr",
     )  # fmt: skip

@@ -18,8 +18,8 @@ network that ends in Flatten (no pooling) depends only on the per-position covar
 covariance of the same pixel position in two images (Novak et al. 2019, §3: the CNN-GP without pooling equals
 the locally connected one; neural-tangents computes it with ``diagonal_spatial``): a convolution's output at q
 sums over the window of q in both images, so Σˡ⁺¹[q] = σ_w² · mean_window(E[φφ])[q] + σ_b², with the window's
-zero padding counted in the mean (fan_in = C·k²). The tests check this against the full spatial recursion and
-against wide finite networks.
+zero padding counted in the mean (fan_in = C·k²). tests/test_attacks.py checks the NTK against J·Jᵀ of wide
+finite CNNs and the NNGP against Monte Carlo over random ones.
 """
 
 from __future__ import annotations
