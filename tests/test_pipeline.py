@@ -265,6 +265,10 @@ def test_expansion_with_dvae_and_diffusion(synth_sets, tmp_path):
     assert dvae.cfg.data.src.endswith("/poisoned") and dvae.cfg.data.clean == str(synth_sets / "train")
     with pytest.raises(ConfigError, match="needs ddpm.syn"):
         load_config(StudyConfig, path, ["ddpm={}"])
+    # skip every diffusion cell and the DDPM is not trained for nothing; D-VAE is untouched
+    st = Study(load_config(StudyConfig, path, ['skip=["*/*/jcdp", "*/*/plain"]']))
+    kinds = [s.kind for s in st.stages]
+    assert "ddpm" not in kinds and any(s.label == "syn.sem.dvae" for s in st.stages)
 
 
 @pytest.mark.slow

@@ -165,19 +165,7 @@ class Study:
         if not c.purifiers:
             c.purifiers = {NO_PURIFIER: StageSpec(method=NO_PURIFIER)}
         for dname, ds in c.datasets.items():
-            ddpm = None
-            if any(needs_ddpm(p.method) for p in c.purifiers.values()):
-                # the paper's setting by default: a DDPM trained on the unprotected clean test split
-                own = "data.train" in _flatten(c.ddpm[dname].set)
-                ddpm = self._add(
-                    "ddpm",
-                    f"{dname}.ddpm",
-                    c.ddpm[dname],
-                    inputs={} if own else {"train": ds.test},
-                    tags={"dataset": dname},
-                    dataset=dname,
-                    origin=f"ddpm.{dname}",
-                )
+            ddpm: Dict[str, Stage] = {}  # added with the first diffusion purifier that is not skipped
             for nname, nspec in c.noises.items():
                 if self._skipped(dname, nname):
                     continue
@@ -193,8 +181,26 @@ class Study:
                         origin=f"noises.{nname}",
                     )
                 for pname, pspec in c.purifiers.items():
-                    if not self._skipped(dname, nname, pname):
-                        self._expand_purifier(dname, nname, pname, poisoned=poisoned, ddpm=ddpm)
+                    if self._skipped(dname, nname, pname):
+                        continue
+                    if needs_ddpm(pspec.method) and not ddpm:
+                        ddpm["stage"] = self._add_ddpm(dname)
+                    self._expand_purifier(dname, nname, pname, poisoned=poisoned, ddpm=ddpm.get("stage"))
+
+    def _add_ddpm(self, dname: str) -> Stage:
+        """The dataset's DDPM stage; by default (the paper's setting) trained on the unprotected clean test split.
+        Only a study that runs a diffusion purifier has one: a DDPM whose every purifier cell is skipped is not
+        trained."""
+        own = "data.train" in _flatten(self.cfg.ddpm[dname].set)
+        return self._add(
+            "ddpm",
+            f"{dname}.ddpm",
+            self.cfg.ddpm[dname],
+            inputs={} if own else {"train": self.cfg.datasets[dname].test},
+            tags={"dataset": dname},
+            dataset=dname,
+            origin=f"ddpm.{dname}",
+        )
 
     def _expand_purifier(self, dname: str, nname: str, pname: str, *, poisoned: Any, ddpm: Optional[Stage]) -> None:
         """One purifier column of one noise row (or the set itself for ``none``), then its victims."""
