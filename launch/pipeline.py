@@ -36,8 +36,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as e:
         p.error(str(e))
     if args.plan:
+        states = study.states()  # done / todo / unneeded (not built: every stage that reads it is done)
         for st in study.stages:
-            print(f"{'done' if study.record(st) else 'todo'}  {st.kind:7s} {st.label:50s} {st.dir}")
+            print(f"{states[st.label]:8s}  {st.kind:7s} {st.label:50s} {st.dir}")
         return 0
     accelerator = make_accelerator()
     setup_logging(study.dir)

@@ -355,3 +355,61 @@ def test_pipeline_diffusion_stages_run(synth_sets, tmp_path):
     assert recs["syn.random_cw.jcdp"]["config"]["ddpm"] == ddpm_dir == recs["syn.random_cw.plain"]["config"]["ddpm"]
     assert recs["syn.random_cw.plain"]["config"]["method"] == "diffusion"
     assert (tmp_path / "toy/report/grid_syn_random_cw.png").is_file()
+
+
+def test_intermediate_sets_are_rebuilt_only_when_needed(synth_sets, tmp_path):
+    """A noise or purified set deleted after its victims finished (or stage records copied from another machine
+    without their sets) is not rebuilt; it is rebuilt, with its upstream, when a stage that reads it must run."""
+    path = study_yaml(
+        synth_sets,
+        tmp_path,
+        noises={"random_cw": {"method": "random", "set": {"random_mode": "classwise", "data": {"workers": 0}}}},
+        purifiers={"none": {"method": "none"}, "jpeg10": {"method": "jpeg", "set": {"quality": 10, "data.workers": 0}}},
+        modes=["standard"],
+        skip=[],
+    )
+    r = run_pipeline(path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    study = tmp_path / "toy"
+    before = {(x["purifier"], x["test_top1"]) for x in csv.DictReader(open(study / "report/results.csv"))}
+    assert len(before) == 2
+
+    def plan():
+        r = run_pipeline(path, "--plan")
+        assert r.returncode == 0, r.stderr[-3000:]
+        return {line.split()[2]: line.split()[0] for line in r.stdout.splitlines()}
+
+    # the poisoned set and its record are gone (only downstream records kept): nothing needs it, nothing runs
+    (noise_dir,) = (study / "noise").iterdir()
+    for p in sorted(noise_dir.rglob("*"), reverse=True):
+        p.unlink() if p.is_file() else p.rmdir()
+    noise_dir.rmdir()
+    assert plan() == {
+        "syn.random_cw": "unneeded",
+        "syn.random_cw.none.r18.standard": "done",
+        "syn.random_cw.jpeg10": "done",
+        "syn.random_cw.jpeg10.r18.standard": "done",
+    }
+    r = run_pipeline(path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert not noise_dir.exists()
+    assert "syn.random_cw: not needed, every stage that reads it is done" in (study / "logs/rank0.log").read_text()
+    rows = {(x["purifier"], x["test_top1"]) for x in csv.DictReader(open(study / "report/results.csv"))}
+    assert rows == before  # the report still has every victim
+
+    # the JPEG victim must run again while its purified set is gone (its record kept): the set and the noise
+    # before it are rebuilt, and the victim repeats its result
+    (jpeg_dir,) = (study / "purify").glob("syn.random_cw.jpeg10-*")
+    (victim_dir,) = (study / "victim").glob("syn.random_cw.jpeg10.r18.standard-*")
+    (jpeg_dir / "purified/manifest.json").unlink()
+    (victim_dir / "stage.json").unlink()
+    assert plan() == {
+        "syn.random_cw": "todo",
+        "syn.random_cw.none.r18.standard": "done",
+        "syn.random_cw.jpeg10": "todo",
+        "syn.random_cw.jpeg10.r18.standard": "todo",
+    }
+    r = run_pipeline(path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert noise_dir.is_dir() and (jpeg_dir / "purified/manifest.json").is_file()
+    assert {(x["purifier"], x["test_top1"]) for x in csv.DictReader(open(study / "report/results.csv"))} == before

@@ -295,6 +295,32 @@ class Study:
         rec = json.loads(f.read_text())
         return rec if rec.get("hash") == st.hash else None
 
+    def _output_present(self, st: Stage) -> bool:
+        """Whether the stage's output is still on disk (a shard set's manifest, or the run folder)."""
+        out = Path(self._output_path(st))
+        return (out / "manifest.json").is_file() if st.runner.output not in ("", "run") else out.is_dir()
+
+    def states(self) -> Dict[str, str]:
+        """label -> ``done`` | ``todo`` | ``unneeded``, decided from the last stage back:
+
+        - a stage with its ``stage.json`` is ``done``, unless a stage that reads it will run and its output is gone
+          (deleted to save disk, or only the records were copied here from another machine): then ``todo``;
+        - a stage without one is ``todo``, unless other stages read it and every one of them is done: then
+          ``unneeded`` (an intermediate set is not rebuilt for results that already exist)."""
+        readers: Dict[int, List[Stage]] = {id(st): [] for st in self.stages}
+        for st in self.stages:
+            for v in st.inputs.values():
+                if isinstance(v, Stage):
+                    readers[id(v)].append(st)
+        state: Dict[int, str] = {}
+        for st in reversed(self.stages):
+            needed = any(state[id(r)] == "todo" for r in readers[id(st)])
+            if self.record(st) is not None:
+                state[id(st)] = "todo" if needed and not self._output_present(st) else "done"
+            else:
+                state[id(st)] = "todo" if needed or not readers[id(st)] else "unneeded"
+        return {st.label: state[id(st)] for st in self.stages}
+
     def run(self, accelerator: Any) -> List[Dict[str, Any]]:
         """Run every stage not yet finished, in order (the expansion order is a topological order)."""
         from uedist.data.build import BuildConfig, build_shard_sets
@@ -303,20 +329,26 @@ class Study:
         self.stages = []
         self._expand()  # the hashes now include the freshly built sets' content
         records = []
-        todo = [s for s in self.stages if self.record(s) is None]
+        states = self.states()
+        todo = [s for s in self.stages if states[s.label] == "todo"]
         log.info(
-            "study %s: %d stages, %d already done, %d to run",
+            "study %s: %d stages, %d already done, %d not needed, %d to run",
             self.cfg.name,
             len(self.stages),
-            len(self.stages) - len(todo),
+            sum(v == "done" for v in states.values()),
+            sum(v == "unneeded" for v in states.values()),
             len(todo),
         )
         for i, st in enumerate(self.stages):
-            rec = self.record(st)
-            if rec is not None:
-                log.info("[%d/%d] %s %s: done earlier, reusing %s", i + 1, len(self.stages), st.kind, st.label, st.dir)
+            where = f"[{i + 1}/{len(self.stages)}] {st.kind} {st.label}"
+            if states[st.label] == "unneeded":
+                log.info("%s: not needed, every stage that reads it is done", where)
+                continue
+            if states[st.label] == "done":
+                log.info("%s: done earlier, reusing %s", where, st.dir)
+                rec = self.record(st)
             else:
-                log.info("[%d/%d] %s %s: running in %s", i + 1, len(self.stages), st.kind, st.label, st.dir)
+                log.info("%s: running in %s", where, st.dir)
                 rec = self._run_stage(st, accelerator)
             records.append(rec)
         return records

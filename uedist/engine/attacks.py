@@ -29,6 +29,7 @@ from uedist.engine.noise import NoiseData, _batch_gen, write_poisoned
 from uedist.io import atomic_write_json
 from uedist.ops.budget import Budget
 from uedist.ops.images import to_unit
+from uedist.precision import use_channels_last
 
 log = get_logger(__name__)
 
@@ -46,8 +47,8 @@ class AttackConfig:
     final_batch_size: int = positive(256)  # the map pass's batch (NTGA: its block)
     poison_ratio: float = 1.0  # D-VAE Tables 8-9: a seeded fraction of the keys poisoned, the rest clean
     save_noise: bool = False  # also store the int8 noise per sample (noise.npy)
-    bf16: bool = False
-    channels_last: bool = False
+    bf16: Optional[bool] = False  # null = auto: on only where bf16 is native (uedist.precision)
+    channels_last: Optional[bool] = False  # null = auto: with native bf16
     progress: bool = runtime(True)
     resume: bool = runtime(True)
 
@@ -208,7 +209,7 @@ def source_model(
             train_victim(vcfg, accelerator, vdir)  # resumes its checkpoints; refuses them if the config changed
         trained = True
     model = _load_victim_weights(vcfg, vdir, m=m, build=build_victim).to(accelerator.device).eval()
-    if getattr(cfg, "channels_last", False):
+    if use_channels_last(getattr(cfg, "channels_last", False), accelerator.device):
         model = model.to(memory_format=torch.channels_last)  # with channels_last inputs (TAP, SEP)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ from uedist.io import atomic_write_json
 from uedist.models.unet import UNETS, UNet
 from uedist.ops import augment
 from uedist.ops.images import to_uint8, to_unit
+from uedist.precision import amp_args, use_bf16
 from uedist.registry import stage
 
 log = get_logger(__name__)
@@ -104,7 +105,7 @@ class DDPMConfig:
     init: str = ""  # fine-tune from: a DDPM run folder, a checkpoint folder, or a .pt holding {"model"|"ema"}
     init_ema: bool = True  # start from the EMA weights of ``init`` when it has them
     deepspeed: str = ""  # a DeepSpeed JSON config (ZeRO-2): run under torchrun; see train_ddpm_deepspeed
-    bf16: bool = False
+    bf16: Optional[bool] = False  # null = auto: on only where bf16 is native (uedist.precision)
     num_samples: int = 64  # samples in the final PNG grid (0 = none)
     sample_steps: int = 0  # reverse steps for the grid (0 = all T; fewer: a strided chain)
     ckpt_every: int = runtime(5000)
@@ -214,7 +215,9 @@ def train_ddpm(cfg: DDPMConfig, accelerator: Any, run_dir: Path) -> Dict[str, An
     if p.start > 0:
         ema.load_state_dict(load_state(latest_checkpoint(p.ckpt.dir))["ema"])  # type: ignore[arg-type]
     s = cfg.diffusion.schedule()
-    bf16 = cfg.bf16 or bool(p.wrapper.startswith("DeepSpeed") and _ds_bf16(cfg))  # inputs follow a bf16 module
+    bf16 = use_bf16(cfg.bf16, device) or bool(
+        p.wrapper.startswith("DeepSpeed") and _ds_bf16(cfg)
+    )  # inputs follow a bf16 module
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
     seen = [0]
 
@@ -302,7 +305,7 @@ def sample_grid(cfg: DDPMConfig, ema: EMA, s: Schedule, *, device: torch.device,
     if cfg.sample_steps and cfg.sample_steps < s.T:
         s = s.respaced(np.linspace(0, s.T - 1, cfg.sample_steps).round().astype(int).tolist())
     gen = torch.Generator().manual_seed(cfg.seed + 12345)
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    amp = amp_args(cfg.bf16, device)
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with torch.autocast(**amp):

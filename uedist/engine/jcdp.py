@@ -33,6 +33,7 @@ from uedist.engine.stats import RunningSums
 from uedist.io import atomic_write_json
 from uedist.models.lpips import build_lpips
 from uedist.ops.images import to_uint8, to_unit
+from uedist.precision import amp_args
 from uedist.registry import stage
 
 log = get_logger(__name__)
@@ -80,7 +81,7 @@ class JCDPConfig:
     mse_t: Tuple[int, int] = (12, 1000)  # paper steps t (inclusive) guided by MSE (reference: 0-based i > 10)
     lpips_t: Tuple[int, int] = (1, 11)  # paper steps t (inclusive) guided by LPIPS (reference: i ≤ 10)
     lpips: LPIPSSpec = field(default_factory=LPIPSSpec)
-    bf16: bool = False  # autocast for the UNet (guidance gradients stay fp32)
+    bf16: Optional[bool] = False  # autocast for the UNet (guidance gradients stay fp32); null = auto where native
     grid: int = runtime(16)  # images in the poisoned | purified grid (0 = none)
     overwrite: bool = False
     progress: bool = runtime(True)
@@ -144,7 +145,7 @@ def make_purifier(cfg: JCDPConfig, device: torch.device):
             "the noised unlearnable image (lower lam_mse, or the stride)",
             pull,
         )
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    amp = amp_args(cfg.bf16, device)
     guide = None
     if cfg.guided:
         lp = build_lpips(cfg.lpips.net, cfg.lpips.backbone).to(device) if cfg.uses_lpips else None

@@ -43,6 +43,7 @@ from uedist.engine.attacks import (
 )
 from uedist.engine.noise import noise_summary
 from uedist.ops.budget import Budget
+from uedist.precision import amp_args, use_channels_last
 from uedist.registry import stage
 
 
@@ -101,14 +102,12 @@ def centroids(cfg: SEPConfig, accelerator: Any, *, models: List[torch.nn.Module]
 def sep_delta(cfg: SEPConfig, *, models: List[torch.nn.Module], cents: List[torch.Tensor], num_classes: int) -> Any:
     eps, alpha = cfg.budget / 255, cfg.step_size / 255
     device = next(models[0].parameters()).device
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    amp, cl = amp_args(cfg.bf16, device), use_channels_last(cfg.channels_last, device)
 
     def grad(j: int, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         z = z.detach().requires_grad_(True)
         with torch.autocast(**amp):  # bf16 autocast for the forward when cfg.bf16; the loss in fp32
-            f, _ = features_and_logits(
-                models[j], z.contiguous(memory_format=torch.channels_last) if cfg.channels_last else z
-            )
+            f, _ = features_and_logits(models[j], z.contiguous(memory_format=torch.channels_last) if cl else z)
         f = f.float()
         loss = F.mse_loss(f, cents[j].to(f)[target])
         return torch.autograd.grad(loss, z)[0]

@@ -27,6 +27,7 @@ from uedist.engine.attacks import AttackConfig, SourceSpec, batch_gen, finish_at
 from uedist.engine.noise import noise_summary
 from uedist.ops import augment
 from uedist.ops.budget import Budget
+from uedist.precision import amp_args, use_channels_last
 from uedist.registry import stage
 
 
@@ -84,12 +85,12 @@ def targeted_pgd(
 
 def tap_delta(cfg: TAPConfig, model: torch.nn.Module, *, num_classes: int, size: int, device: torch.device) -> Any:
     """``make_delta(x, y, keys)`` of TAP against the frozen ``model`` (restarts kept per sample)."""
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    amp, cl = amp_args(cfg.bf16, device), use_channels_last(cfg.channels_last, device)
     eps = cfg.budget / 255
 
     def forward(z: torch.Tensor) -> torch.Tensor:
         with torch.autocast(**amp):
-            return model(z.contiguous(memory_format=torch.channels_last) if cfg.channels_last else z).float()
+            return model(z.contiguous(memory_format=torch.channels_last) if cl else z).float()
 
     def make(x: torch.Tensor, y: torch.Tensor, keys: List[str]) -> torch.Tensor:
         gen = batch_gen(cfg.seed, keys)
