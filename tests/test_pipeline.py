@@ -4,6 +4,7 @@ after a change, a kill between stages, and the report (CSV, Markdown table, plot
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -357,9 +358,10 @@ def test_pipeline_diffusion_stages_run(synth_sets, tmp_path):
     assert (tmp_path / "toy/report/grid_syn_random_cw.png").is_file()
 
 
-def test_intermediate_sets_are_rebuilt_only_when_needed(synth_sets, tmp_path):
-    """A noise or purified set deleted after its victims finished (or stage records copied from another machine
-    without their sets) is not rebuilt; it is rebuilt, with its upstream, when a stage that reads it must run."""
+def test_records_carried_to_a_fresh_folder_are_reused(synth_sets, tmp_path):
+    """``uedist report --records`` copies the finished stages' records without their sets; copied into an empty
+    study folder (another machine, a later session), the pipeline reuses them: a set whose readers are all done is
+    not rebuilt, and one a stage must read again is rebuilt with everything upstream of it."""
     path = study_yaml(
         synth_sets,
         tmp_path,
@@ -371,45 +373,58 @@ def test_intermediate_sets_are_rebuilt_only_when_needed(synth_sets, tmp_path):
     r = run_pipeline(path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     study = tmp_path / "toy"
-    before = {(x["purifier"], x["test_top1"]) for x in csv.DictReader(open(study / "report/results.csv"))}
+
+    def results():
+        return {(x["purifier"], x["test_top1"]) for x in csv.DictReader(open(study / "report/results.csv"))}
+
+    before = results()
     assert len(before) == 2
+    r = subprocess.run(
+        [sys.executable, "-m", "uedist.app.cli", "report", str(study), "--records", str(tmp_path / "rec")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    recs = sorted(p.relative_to(tmp_path / "rec").as_posix() for p in (tmp_path / "rec").rglob("*") if p.is_file())
+    assert all(p.split("/")[-1] in ("stage.json", "config.yaml", "metrics.json", "curve.csv") for p in recs)
+    assert sum(p.endswith("stage.json") for p in recs) == 4  # noise, jpeg, two victims; no shards
+    shutil.rmtree(study)
+    shutil.copytree(tmp_path / "rec", study)
 
     def plan():
         r = run_pipeline(path, "--plan")
         assert r.returncode == 0, r.stderr[-3000:]
-        return {line.split()[2]: line.split()[0] for line in r.stdout.splitlines()}
+        return [tuple(line.split()[:3:2]) for line in r.stdout.splitlines()]
 
-    # the poisoned set and its record are gone (only downstream records kept): nothing needs it, nothing runs
+    labels = [
+        "syn.random_cw",
+        "syn.random_cw.none.r18.standard",
+        "syn.random_cw.jpeg10",
+        "syn.random_cw.jpeg10.r18.standard",
+    ]
+    assert plan() == list(zip(["done", "done", "done", "done"], labels))
+    r = run_pipeline(path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert not list(study.glob("*/*/*/manifest.json"))  # nothing rebuilt
+    assert results() == before
+
+    # without the noise record: nothing reads the poisoned set any more, so it is not needed
     (noise_dir,) = (study / "noise").iterdir()
-    for p in sorted(noise_dir.rglob("*"), reverse=True):
-        p.unlink() if p.is_file() else p.rmdir()
-    noise_dir.rmdir()
-    assert plan() == {
-        "syn.random_cw": "unneeded",
-        "syn.random_cw.none.r18.standard": "done",
-        "syn.random_cw.jpeg10": "done",
-        "syn.random_cw.jpeg10.r18.standard": "done",
-    }
+    shutil.rmtree(noise_dir)
+    assert plan()[0] == ("unneeded", "syn.random_cw")
     r = run_pipeline(path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert not noise_dir.exists()
     assert "syn.random_cw: not needed, every stage that reads it is done" in (study / "logs/rank0.log").read_text()
-    rows = {(x["purifier"], x["test_top1"]) for x in csv.DictReader(open(study / "report/results.csv"))}
-    assert rows == before  # the report still has every victim
+    assert not noise_dir.exists() and results() == before
 
-    # the JPEG victim must run again while its purified set is gone (its record kept): the set and the noise
-    # before it are rebuilt, and the victim repeats its result
-    (jpeg_dir,) = (study / "purify").glob("syn.random_cw.jpeg10-*")
-    (victim_dir,) = (study / "victim").glob("syn.random_cw.jpeg10.r18.standard-*")
-    (jpeg_dir / "purified/manifest.json").unlink()
-    (victim_dir / "stage.json").unlink()
-    assert plan() == {
-        "syn.random_cw": "todo",
-        "syn.random_cw.none.r18.standard": "done",
-        "syn.random_cw.jpeg10": "todo",
-        "syn.random_cw.jpeg10.r18.standard": "todo",
-    }
+    # the JPEG victim must run again: its purified set (record kept, set absent) and the noise are rebuilt
+    (study / "victim").joinpath(
+        next(p.name for p in (study / "victim").iterdir() if ".jpeg10." in p.name), "stage.json"
+    ).unlink()
+    assert plan() == list(zip(["todo", "done", "todo", "todo"], labels))
     r = run_pipeline(path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert noise_dir.is_dir() and (jpeg_dir / "purified/manifest.json").is_file()
-    assert {(x["purifier"], x["test_top1"]) for x in csv.DictReader(open(study / "report/results.csv"))} == before
+    assert noise_dir.is_dir() and len(list(study.glob("*/*/*/manifest.json"))) == 2
+    assert results() == before  # the same sets, the same victim

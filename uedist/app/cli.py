@@ -5,7 +5,7 @@ uedist shards verify  SHARD_SET [--decode]
 uedist shards inspect SHARD_SET [--grid out.png] [--per-class 8]
 uedist shards to-ffcv SHARD_SET [--out data.beton]
 uedist facescrub download --meta A.txt B.txt --out data/facescrub_crops
-uedist report runs/<study> [--out DIR]
+uedist report runs/<study> [--out DIR] [--records DIR]
 uedist stages                      # every registered stage: kind, config schema, inputs, output
 """
 
@@ -96,6 +96,11 @@ def _report(args: argparse.Namespace) -> int:
     _output(written.pop("markdown"))
     for path in written.values():
         log.info(f"wrote {path}")
+    if args.records:
+        from uedist.app.report import export_records
+
+        stages = export_records(args.study, args.records)
+        log.info(f"wrote the records of {len(stages)} finished stages to {args.records}")
     return 0
 
 
@@ -151,6 +156,12 @@ def make_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="results table (CSV + Markdown), plots, grids and timing of a study folder")
     r.add_argument("study", type=Path, help="runs/<study> (written by launch/pipeline.py)")
     r.add_argument("--out", type=Path, help="default: <study>/report")
+    r.add_argument(
+        "--records",
+        type=Path,
+        help="also copy every finished stage's records (stage.json, config.yaml, metrics.json, curve.csv; no shard "
+        "sets) to RECORDS/<kind>/<stage>/: copied into runs/<study>/ on another machine, the pipeline reuses them",
+    )
     r.set_defaults(fn=_report)
 
     st = sub.add_parser("stages", help="list every registered stage (noise methods, purifiers, victim, DDPM)")

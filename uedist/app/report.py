@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from uedist.app.paper_tables import Cell, get_paper_table, paper_text, parse_cells
-from uedist.io import atomic_write, atomic_write_text
+from uedist.io import atomic_write, atomic_write_bytes, atomic_write_text
 
 RESULT_FIELDS = [
     "dataset",
@@ -335,6 +335,26 @@ def image_grids(records: Sequence[Dict[str, Any]], out_dir: Path, n: int = 6) ->
         cols = read_columns(sets, n)
         cols.insert(2, ("noise x8", diff_column(cols[1][1], cols[0][1])))
         written.append(comparison_grid(cols, out_dir / f"grid_{ds}_{noise}.png"))
+    return written
+
+
+RECORD_FILES = ("stage.json", "config.yaml", "metrics.json", "curve.csv")
+
+
+def export_records(study_dir: Path, dest: Path) -> List[Path]:
+    """Copy every finished stage's records (``RECORD_FILES``, kilobytes; not its shard sets or checkpoints) to
+    ``dest/<kind>/<stage folder>/``: a study's results to carry to another machine or into version control. Copied
+    into ``runs/<study>/`` there, launch/pipeline.py reuses them: their stages are done, and a set whose readers
+    are all done is not rebuilt. Returns the stage folders written."""
+    study_dir, dest = Path(study_dir), Path(dest)
+    written = []
+    for f in sorted(study_dir.glob("*/*/stage.json")):
+        out = dest / f.parent.relative_to(study_dir)
+        for name in RECORD_FILES:
+            src = f.parent / name
+            if src.is_file():
+                atomic_write_bytes(out / name, src.read_bytes())
+        written.append(out)
     return written
 
 
