@@ -1,4 +1,4 @@
-"""Run a whole study: datasets × noises × purifiers × victims × modes, resuming whatever is already done.
+"""Run a whole study: datasets × attacks × purifiers × victims × modes, resuming whatever is already done.
 
     accelerate launch launch/pipeline.py --config configs/pipeline/cpu_synthetic.yaml [key=value ...]
     accelerate launch launch/pipeline.py --config ... --plan      # list the stages and which are done; run nothing
@@ -18,7 +18,7 @@ from uedist.app.pipeline import Study, load_study
 from uedist.app.report import write_report
 from uedist.config import ConfigError, save_config
 from uedist.dist import get_logger, make_accelerator, setup_logging
-from uedist.engine.loop import CheckpointMismatch, NonFiniteLoss
+from uedist.engine.train.loop import CheckpointMismatch, NonFiniteLoss
 from uedist.io import atomic_write_json
 
 log = get_logger("uedist.launch.pipeline")

@@ -1,4 +1,4 @@
-"""Generate REM noise and write the poisoned shard set (launch/noise.py with the method fixed to rem).
+"""Generate REM noise and write the poisoned shard set (launch/attack.py with the method fixed to rem).
 
 accelerate launch launch/rem.py --config configs/rem/cifar10.yaml [key=value ...]
 accelerate launch launch/rem.py        # demo scale on the built-in synthetic set
@@ -9,4 +9,4 @@ import sys
 from uedist.app.jobs import run_stage_main
 
 if __name__ == "__main__":
-    sys.exit(run_stage_main("noise", sys.argv[1:], doc=__doc__, method="rem", default_config="configs/rem/demo.yaml"))
+    sys.exit(run_stage_main("attack", sys.argv[1:], doc=__doc__, method="rem", default_config="configs/rem/demo.yaml"))

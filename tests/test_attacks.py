@@ -1,5 +1,5 @@
 """The attacks of the seed tables (TAP, SEP, NTGA, LSP, AR, OPS): budgets, partial poisoning, each attack's core
-against a direct computation of its definition, and each end to end through launch/noise.py (budget checked on
+against a direct computation of its definition, and each end to end through launch/attack.py (budget checked on
 every written sample, 2 processes writing what 1 does, a killed job resuming to identical shards)."""
 
 import itertools
@@ -19,13 +19,13 @@ from tests.test_noise_resume import _kill_when, _shards
 from uedist.data.images import decode_image
 from uedist.data.manifest import Manifest, ShardInfo, keys_of, load_manifest
 from uedist.data.shards import iter_samples, verify_shard_set
-from uedist.engine.ar import ar_coefficients, ar_process
-from uedist.engine.attacks import features_and_logits
-from uedist.engine.lsp import LSPConfig, lsp_delta
-from uedist.engine.noise import poison_keys
-from uedist.engine.onepixel import ops_scores, ops_search
-from uedist.engine.sep import pick_snapshots, sep_delta
-from uedist.engine.tap import targeted_pgd
+from uedist.engine.attacks.ar import ar_coefficients, ar_process
+from uedist.engine.attacks.base import poison_keys
+from uedist.engine.attacks.lsp import LSPConfig, lsp_delta
+from uedist.engine.attacks.ops import ops_scores, ops_search
+from uedist.engine.attacks.sep import pick_snapshots, sep_delta
+from uedist.engine.attacks.source import features_and_logits
+from uedist.engine.attacks.tap import targeted_pgd
 from uedist.ops.budget import Budget, measure
 from uedist.ops.ntk import CNNKernel, FCKernel, gd_mse_predict
 
@@ -220,7 +220,7 @@ def test_gd_mse_predict_limits():
 
 @pytest.mark.parametrize("arch", ["cnn", "fc"])
 def test_ntga_block_raises_the_target_loss(arch):
-    from uedist.engine.ntga import NTGAConfig, ntga_block
+    from uedist.engine.attacks.ntga import NTGAConfig, ntga_block
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(24, 3, 6, 6, generator=g), torch.arange(24) % 3
@@ -325,7 +325,7 @@ def test_sep_pulls_features_to_the_wrong_class_centroid():
     y = torch.arange(30) % 3
     with torch.no_grad():
         cents = [torch.stack([features_and_logits(m, x[y == k])[0].mean(0) for k in range(3)]) for m in models]
-    from uedist.engine.sep import SEPConfig
+    from uedist.engine.attacks.sep import SEPConfig
 
     cfg = SEPConfig(budget=8, steps=4, vr_steps=3, num_models=3, source_snapshots=3)
     d = sep_delta(cfg, models=models, cents=cents, num_classes=3)(x, y, [f"{i:08d}" for i in range(30)])
@@ -379,7 +379,7 @@ def _attack_args(method, sets, root, name, source):
 
 def _noise(args, timeout=600):
     return subprocess.run(
-        [sys.executable, str(REPO / "launch/noise.py"), *args],
+        [sys.executable, str(REPO / "launch/attack.py"), *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -412,7 +412,7 @@ def test_attack_end_to_end_and_two_processes(method, synth_sets, source_run, tmp
     assert m["noise"]["eps_violations"] == 0 and m["noise"]["budget"] == str(Budget(norm, eps))
     assert load_manifest(out).extra["noise"]["norm"] == norm and f"{method.upper()} noise" in r.stdout
     two = accelerate_launch(
-        str(REPO / "launch/noise.py"), *_attack_args(method, synth_sets, tmp_path / "two", method, source_run)
+        str(REPO / "launch/attack.py"), *_attack_args(method, synth_sets, tmp_path / "two", method, source_run)
     )
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     assert _shards(tmp_path / "two" / method / "poisoned") == _shards(out)  # 2 processes write what 1 does
@@ -440,7 +440,7 @@ def test_killed_attack_resumes_to_identical_shards(synth_sets, source_run, tmp_p
     assert ref.returncode == 0, ref.stderr[-3000:]
     killed = [a.replace("name=ref", "name=kill") for a in args]
     out = tmp_path / "kill" / "poisoned"
-    _kill_when([sys.executable, str(REPO / "launch/noise.py"), *killed], lambda: any(out.glob("shard-*.tar")))
+    _kill_when([sys.executable, str(REPO / "launch/attack.py"), *killed], lambda: any(out.glob("shard-*.tar")))
     assert 0 < len(list(out.glob("shard-*.tar"))) < 6
     again = _noise(killed)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -449,8 +449,8 @@ def test_killed_attack_resumes_to_identical_shards(synth_sets, source_run, tmp_p
 
 def test_a_budget_violation_stops_the_pass(synth_sets, tmp_path):
     from uedist.dist import make_accelerator
-    from uedist.engine.lsp import LSPConfig
-    from uedist.engine.noise import write_poisoned
+    from uedist.engine.attacks.base import write_poisoned
+    from uedist.engine.attacks.lsp import LSPConfig
 
     class Leaky(Budget):  # a broken attack: writes past its own budget
         def apply(self, x_u8, delta):
@@ -471,7 +471,7 @@ def test_a_budget_violation_stops_the_pass(synth_sets, tmp_path):
 
 def test_ar_windows_are_stable_and_told_apart():
     """The reference's search criteria: bounded patterns, own filter blind to its pattern, the others respond."""
-    from uedist.engine.ar import _response
+    from uedist.engine.attacks.ar import _response
 
     b = ar_coefficients(4, seed=0)
     raw = ar_process(b, torch.randn(4, 3, 36, 36, generator=torch.Generator().manual_seed(5), dtype=torch.float64))

@@ -98,7 +98,7 @@ def test_shipped_shard_configs_load():
 
 def test_shipped_victim_configs_load():
     from tests.conftest import REPO
-    from uedist.engine.victim import VictimConfig
+    from uedist.engine.train.victim import VictimConfig
 
     files = sorted((REPO / "configs" / "victim").glob("*.yaml"))
     assert len(files) >= 6
@@ -113,10 +113,10 @@ def test_shipped_purifier_and_ddpm_configs_load():
     """Every shipped D-VAE, baseline, DDPM and JCDP config parses and validates (a typo in one is caught here, not
     an hour into a job)."""
     from tests.conftest import REPO
-    from uedist.engine.ddpm import DDPMConfig
-    from uedist.engine.dvae import DVAEConfig
-    from uedist.engine.jcdp import JCDPConfig
-    from uedist.engine.purify import PurifyConfig
+    from uedist.engine.purifiers.baselines import PurifyConfig
+    from uedist.engine.purifiers.dvae import DVAEConfig
+    from uedist.engine.purifiers.jcdp import JCDPConfig
+    from uedist.engine.train.ddpm import DDPMConfig
 
     kinds = {
         "dvae": (DVAEConfig, []),
@@ -135,14 +135,14 @@ def test_shipped_purifier_and_ddpm_configs_load():
 
 def test_shipped_noise_configs_load_with_reference_settings():
     from tests.conftest import REPO
-    from uedist.engine.noise import NoiseConfig
+    from uedist.engine.attacks.sem_rem import SEMConfig
 
     files = sorted(f for d in ("sem", "rem", "em") for f in (REPO / "configs" / d).glob("*.yaml"))
     assert len(files) >= 9
     for f in files:
-        cfg = load_config(NoiseConfig, f)
+        cfg = load_config(SEMConfig, f)
         assert cfg.method == f.parent.name
-    c = load_config(NoiseConfig, REPO / "configs/sem/cifar10.yaml")
+    c = load_config(SEMConfig, REPO / "configs/sem/cifar10.yaml")
     assert (
         c.eps,
         c.noise_steps,
@@ -153,7 +153,7 @@ def test_shipped_noise_configs_load_with_reference_settings():
         c.eot_samples,
         c.steps,
     ) == (8, 10, 1.6, 4, 10, 0.8, 5, 5000)
-    i = load_config(NoiseConfig, REPO / "configs/rem/imagenet100.yaml")
+    i = load_config(SEMConfig, REPO / "configs/rem/imagenet100.yaml")
     assert (i.noise_steps, i.noise_step_size, i.adv_steps, i.adv_step_size, i.eot_samples, i.steps) == (
         7,
         2,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from uedist.diffusion.diffusers_io import is_unet2d_folder, load_unet2d, unet_kwargs
-from uedist.engine.ddpm import load_ddpm
+from uedist.engine.train.ddpm import load_ddpm
 
 diffusers = pytest.importorskip("diffusers")
 

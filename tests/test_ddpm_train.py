@@ -86,7 +86,7 @@ def test_ddpm_outputs(ddpm_run):
     s = state(ddpm_run, 6)  # weights_only load
     assert {"model", "optimizer", "scheduler", "ema", "config", "step"} <= set(s)
     assert s["ema"]["updates"] == 6 and s["ema"]["shadow"].keys() == s["model"].keys()
-    from uedist.engine.ddpm import load_ddpm
+    from uedist.engine.train.ddpm import load_ddpm
 
     net, cfg = load_ddpm(str(ddpm_run), torch.device("cpu"))
     assert cfg.unet.args["ch"] == 16 and not net.training

@@ -173,7 +173,7 @@ def test_mse_guidance_pulls_toward_the_unlearnable_image():
 
 def test_mse_pull_grows_with_stride():
     from uedist.config import load_config
-    from uedist.engine.jcdp import JCDPConfig, chain, mse_pull
+    from uedist.engine.purifiers.jcdp import JCDPConfig, chain, mse_pull
 
     def pull(*ov):
         cfg = load_config(JCDPConfig, None, ["ddpm=x", *ov])
@@ -211,7 +211,7 @@ def test_reference_guidance_schedule_equals_a_hand_computation():
 def test_reference_split_of_mse_and_lpips_steps():
     """The reference's 0-based i = t − 1: MSE for i > 10 (t = 12…20), LPIPS for i ≤ 10 (t = 1…11)."""
     from uedist.config import load_config
-    from uedist.engine.jcdp import JCDPConfig
+    from uedist.engine.purifiers.jcdp import JCDPConfig
 
     cfg = load_config(JCDPConfig, None, ["ddpm=x"])
     seen = {}

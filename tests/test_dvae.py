@@ -157,8 +157,8 @@ def test_rerun_reuses_everything(synth_sets, finished):
 def test_input_that_differs_from_the_config_is_a_clear_error(synth_sets, tmp_path, override, needle):
     from uedist.config import load_config
     from uedist.dist import make_accelerator
-    from uedist.engine.dvae import DVAEConfig, purify_dvae
-    from uedist.engine.purify import PurifyInputError
+    from uedist.engine.purifiers.baselines import PurifyInputError
+    from uedist.engine.purifiers.dvae import DVAEConfig, purify_dvae
 
     cfg = load_config(DVAEConfig, None, _cmd(synth_sets, tmp_path, "bad", "steps=2", override)[2:])
     with pytest.raises(PurifyInputError, match=needle.replace("(", r"\(").replace(")", r"\)")):

@@ -1,4 +1,4 @@
-"""EM units (uedist.ops.em, uedist.engine.em): the class-wise reference rule against a hand computation, its
+"""EM units (uedist.ops.em, uedist.engine.attacks.em): the class-wise reference rule against a hand computation, its
 combination across ranks, the old summed rule, and the reference's surrogate settings (no normalization, no
 augmentation, gradient clip, zero start). The EM job end to end: tests/test_noise_job.py."""
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import uedist.engine.em as em
+import uedist.engine.attacks.em as em
 from uedist.config import load_config
 from uedist.data.manifest import load_manifest
-from uedist.engine.noise import NoiseConfig
+from uedist.engine.attacks.em import EMConfig
 from uedist.ops.em import classwise_reference_sums, classwise_reference_update
 from uedist.ops.images import CIFAR10_MEAN, IMAGENET_MEAN, to_unit
 
@@ -56,7 +56,7 @@ def _by_hand(model, x, y, noise):
 
 
 def _cfg(*overrides):
-    return load_config(NoiseConfig, None, ["method=em", "eps=8", "noise_step_size=2", *overrides])
+    return load_config(EMConfig, None, ["method=em", "eps=8", "noise_step_size=2", *overrides])
 
 
 def test_classwise_reference_rule_by_hand(monkeypatch):
@@ -136,7 +136,7 @@ def test_surrogate_round_settings(synth_sets, tmp_path, clip):
     """A training round reads em.batch_size images of the poisoned set as they are (no augmentation, [0, 1] into
     the network) and clips the gradient norm to em.grad_clip (0 = off)."""
     from uedist.dist import make_accelerator
-    from uedist.engine.loop import Tracker, prepare_training, train_batches
+    from uedist.engine.train.loop import Tracker, prepare_training, train_batches
 
     acc = make_accelerator(cpu=True)
     cfg = _cfg(
@@ -172,7 +172,7 @@ def test_shipped_em_configs_use_the_reference_rule():
     from tests.conftest import REPO
 
     for f in sorted((REPO / "configs" / "em").glob("*.yaml")):
-        e = load_config(NoiseConfig, f).em
+        e = load_config(EMConfig, f).em
         assert (e.rule, e.subset, e.batch_size, e.normalize, e.grad_clip, e.start) == (
             "reference",
             0.2,

@@ -45,16 +45,17 @@ def _finite(module: torch.nn.Module) -> bool:
 
 def _noise_cfg(method: str, *extra: str):
     from uedist.config import load_config
-    from uedist.engine.noise import NoiseConfig
+    from uedist.engine.attacks.sem_rem import SEMConfig
 
     over = [f"method={method}", "surrogate.width=0.25", "noise_steps=3", "eot_samples=2", "adv_steps=2", *extra]
-    return load_config(NoiseConfig, None, over)
+    return load_config(SEMConfig, None, over)
 
 
 @pytest.mark.parametrize("method", ["sem", "rem"])
 def test_noise_step_matches_the_cpu(method, device, no_tf32):
     from uedist.benchmark import autocast_args, fake_manifest
-    from uedist.engine.noise import make_eot, noise_for_batch, surrogate_for
+    from uedist.engine.attacks.sem_rem import noise_for_batch
+    from uedist.engine.attacks.surrogate import make_eot, surrogate_for
 
     cfg, m = _noise_cfg(method), fake_manifest(32, 10)
     torch.manual_seed(0)
@@ -138,7 +139,7 @@ def test_jcdp_purification_batch(device):
 def test_dvae_step(device):
     from uedist.benchmark import autocast_args, dvae_steps, fake_manifest, random_batch
     from uedist.config import load_config
-    from uedist.engine.dvae import DVAEConfig, build_dvae
+    from uedist.engine.purifiers.dvae import DVAEConfig, build_dvae
 
     cfg = load_config(DVAEConfig, REPO / "configs/dvae/cifar10.yaml", ["model.width=0.25"])
     model = build_dvae(cfg, fake_manifest(32, 10)).to(device)

@@ -14,7 +14,7 @@ import torch
 
 from uedist.checkpoint import latest_checkpoint, load_state
 from uedist.dist import make_accelerator
-from uedist.engine.loop import (
+from uedist.engine.train.loop import (
     NonFiniteLoss,
     OptimConfig,
     Tracker,

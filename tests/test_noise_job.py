@@ -16,7 +16,7 @@ from tests.test_multiprocess import accelerate_launch
 from uedist.config import ConfigError, load_config
 from uedist.data.images import decode_image
 from uedist.data.shards import iter_samples, verify_shard_set
-from uedist.engine.noise import NoiseConfig
+from uedist.engine.attacks.sem_rem import SEMConfig
 
 TOY = [
     "surrogate.width=0.125",
@@ -238,7 +238,7 @@ def test_main_job_refuses_a_set_from_an_older_generator(tmp_path, monkeypatch):
 )
 def test_noise_config_validation(override, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
-        load_config(NoiseConfig, None, override.split())
+        load_config(SEMConfig, None, override.split())
 
 
 @pytest.mark.parametrize(
@@ -258,7 +258,7 @@ def test_noise_config_validation(override, needle):
 )
 def test_summary_names_the_victim_command(train, hint):
     """The summary's next step tests a built-in set's victim on that set's own test split."""
-    from uedist.engine.noise import noise_summary
+    from uedist.engine.attacks.base import attack_summary
 
     s = {
         "method": "em",
@@ -269,7 +269,7 @@ def test_summary_names_the_victim_command(train, hint):
         "timings": {},
         "noise": {"samples": 10, "linf_max": 8.0, "l2_mean": 1.0},
     }
-    assert hint in noise_summary(s, Path("runs/x"))
+    assert hint in attack_summary(s, Path("runs/x"))
 
 
 def test_reference_surrogate_options(synth_sets, tmp_path):
@@ -277,10 +277,11 @@ def test_reference_surrogate_options(synth_sets, tmp_path):
     δ rounded to /255): the surrogate is built that way and a job runs end to end with both set; the default is
     ours (dataset normalization)."""
     from uedist.benchmark import fake_manifest
-    from uedist.engine.noise import NoiseConfig, surrogate_for
+    from uedist.engine.attacks.sem_rem import SEMConfig
+    from uedist.engine.attacks.surrogate import surrogate_for
 
-    ref = surrogate_for(load_config(NoiseConfig, None, ["surrogate_input=half"]), fake_manifest(32, 10))
-    ours = surrogate_for(load_config(NoiseConfig, None, []), fake_manifest(32, 10))
+    ref = surrogate_for(load_config(SEMConfig, None, ["surrogate_input=half"]), fake_manifest(32, 10))
+    ours = surrogate_for(load_config(SEMConfig, None, []), fake_manifest(32, 10))
     assert ref.mean.flatten().tolist() == [0.5] * 3 and ref.std.flatten().tolist() == [1.0] * 3
     assert ours.std.flatten().tolist() != [1.0] * 3
     r = _run(

@@ -128,7 +128,7 @@ def test_study_matches_its_paper_table(path):
     methods not built), so every published figure of the table is shown."""
     raw = yaml.safe_load(path.read_text())
     table = get_paper_table(raw["paper_table"])
-    assert set(table.rows) <= set(raw["noises"]), f"rows without a noise: {set(table.rows) - set(raw['noises'])}"
+    assert set(table.rows) <= set(raw["attacks"]), f"rows without a noise: {set(table.rows) - set(raw['attacks'])}"
     missing = set(table.columns) - set(raw["columns"]) - NOT_BUILT
     assert not missing, f"paper columns the study does not show: {missing}"
     header = path.read_text().split("\nname:")[0]
@@ -162,7 +162,7 @@ def _fake_study(root: Path, *, columns=None, paper_table="", cells=()):
     study = {
         "name": "fake",
         "datasets": {"cifar10": {"train": "t", "test": "s"}},
-        "noises": {"clean": {}, "em": {}, "rem": {}},
+        "attacks": {"clean": {}, "em": {}, "rem": {}},
         "purifiers": {"none": {}, "grayscale": {}, "jpeg10": {}, "dvae": {}},
         "victims": {"r18": {}, "r18_at": {}},
         "modes": ["standard"],

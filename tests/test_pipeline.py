@@ -46,7 +46,7 @@ def study_yaml(sets, tmp_path, **extra):
         "name": "toy",
         "run_root": str(tmp_path),
         "datasets": {"syn": {"train": str(sets / "train"), "test": str(sets / "test")}},
-        "noises": {
+        "attacks": {
             "clean": {"method": "clean"},
             "random_cw": {"method": "random", "set": {"random_mode": "classwise", "data": {"workers": 0}}},
             "sem": {"method": "sem", "config": "configs/sem/demo.yaml", "set": TOY_NOISE},
@@ -94,15 +94,15 @@ def test_expansion_and_validation(synth_sets, tmp_path):
     # stage hashes: the same config twice gives the same hashes; a noise change moves only what depends on it
     again = Study(load_config(StudyConfig, study_yaml(synth_sets, tmp_path)))
     assert [s.hash for s in again.stages] == [s.hash for s in st.stages]
-    changed = Study(load_config(StudyConfig, study_yaml(synth_sets, tmp_path), ["noises.sem.set.eps=4"]))
+    changed = Study(load_config(StudyConfig, study_yaml(synth_sets, tmp_path), ["attacks.sem.set.eps=4"]))
     moved = {a.label for a, b in zip(st.stages, changed.stages) if a.hash != b.hash}
     assert moved == {s.label for s in st.stages if s.label.startswith("syn.sem")}
     with pytest.raises(ConfigError, match="did you mean"):
         load_config(StudyConfig, study_yaml(synth_sets, tmp_path), ["purifiers.jpeg10.methd=jpeg"])
     with pytest.raises(ConfigError, match="one of"):
-        load_config(StudyConfig, study_yaml(synth_sets, tmp_path), ["noises.sem.method=sam"])
-    with pytest.raises(ConfigError, match="noises.sem"):  # a typo inside a stage's own schema names the stage
-        Study(load_config(StudyConfig, study_yaml(synth_sets, tmp_path), ["noises.sem.set.epss=4"]))
+        load_config(StudyConfig, study_yaml(synth_sets, tmp_path), ["attacks.sem.method=sam"])
+    with pytest.raises(ConfigError, match="attacks.sem"):  # a typo inside a stage's own schema names the stage
+        Study(load_config(StudyConfig, study_yaml(synth_sets, tmp_path), ["attacks.sem.set.epss=4"]))
 
 
 @pytest.mark.slow
@@ -281,7 +281,7 @@ def test_pipeline_two_processes(synth_sets, tmp_path):
     path = study_yaml(
         synth_sets,
         tmp_path,
-        noises={"random_cw": {"method": "random", "set": {"random_mode": "classwise", "data.workers": 0}}},
+        attacks={"random_cw": {"method": "random", "set": {"random_mode": "classwise", "data.workers": 0}}},
         purifiers={"none": {"method": "none"}, "jpeg10": {"method": "jpeg", "set": {"quality": 10, "data.workers": 0}}},
         modes=["standard"],
         skip=[],
@@ -331,7 +331,7 @@ def test_pipeline_diffusion_stages_run(synth_sets, tmp_path):
     path = study_yaml(
         synth_sets,
         tmp_path,
-        noises={"random_cw": {"method": "random", "set": {"random_mode": "classwise", "data.workers": 0}}},
+        attacks={"random_cw": {"method": "random", "set": {"random_mode": "classwise", "data.workers": 0}}},
         purifiers={
             "jcdp": {"method": "jcdp", "set": {**diff, "rounds": 2, "lam_lpips": 0.0}},
             "plain": {"method": "diffusion", "set": diff},
@@ -365,7 +365,7 @@ def test_records_carried_to_a_fresh_folder_are_reused(synth_sets, tmp_path):
     path = study_yaml(
         synth_sets,
         tmp_path,
-        noises={"random_cw": {"method": "random", "set": {"random_mode": "classwise", "data": {"workers": 0}}}},
+        attacks={"random_cw": {"method": "random", "set": {"random_mode": "classwise", "data": {"workers": 0}}}},
         purifiers={"none": {"method": "none"}, "jpeg10": {"method": "jpeg", "set": {"quality": 10, "data.workers": 0}}},
         modes=["standard"],
         skip=[],

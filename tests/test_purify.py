@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-import uedist.engine.dvae  # noqa: F401  (registers "dvae")
-import uedist.engine.purify as purify
+import uedist.engine.purifiers.baselines as purify
+import uedist.engine.purifiers.dvae  # noqa: F401  (registers "dvae")
 from tests.conftest import REPO
 from uedist.config import load_config
 from uedist.data.images import decode_image
 from uedist.data.manifest import load_manifest
 from uedist.data.shards import iter_samples, verify_shard_set
 from uedist.dist import make_accelerator
-from uedist.engine.purify import BASELINES, PurifyConfig, PurifyInputError, baseline_op
+from uedist.engine.purifiers.baselines import BASELINES, PurifyConfig, PurifyInputError, baseline_op
 from uedist.ops.images import to_uint8, to_unit
 from uedist.registry import STAGES
 

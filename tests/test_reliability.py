@@ -451,10 +451,10 @@ def test_job_name_escaping_run_root_exits_2(synth_sets, tmp_path):
 )
 def test_bad_values_refused_naming_the_key(schema, override, match):
     from uedist.config import ConfigError, load_config
-    from uedist.engine.noise import NoiseConfig
-    from uedist.engine.victim import VictimConfig
+    from uedist.engine.attacks.sem_rem import SEMConfig
+    from uedist.engine.train.victim import VictimConfig
 
-    cls = {"victim": VictimConfig, "noise": NoiseConfig}[schema]
+    cls = {"victim": VictimConfig, "noise": SEMConfig}[schema]
     with pytest.raises(ConfigError, match=match):
         load_config(cls, None, [override])
 

@@ -9,7 +9,7 @@ import torch
 
 import uedist.models  # noqa: F401  (registers the models)
 from uedist.config import load_config
-from uedist.engine.noise import NoiseConfig
+from uedist.engine.attacks.sem_rem import SEMConfig
 from uedist.ops import augment, batching
 from uedist.ops.noise import min_min_noise
 from uedist.ops.pgd import pgd
@@ -104,9 +104,9 @@ def test_precision_auto_follows_the_device():
     cpu = torch.device("cpu")
     assert use_bf16(None, cpu) == bf16_native(cpu) == use_channels_last(None, cpu)
     assert use_bf16(False, cpu) is False and use_bf16(True, cpu) is True and use_channels_last(False, cpu) is False
-    cfg = load_config(NoiseConfig, None, [])
+    cfg = load_config(SEMConfig, None, [])
     assert cfg.bf16 is None and cfg.channels_last is None and cfg.inner_batch == 0 and cfg.compile is False
-    assert load_config(NoiseConfig, None, ["bf16=false"]).bf16 is False
+    assert load_config(SEMConfig, None, ["bf16=false"]).bf16 is False
 
 
 def test_default_chunk_rule():
@@ -128,8 +128,8 @@ def test_compiled_forward_matches_eager():
     net = _net()
     x = torch.rand(4, 3, 32, 32)
     amp = {"device_type": "cpu", "dtype": torch.bfloat16, "enabled": False}
-    eager = forward_fn(load_config(NoiseConfig, None, []), net, amp)(x)
-    comp = forward_fn(load_config(NoiseConfig, None, ["compile=true"]), net, amp)(x)
+    eager = forward_fn(load_config(SEMConfig, None, []), net, amp)(x)
+    comp = forward_fn(load_config(SEMConfig, None, ["compile=true"]), net, amp)(x)
     assert torch.allclose(eager, comp, atol=1e-4, rtol=1e-4)
 
 
@@ -161,14 +161,14 @@ def test_folded_batchnorm_is_the_same_function(name):
 def test_folded_noise_matches_unfolded():
     """SEM δ with ``fold_bn`` on and off, same draws: equal but for the few entries whose gradient is near zero
     (a rounding flips their sign)."""
-    from uedist.engine.noise import noise_for_batch
+    from uedist.engine.attacks.sem_rem import noise_for_batch
 
     net = _net()
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
     amp = {"device_type": "cpu", "dtype": torch.bfloat16, "enabled": False}
     out = []
     for fold in (True, False):
-        cfg = load_config(NoiseConfig, None, ["noise_steps=4", "eot_samples=2", f"fold_bn={str(fold).lower()}"])
+        cfg = load_config(SEMConfig, None, ["noise_steps=4", "eot_samples=2", f"fold_bn={str(fold).lower()}"])
         g = torch.Generator().manual_seed(0)
         eot = lambda z, g=g: augment.random_crop_flip(z, pad=4, gen=g)  # noqa: E731
         out.append(noise_for_batch(cfg, net, x, y=y, eot=eot, gen=g, amp=amp))
@@ -181,7 +181,7 @@ def test_fold_is_reused_until_the_weights_change():
     from uedist.engine.inner import forward_fn
 
     net = _net()
-    cfg = load_config(NoiseConfig, None, [])
+    cfg = load_config(SEMConfig, None, [])
     amp = {"device_type": "cpu", "dtype": torch.bfloat16, "enabled": False}
     forward_fn(cfg, net, amp, fold=True)
     first = net.__dict__["_uedist_folded"][1]
@@ -193,6 +193,6 @@ def test_fold_is_reused_until_the_weights_change():
     out = forward_fn(cfg, net, amp, fold=True)(x)
     assert net.__dict__["_uedist_folded"][1] is not first
     assert torch.allclose(out, net(x), atol=1e-4, rtol=1e-4)
-    assert load_config(NoiseConfig, None, ["inner_batch=0"]).inner_batch == 0
+    assert load_config(SEMConfig, None, ["inner_batch=0"]).inner_batch == 0
     with pytest.raises(Exception, match="inner_batch"):
-        load_config(NoiseConfig, None, ["inner_batch=-1"])
+        load_config(SEMConfig, None, ["inner_batch=-1"])

@@ -1,6 +1,6 @@
 """Adding an attack is one module plus one YAML: this module *is* that module. It defines a toy noise method (a
 class-wise ±ε checkerboard) with its own config schema and registers it with ``@stage``; nothing else in the tree
-knows it. The tests run it through ``launch/noise.py`` (a real subprocess that finds it through UEDIST_PLUGINS)
+knows it. The tests run it through ``launch/attack.py`` (a real subprocess that finds it through UEDIST_PLUGINS)
 and through a study, and check what the registry tells the CLI."""
 
 import json
@@ -33,7 +33,7 @@ class ToyData:
 
 
 @dataclass
-class ToyNoiseConfig:
+class ToyAttackConfig:
     method: str = "toy_checker"
     name: str = location("toy")
     run_root: str = location("runs")
@@ -49,13 +49,13 @@ def toy_summary(s: Dict[str, Any], run_dir: Path) -> str:
 
 @stage(
     "toy_checker",
-    kind="noise",
-    schema=ToyNoiseConfig,
+    kind="attack",
+    schema=ToyAttackConfig,
     inputs=("data.train", "data.test"),
     output="poisoned",
     summary=toy_summary,
 )
-def generate_toy(cfg: ToyNoiseConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
+def generate_toy(cfg: ToyAttackConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """A class-wise ±ε checkerboard whose phase is the label (an ordinary, if weak, class-wise shortcut)."""
     out = Path(cfg.out) if cfg.out else run_dir / "poisoned"
 
@@ -99,13 +99,15 @@ def _check_poisoned(clean: Path, poisoned: Path, eps: int) -> None:
 def test_the_toy_stage_is_registered_with_its_schema_and_roles():
     st = STAGES.get("toy_checker")
     assert (
-        st.kind == "noise" and st.schema is ToyNoiseConfig and st.roles == {"train": "data.train", "test": "data.test"}
+        st.kind == "attack"
+        and st.schema is ToyAttackConfig
+        and st.roles == {"train": "data.train", "test": "data.test"}
     )
     assert dict(st.fixed) == {"method": "toy_checker"}
     with pytest.raises(RegistryError, match="already registered"):
-        stage("toy_checker", kind="noise", schema=ToyNoiseConfig, inputs=())(generate_toy)
+        stage("toy_checker", kind="attack", schema=ToyAttackConfig, inputs=())(generate_toy)
     with pytest.raises(RegistryError, match="kind must be one of"):
-        stage("toy2", kind="attack", schema=ToyNoiseConfig, inputs=())(generate_toy)
+        stage("toy2", kind="noise", schema=ToyAttackConfig, inputs=())(generate_toy)
 
 
 @pytest.mark.slow
@@ -119,7 +121,7 @@ def test_toy_noise_runs_through_launch_noise_py(synth_sets, tmp_path):
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])),
     }
     r = subprocess.run(
-        [sys.executable, str(REPO / "launch/noise.py"), "--config", str(cfg), f"run_root={tmp_path}", "name=t"],
+        [sys.executable, str(REPO / "launch/attack.py"), "--config", str(cfg), f"run_root={tmp_path}", "name=t"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -132,7 +134,7 @@ def test_toy_noise_runs_through_launch_noise_py(synth_sets, tmp_path):
     assert yaml.safe_load((tmp_path / "t" / "config.yaml").read_text())["method"] == "toy_checker"
     # a typo in the toy's own schema is refused with the key named, like any stage's
     bad = subprocess.run(
-        [sys.executable, str(REPO / "launch/noise.py"), "--config", str(cfg), "epss=3"],
+        [sys.executable, str(REPO / "launch/attack.py"), "--config", str(cfg), "epss=3"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -143,7 +145,7 @@ def test_toy_noise_runs_through_launch_noise_py(synth_sets, tmp_path):
     # without the plugin the method is unknown, and the error lists the known noise stages
     env.pop("UEDIST_PLUGINS")
     r = subprocess.run(
-        [sys.executable, str(REPO / "launch/noise.py"), "--config", str(cfg)],
+        [sys.executable, str(REPO / "launch/attack.py"), "--config", str(cfg)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -168,7 +170,7 @@ def test_toy_noise_runs_in_a_study(synth_sets, tmp_path):
                 "name": "toy",
                 "run_root": str(tmp_path),
                 "datasets": {"syn": {"train": str(synth_sets / "train"), "test": str(synth_sets / "test")}},
-                "noises": {"checker": {"method": "toy_checker", "set": {"eps": 2}}},
+                "attacks": {"checker": {"method": "toy_checker", "set": {"eps": 2}}},
                 "purifiers": {"gray": {"method": "grayscale", "set": {"data.workers": 0}}},
                 "victims": {
                     "r18": {

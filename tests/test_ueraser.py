@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import REPO
 from uedist.config import ConfigError, load_config
-from uedist.engine.victim import DefenseConfig, VictimConfig
+from uedist.engine.train.victim import DefenseConfig, VictimConfig
 from uedist.ops import ueraser as U
 
 OPS = {

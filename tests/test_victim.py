@@ -167,12 +167,12 @@ def test_report_row_bar_or_log_line():
     import io
     import logging
 
-    from uedist.engine.loop import progress_bar, report_row
+    from uedist.engine.train.loop import progress_bar, report_row
 
     seen = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())
-    logger = logging.getLogger("uedist.engine.loop")
+    logger = logging.getLogger("uedist.engine.train.loop")
     logger.addHandler(handler)
     level = logger.level
     logger.setLevel(logging.INFO)
@@ -226,7 +226,7 @@ def test_log_with_tensorboard_writes_the_curve_as_event_files(synth_sets, tmp_pa
 def test_adversarial_training_crafts_with_batchnorm_in_eval_mode_by_default(data, tmp_path, bn_mode, per_step):
     """BatchNorm counts one batch per step when PGD crafts in eval mode (the SEM/REM reference, our default),
     1 + K_a when it crafts in train mode (the option)."""
-    from uedist.engine.victim import AdvConfig
+    from uedist.engine.train.victim import AdvConfig
 
     assert AdvConfig().bn_mode == "eval"
     extra = ["steps=4", "ckpt_every=4", "adv.enabled=true", "adv.steps=2", "adv.eps=4", "adv.step_size=2"]

@@ -91,6 +91,19 @@ def location(default: Any = "") -> Any:
     return dataclasses.field(default=default, metadata={LOCATION: True})
 
 
+@dataclasses.dataclass
+class JobConfig:
+    """The run fields every stage's schema extends, declared once: where the run goes (``<run_root>/<name>``) and
+    how it reports. A schema may set ``renamed`` (a ClassVar ``{old key: new key}``): a config using an old key
+    is refused with the new name instead of "unknown key"."""
+
+    renamed: typing.ClassVar[Dict[str, str]] = {}
+
+    name: str = location("job")
+    run_root: str = location("runs")
+    progress: bool = runtime(True)  # progress bars (false: log lines, for batch jobs)
+
+
 def identity(cfg: Any) -> Dict[str, Any]:
     """The resolved config without its runtime and location fields (recursively): what determines a result.
     The one source of the checkpoint guard, the map-pass fingerprint and the study stage hash."""
@@ -190,7 +203,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _build(cls: Type[C], data: Mapping[str, Any], prefix: str = "") -> C:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    renamed: Mapping[str, str] = getattr(cls, "renamed", {})
     for k in data:
+        if k in renamed and k not in fields:
+            raise ConfigError(f"{prefix}{k!r} is now {prefix}{renamed[k]!r}: rename the key (same value and unit)")
         if k not in fields:
             close = difflib.get_close_matches(str(k), fields, n=1)
             hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""

@@ -78,7 +78,7 @@ SOURCES = Registry("dataset source")
 
 
 # ----------------------------------------------------------------------------------------------------------- stages
-STAGE_KINDS = ("noise", "purify", "victim", "ddpm")
+STAGE_KINDS = ("attack", "purify", "victim", "ddpm")
 
 
 @dataclass(frozen=True)

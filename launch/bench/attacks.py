@@ -23,12 +23,12 @@ from typing import Any, Callable, Dict, List
 import torch
 
 from uedist.benchmark import machine_info, markdown_table, write_report
-from uedist.engine.ar import ARConfig, ar_delta
-from uedist.engine.lsp import LSPConfig, lsp_delta
-from uedist.engine.ntga import NTGAConfig, ntga_block
-from uedist.engine.onepixel import ops_delta
-from uedist.engine.sep import SEPConfig, sep_delta
-from uedist.engine.tap import TAPConfig, tap_delta
+from uedist.engine.attacks.ar import ARConfig, ar_delta
+from uedist.engine.attacks.lsp import LSPConfig, lsp_delta
+from uedist.engine.attacks.ntga import NTGAConfig, ntga_block
+from uedist.engine.attacks.ops import ops_delta
+from uedist.engine.attacks.sep import SEPConfig, sep_delta
+from uedist.engine.attacks.tap import TAPConfig, tap_delta
 from uedist.models.wrappers import Normalized
 from uedist.ops.images import IMAGENET_MEAN, IMAGENET_STD
 from uedist.registry import MODELS
@@ -72,7 +72,7 @@ def makers(px: int, *, width: float, steps: int) -> Dict[str, tuple]:
 
 
 def _feat_dim(net: torch.nn.Module, px: int) -> int:
-    from uedist.engine.attacks import features_and_logits
+    from uedist.engine.attacks.base import features_and_logits
 
     with torch.no_grad():
         return features_and_logits(net, torch.rand(1, 3, px, px))[0].shape[1]

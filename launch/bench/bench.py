@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from uedist.engine.noise import NoiseConfig
 
 from uedist.benchmark import (
     Case,
@@ -54,10 +55,9 @@ from uedist.data.loaders import make_train_loader
 from uedist.diffusion.purify import jcdp_guidance, purify
 from uedist.diffusion.schedule import Schedule
 from uedist.dist import make_accelerator
-from uedist.engine.ddpm import DDPMConfig
-from uedist.engine.dvae import DVAEConfig, build_dvae
-from uedist.engine.noise import NoiseConfig
-from uedist.engine.victim import VictimConfig
+from uedist.engine.purifiers.dvae import DVAEConfig, build_dvae
+from uedist.engine.train.ddpm import DDPMConfig
+from uedist.engine.train.victim import VictimConfig
 from uedist.models.lpips import build_lpips
 from uedist.models.resnet import resnet18
 from uedist.models.unet import UNETS

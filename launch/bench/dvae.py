@@ -36,8 +36,8 @@ from uedist.benchmark import (
 )
 from uedist.config import load_config
 from uedist.dist import make_accelerator
-from uedist.engine.dvae import DVAEConfig, build_dvae
-from uedist.engine.purify import BASELINES, PurifyConfig, baseline_op, purify_baseline
+from uedist.engine.purifiers.baselines import BASELINES, PurifyConfig, baseline_op, purify_baseline
+from uedist.engine.purifiers.dvae import DVAEConfig, build_dvae
 from uedist.ops.images import to_uint8
 
 REPO = Path(__file__).resolve().parents[2]

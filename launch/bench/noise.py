@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from uedist.engine.noise import NoiseConfig
 
 from uedist.benchmark import (
     count_flops,
@@ -43,7 +44,6 @@ from uedist.benchmark import (
 )
 from uedist.config import load_config
 from uedist.dist import make_accelerator
-from uedist.engine.noise import NoiseConfig
 from uedist.precision import resolved
 
 SETTINGS = {
@@ -158,8 +158,9 @@ def chunk_sweep(args: argparse.Namespace, acc: Any, width: float) -> list[dict[s
     """Images/s of the inner loop's unit (surrogate forward + input backward, eval mode, frozen) against images
     per forward, fp32 and bf16 + channels_last, at 32 and 224 px: the measurement behind
     ``uedist.ops.batching.CPU_PIXELS`` (and on a GPU, why the default is one forward)."""
-    from uedist.engine.inner import forward_fn
     from uedist.engine.noise import surrogate_for
+
+    from uedist.engine.inner import forward_fn
     from uedist.ops.batching import input_grad
     from uedist.precision import amp_args
 

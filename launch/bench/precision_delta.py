@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from uedist.engine.noise import NoiseConfig, _batch_gen, load_surrogate, make_eot, noise_for_batch
 
 from uedist.benchmark import machine_info, markdown_table, write_report
 from uedist.config import load_config
 from uedist.data.loaders import make_map_loader
 from uedist.data.manifest import load_manifest
 from uedist.dist import make_accelerator
-from uedist.engine.noise import NoiseConfig, _batch_gen, load_surrogate, make_eot, noise_for_batch
 from uedist.ops.images import to_unit
 from uedist.precision import amp_args, resolved, use_channels_last
 

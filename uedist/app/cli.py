@@ -164,7 +164,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     r.set_defaults(fn=_report)
 
-    st = sub.add_parser("stages", help="list every registered stage (noise methods, purifiers, victim, DDPM)")
+    st = sub.add_parser("stages", help="list every registered stage (attacks, purifiers, victim, DDPM)")
     st.set_defaults(fn=_stages)
     return p
 

@@ -1,7 +1,7 @@
 """The common start of every launch script, and the one runner of any registered stage.
 
-    sys.exit(run_stage_main("noise", argv, doc=__doc__))                          # launch/noise.py: any noise
-    sys.exit(run_stage_main("noise", argv, doc=__doc__, method="sem",
+    sys.exit(run_stage_main("attack", argv, doc=__doc__))                          # launch/attack.py: any attack
+    sys.exit(run_stage_main("attack", argv, doc=__doc__, method="sem",
                             default_config="configs/sem/demo.yaml"))              # launch/sem.py: the main job
 
 ``run_stage_main`` parses ``--config FILE key=value ...``, picks the stage (``method`` of the config, or the one
@@ -105,7 +105,7 @@ def guarded(fn: Callable[[], Any], log: logging.Logger, input_errors: Tuple[Type
     (:func:`input_error_types`: a bad shard, manifest, source image, checkpoint or config value, a full disk, a
     peer that stopped answering) or one of the stage's own ``input_errors`` -> exit code 2 (logged, not a
     traceback). Returns the job's result, or the exit code as an ``int``. Anything else is a bug: a traceback."""
-    from uedist.engine.loop import CheckpointMismatch, NonFiniteLoss
+    from uedist.engine.train.loop import CheckpointMismatch, NonFiniteLoss
 
     input_errors = (*input_error_types(), *input_errors)
 
@@ -150,7 +150,7 @@ def run_stage_main(
     default_config: Optional[str] = None,
 ) -> int:
     """Run one registered stage of ``kind`` from a command line; returns the exit code. A ``method=`` override
-    picks the stage; else ``method`` (``launch/sem.py``); else the config's ``method`` (``launch/noise.py``,
+    picks the stage; else ``method`` (``launch/sem.py``); else the config's ``method`` (``launch/attack.py``,
     ``launch/purify.py``),
     else ``default_method`` (the one stage of a kind such as ``victim``)."""
     from uedist.app.stages import get_stage, load_stages

@@ -3,7 +3,7 @@
 A study that reproduces a table names it (``paper_table: dvae_table2``) and its report columns (``columns:``, a
 column name -> the cell(s) ``purifier/victim[/mode]`` it shows); the report then writes the paper's figure beside
 ours in every cell the paper has (:mod:`uedist.app.report`). Figures are keyed by (table id, row, column): the row
-is the noise name the study configs use (``clean``, ``em``, ``em_classwise``, ``tap``, ``sep``, ``ntga``, ``lsp``,
+is the attack name the study configs use (``clean``, ``em``, ``em_classwise``, ``tap``, ``sep``, ``ntga``, ``lsp``,
 ``ar``, ``ops``, ``rem``, ``sem``), the column the study's column name (``w/o``, ``AT``, ``D-VAE`` ...).
 
 Transcribed from REFERENCE.md ("Published figures", "The full tables the studies reproduce"); test accuracy (%)

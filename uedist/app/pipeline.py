@@ -1,8 +1,8 @@
-"""One config, one command, a whole study: datasets × noises × purifiers × victims × training modes.
+"""One config, one command, a whole study: datasets × attacks × purifiers × victims × training modes.
 
     accelerate launch launch/pipeline.py --config configs/pipeline/cpu_synthetic.yaml [key=value ...]
 
-A study expands into *stages* (DESIGN.md's layers): build the shard sets, make each poisoned set (noise), purify
+A study expands into *stages* (DESIGN.md's layers): build the shard sets, make each poisoned set (attack), purify
 each (purifier; D-VAE, JCDP, plain diffusion, the ISS baselines, or none), train a DDPM when a diffusion
 purifier needs one, and train each victim on each purified set in each mode. Every stage is the ordinary uedist
 stage function (the same code as its own launch script), run in dependency order on all ranks.
@@ -24,7 +24,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Literal, Optional, Union
+from typing import Any, Callable, ClassVar, Dict, List, Literal, Optional, Union
 
 from uedist.app.paper_tables import validate_columns
 from uedist.config import ConfigError, config_to_dict, identity, load_config, require, run_dir
@@ -34,8 +34,8 @@ from uedist.registry import StageDef, stages_of
 
 log = get_logger(__name__)
 
-# Study-only pseudo-methods: the clean row (no noise) and the unpurified column (no purifier).
-NO_NOISE, NO_PURIFIER = "clean", "none"
+# Study-only pseudo-methods: the clean row (no attack) and the unpurified column (no purifier).
+NO_ATTACK, NO_PURIFIER = "clean", "none"
 
 
 @dataclass
@@ -57,16 +57,18 @@ class StageSpec:
 
 @dataclass
 class StudyConfig:
+    renamed: ClassVar[Dict[str, str]] = {"noises": "attacks"}  # an old study config is refused with the new key
+
     name: str = "study"
     run_root: str = "runs"
     datasets: Dict[str, DatasetSpec] = field(default_factory=dict)
-    noises: Dict[str, StageSpec] = field(default_factory=dict)  # the table's rows; method clean = no noise
+    attacks: Dict[str, StageSpec] = field(default_factory=dict)  # the table's rows; method clean = no attack
     purifiers: Dict[str, StageSpec] = field(default_factory=dict)  # the table's columns; empty = {none: {method: none}}
     victims: Dict[str, StageSpec] = field(default_factory=dict)  # config: a configs/victim/*.yaml
     modes: List[Literal["standard", "adversarial"]] = field(default_factory=lambda: ["standard"])
     adversarial: Dict[str, Any] = field(default_factory=lambda: {"adv.enabled": True})  # victim overrides in that mode
     ddpm: Dict[str, StageSpec] = field(default_factory=dict)  # per dataset key: the DDPM diffusion purifiers use
-    skip: List[str] = field(default_factory=list)  # "dataset/noise/purifier/victim/mode" fnmatch patterns
+    skip: List[str] = field(default_factory=list)  # "dataset/attack/purifier/victim/mode" fnmatch patterns
     report: bool = True
     # report columns: name -> "purifier/victim[/mode]" (a list: the best of them); paper_table: the published
     # table (uedist.app.paper_tables) whose figures the report writes beside ours, matched by row and column name
@@ -77,15 +79,15 @@ class StudyConfig:
         from uedist.app.stages import load_stages
 
         load_stages()
-        noises, purifiers = [NO_NOISE, *stages_of("noise")], [NO_PURIFIER, *stages_of("purify")]
+        attacks, purifiers = [NO_ATTACK, *stages_of("attack")], [NO_PURIFIER, *stages_of("purify")]
         require(bool(self.datasets), "datasets: at least one")
-        require(bool(self.noises), "noises: at least one (method clean for the clean row)")
+        require(bool(self.attacks), "attacks: at least one (method clean for the clean row)")
         require(bool(self.victims), "victims: at least one")
         require(bool(self.modes) and len(set(self.modes)) == len(self.modes), "modes: a non-empty list without repeats")
         for d, s in self.datasets.items():
             require(bool(s.train and s.test), f"datasets.{d}: train and test are required")
-        for k, s in self.noises.items():
-            require(s.method in noises, f"noises.{k}.method: one of {noises}, got {s.method!r}")
+        for k, s in self.attacks.items():
+            require(s.method in attacks, f"attacks.{k}.method: one of {attacks}, got {s.method!r}")
         for k, s in self.purifiers.items():
             require(s.method in purifiers, f"purifiers.{k}.method: one of {purifiers}, got {s.method!r}")
             if needs_ddpm(s.method):
@@ -93,7 +95,7 @@ class StudyConfig:
                     require(d in self.ddpm, f"purifiers.{k} ({s.method}) needs ddpm.{d}: the DDPM to purify with")
         for k, s in self.victims.items():
             require(bool(s.config), f"victims.{k}.config (a configs/victim/*.yaml) is required")
-        for k in (*self.noises, *self.purifiers, *self.victims, *self.datasets):
+        for k in (*self.attacks, *self.purifiers, *self.victims, *self.datasets):
             require("/" not in k and k.strip() == k and k != "", f"bad name {k!r}: no slashes or spaces")
         validate_columns(self)  # the report columns and the paper table
 
@@ -113,12 +115,12 @@ def needs_ddpm(method: str) -> bool:
 # --------------------------------------------------------------------------------------------------------- stages
 @dataclass
 class Stage:
-    kind: str  # noise | purify | victim | ddpm
-    label: str  # e.g. "synthetic.sem" (dataset.noise[.purifier[.victim.mode]])
+    kind: str  # attack | purify | victim | ddpm
+    label: str  # e.g. "synthetic.sem" (dataset.attack[.purifier[.victim.mode]])
     spec: StageSpec
     runner: StageDef
     inputs: Dict[str, Any]  # role -> path (or a Stage whose output it is)
-    tags: Dict[str, str]  # dataset / noise / purifier / victim / mode, for the report
+    tags: Dict[str, str]  # dataset / attack / purifier / victim / mode, for the report
     origin: str = ""  # where in the study config the stage comes from (for errors)
     cfg: Any = None
     hash: str = ""
@@ -128,10 +130,15 @@ class Stage:
         return f"<{self.kind} {self.label} {self.hash}>"
 
 
+# The attack kind was called "noise" before; its hashes keep that name so results finished before the rename (and
+# their downstream stages) stay valid. `uedist report --migrate` moves such a study's folders.
+_HASH_KIND = {"attack": "noise"}
+
+
 def _stage_hash(kind: str, cfg: Any, inputs: Dict[str, Any]) -> str:
     d = identity(cfg)
     ins = {r: (v.hash if isinstance(v, Stage) else _data_id(v)) for r, v in sorted(inputs.items())}
-    blob = json.dumps({"kind": kind, "config": d, "inputs": ins}, sort_keys=True, default=str)
+    blob = json.dumps({"kind": _HASH_KIND.get(kind, kind), "config": d, "inputs": ins}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
@@ -160,25 +167,25 @@ class Study:
         return any(fnmatch.fnmatchcase(path, pat) or fnmatch.fnmatchcase(path + "/*", pat) for pat in self.cfg.skip)
 
     def _expand(self) -> None:
-        """datasets × noises × purifiers × victims × modes -> stages, in dependency order."""
+        """datasets × attacks × purifiers × victims × modes -> stages, in dependency order."""
         c = self.cfg
         if not c.purifiers:
             c.purifiers = {NO_PURIFIER: StageSpec(method=NO_PURIFIER)}
         for dname, ds in c.datasets.items():
             ddpm: Dict[str, Stage] = {}  # added with the first diffusion purifier that is not skipped
-            for nname, nspec in c.noises.items():
+            for nname, nspec in c.attacks.items():
                 if self._skipped(dname, nname):
                     continue
                 poisoned: Any = Path(ds.train)
-                if nspec.method != NO_NOISE:
+                if nspec.method != NO_ATTACK:
                     poisoned = self._add(
-                        "noise",
+                        "attack",
                         f"{dname}.{nname}",
                         nspec,
                         inputs={"train": ds.train, "test": ds.test},
-                        tags={"dataset": dname, "noise": nname},
+                        tags={"dataset": dname, "attack": nname},
                         dataset=dname,
-                        origin=f"noises.{nname}",
+                        origin=f"attacks.{nname}",
                     )
                 for pname, pspec in c.purifiers.items():
                     if self._skipped(dname, nname, pname):
@@ -203,9 +210,9 @@ class Study:
         )
 
     def _expand_purifier(self, dname: str, nname: str, pname: str, *, poisoned: Any, ddpm: Optional[Stage]) -> None:
-        """One purifier column of one noise row (or the set itself for ``none``), then its victims."""
+        """One purifier column of one attack row (or the set itself for ``none``), then its victims."""
         c, ds, pspec = self.cfg, self.cfg.datasets[dname], self.cfg.purifiers[pname]
-        tags = {"dataset": dname, "noise": nname, "purifier": pname}
+        tags = {"dataset": dname, "attack": nname, "purifier": pname}
         purified: Any = poisoned
         if pspec.method != NO_PURIFIER:
             ins: Dict[str, Any] = {"src": poisoned, "clean": ds.train}
@@ -249,7 +256,7 @@ class Study:
         origin: str,
     ) -> Stage:
         """Resolve one stage (the registry's stage named by ``spec.method``, or the kind's one stage) and append it."""
-        runner = _stage(spec.method if kind in ("noise", "purify") else kind)
+        runner = _stage(spec.method if kind in ("attack", "purify") else kind)
         st = Stage(kind, label, spec, runner, inputs, tags, origin)
         st.cfg = self._resolve(st, dataset)
         st.hash = _stage_hash(kind, st.cfg, inputs)
@@ -263,7 +270,7 @@ class Study:
         schema = st.runner.schema
         path = st.spec.config.replace("{dataset}", dataset) if st.spec.config else None
         over = {**st.spec.set, **dict(st.runner.fixed)}
-        if st.kind == "noise" and "build" in _fields(schema, "data"):
+        if st.kind == "attack" and "build" in _fields(schema, "data"):
             over["data.build"] = ""  # a study builds its datasets itself (run() below)
         for role, key in st.runner.roles.items():
             if role in st.inputs and st.inputs[role] is not None:

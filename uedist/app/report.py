@@ -3,13 +3,13 @@
 Reads the ``stage.json`` records the pipeline leaves (only the stages of the current study, listed in
 ``study.json``, when it exists) and writes into ``<study>/report/``:
 
-- ``results.csv``: one row per victim run (dataset, noise, purifier, victim, mode, top-1, top-5, ...);
-- ``results.md``: per dataset and mode, the papers' table: rows = noise, columns = purifier × victim, cells = clean
+- ``results.csv``: one row per victim run (dataset, attack, purifier, victim, mode, top-1, top-5, ...);
+- ``results.md``: per dataset and mode, the papers' table: rows = attack, columns = purifier × victim, cells = clean
   test accuracy (%); or, when the study names its report ``columns`` (e.g. ``AT: none/resnet18_at``), per dataset
   one table with those columns, and with ``paper_table`` the published figure beside ours in every cell the paper
   has (``41.20 (paper 12.26)``; :mod:`uedist.app.paper_tables`), ``column`` and ``paper`` fields in the CSV;
 - ``accuracy.png``: grouped bars of the same numbers; ``curves.png``: victims' training accuracy curves;
-- ``grid_<dataset>_<noise>.png``: clean | poisoned | noise ×8 | each purifier's output, for a few samples;
+- ``grid_<dataset>_<attack>.png``: clean | poisoned | noise ×8 | each purifier's output, for a few samples;
 - ``timing.csv`` / ``timing.md``: wall-clock per stage.
 """
 
@@ -27,7 +27,7 @@ from uedist.io import atomic_write, atomic_write_bytes, atomic_write_text
 
 RESULT_FIELDS = [
     "dataset",
-    "noise",
+    "attack",
     "purifier",
     "victim",
     "mode",
@@ -62,7 +62,7 @@ def load_records(study_dir: Path) -> List[Dict[str, Any]]:
 
 
 def study_order(study_dir: Path) -> Dict[str, List[str]]:
-    """The order of datasets, noises, purifiers, victims and modes in the study's config (study.yaml), if any."""
+    """The order of datasets, attacks, purifiers, victims and modes in the study's config (study.yaml), if any."""
     f = Path(study_dir) / "study.yaml"
     if not f.is_file():
         return {}
@@ -71,7 +71,7 @@ def study_order(study_dir: Path) -> Dict[str, List[str]]:
     c = yaml.safe_load(f.read_text()) or {}
     return {
         "dataset": list(c.get("datasets") or []),
-        "noise": list(c.get("noises") or []),
+        "attack": list(c.get("attacks") or []),
         "purifier": list(c.get("purifiers") or []),
         "victim": list(c.get("victims") or []),
         "mode": list(c.get("modes") or []),
@@ -96,7 +96,7 @@ def sort_rows(rows: List[Dict[str, Any]], order: Dict[str, List[str]]) -> List[D
     def key(r: Dict[str, Any]) -> Tuple[int, ...]:
         return tuple(
             order[k].index(r[k]) if r[k] in order.get(k, []) else 10**6
-            for k in ("dataset", "mode", "noise", "purifier", "victim")
+            for k in ("dataset", "mode", "attack", "purifier", "victim")
         )
 
     return sorted(rows, key=key)
@@ -111,7 +111,7 @@ def results_rows(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
         rows.append(
             {
                 "dataset": t["dataset"],
-                "noise": t["noise"],
+                "attack": t["attack"],
                 "purifier": t["purifier"],
                 "victim": t["victim"],
                 "mode": t["mode"],
@@ -132,22 +132,22 @@ def _ordered(values: Sequence[str]) -> List[str]:
 
 
 def results_markdown(rows: Sequence[Dict[str, Any]]) -> str:
-    """Per dataset × mode: rows = noise, columns = purifier (× victim when there are several), cells = top-1 %."""
+    """Per dataset × mode: rows = attack, columns = purifier (× victim when there are several), cells = top-1 %."""
     parts = []
     for ds in _ordered([r["dataset"] for r in rows]):
         for mode in _ordered([r["mode"] for r in rows if r["dataset"] == ds]):
             sub = [r for r in rows if r["dataset"] == ds and r["mode"] == mode]
             victims = _ordered([r["victim"] for r in sub])
             cols = [(p, v) for p in _ordered([r["purifier"] for r in sub]) for v in victims]
-            cell = {(r["noise"], r["purifier"], r["victim"]): r["test_top1"] for r in sub}
+            cell = {(r["attack"], r["purifier"], r["victim"]): r["test_top1"] for r in sub}
             head = [p if len(victims) == 1 else f"{p} · {v}" for p, v in cols]
             lines = [
                 f"### {ds}, {mode} training: clean test accuracy (%)",
                 "",
-                "| noise | " + " | ".join(head) + " |",
+                "| attack | " + " | ".join(head) + " |",
                 "|---|" + "---:|" * len(cols),
             ]
-            for n in _ordered([r["noise"] for r in sub]):
+            for n in _ordered([r["attack"] for r in sub]):
                 vals = [cell.get((n, p, v)) for p, v in cols]
                 lines.append(f"| {n} | " + " | ".join("—" if x is None else f"{x:.2f}" for x in vals) + " |")
             parts.append("\n".join(lines))
@@ -158,18 +158,18 @@ def column_rows(
     rows: Sequence[Dict[str, Any]], columns: Dict[str, List[Cell]], *, paper_table: str = ""
 ) -> List[Dict[str, Any]]:
     """Each row with ``column`` (the first report column showing its cell; "" when none) and ``paper`` (the
-    published figure of that noise and column as printed; "" when the paper has none)."""
+    published figure of that attack and column as printed; "" when the paper has none)."""
     out = []
     for r in rows:
         cell = (r["purifier"], r["victim"], r["mode"])
         col = next((name for name, cells in columns.items() if cell in cells), "")
-        fig = paper_text(paper_table, r["noise"], col) if paper_table and col else None
+        fig = paper_text(paper_table, r["attack"], col) if paper_table and col else None
         out.append({**r, "column": col, "paper": fig or ""})
     return out
 
 
 def columns_markdown(rows: Sequence[Dict[str, Any]], columns: Dict[str, List[Cell]], *, paper_table: str = "") -> str:
-    """Per dataset: rows = noise, the study's report columns, cells = top-1 % (the best of a column's cells),
+    """Per dataset: rows = attack, the study's report columns, cells = top-1 % (the best of a column's cells),
     with the paper's figure beside ours where the paper has one."""
     table = get_paper_table(paper_table) if paper_table else None
     parts = []
@@ -179,10 +179,10 @@ def columns_markdown(rows: Sequence[Dict[str, Any]], columns: Dict[str, List[Cel
         for r in sub:
             for name, cells in columns.items():
                 if (r["purifier"], r["victim"], r["mode"]) in cells and r["test_top1"] is not None:
-                    acc.setdefault((r["noise"], name), []).append(float(r["test_top1"]))
+                    acc.setdefault((r["attack"], name), []).append(float(r["test_top1"]))
         title = f"### {ds}: clean test accuracy (%)" + (f", ours (paper): {table.source}" if table else "")
-        lines = [title, "", "| noise | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-        for n in _ordered([r["noise"] for r in sub if any((r["noise"], c) in acc for c in columns)]):
+        lines = [title, "", "| attack | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+        for n in _ordered([r["attack"] for r in sub if any((r["attack"], c) in acc for c in columns)]):
             vals = []
             for c in columns:
                 ours = max(acc[(n, c)]) if (n, c) in acc else None
@@ -263,18 +263,18 @@ def accuracy_plot(rows: Sequence[Dict[str, Any]], path: Path) -> Optional[Path]:
     fig, axes = plt.subplots(len(groups), 1, figsize=(9, 3.2 * len(groups)), squeeze=False)
     for ax, (ds, mode) in zip(axes[:, 0], groups):
         sub = [r for r in rows if r["dataset"] == ds and r["mode"] == mode]
-        noises = _ordered([r["noise"] for r in sub])
+        attacks = _ordered([r["attack"] for r in sub])
         series = _ordered([(r["purifier"], r["victim"]) for r in sub])
         width = 0.8 / max(len(series), 1)
         for j, (p, v) in enumerate(series):
             ys = [
-                next((r["test_top1"] for r in sub if (r["noise"], r["purifier"], r["victim"]) == (n, p, v)), 0.0)
-                for n in noises
+                next((r["test_top1"] for r in sub if (r["attack"], r["purifier"], r["victim"]) == (n, p, v)), 0.0)
+                for n in attacks
             ]
             label = p if len({s[1] for s in series}) == 1 else f"{p} · {v}"
-            ax.bar([i + (j - (len(series) - 1) / 2) * width for i in range(len(noises))], ys, width, label=label)
-        ax.set_xticks(range(len(noises)))
-        ax.set_xticklabels(noises)
+            ax.bar([i + (j - (len(series) - 1) / 2) * width for i in range(len(attacks))], ys, width, label=label)
+        ax.set_xticks(range(len(attacks)))
+        ax.set_xticklabels(attacks)
         ax.set_ylabel("clean test top-1 (%)")
         ax.set_ylim(0, 100)
         ax.set_title(f"{ds}, {mode} training")
@@ -302,7 +302,7 @@ def curves_plot(records: Sequence[Dict[str, Any]], path: Path) -> Optional[Path]
             with open(Path(r["dir"]) / "curve.csv") as f:
                 pts = [(int(row["step"]), float(row["train_acc"])) for row in csv.DictReader(f)]
             if pts:
-                ax.plot(*zip(*pts), label=f"{t['noise']} / {t['purifier']}", lw=1)
+                ax.plot(*zip(*pts), label=f"{t['attack']} / {t['purifier']}", lw=1)
         ax.set_xlabel("step")
         ax.set_ylabel("train accuracy (%)")
         ax.set_title(f"{g[0]}, {g[1]} training, victim {g[2]}")
@@ -312,29 +312,29 @@ def curves_plot(records: Sequence[Dict[str, Any]], path: Path) -> Optional[Path]
 
 
 def image_grids(records: Sequence[Dict[str, Any]], out_dir: Path, n: int = 6) -> List[Path]:
-    """Per (dataset, noise): clean | poisoned | noise ×8 | each purifier's output (same keys)."""
-    from uedist.engine.purify_common import comparison_grid, diff_column, read_columns
+    """Per (dataset, attack): clean | poisoned | noise ×8 | each purifier's output (same keys)."""
+    from uedist.engine.purifiers.common import comparison_grid, diff_column, read_columns
 
     clean_of: Dict[str, str] = {}
     poisoned: Dict[Tuple[str, str], str] = OrderedDict()
     purified: Dict[Tuple[str, str], List[Tuple[str, str]]] = {}
     for r in records:
         t = r["tags"]
-        if r["kind"] == "noise":
-            poisoned[(t["dataset"], t["noise"])] = r["output"]
+        if r["kind"] == "attack":
+            poisoned[(t["dataset"], t["attack"])] = r["output"]
             clean_of[t["dataset"]] = r["inputs"]["train"]
         elif r["kind"] == "purify":
-            purified.setdefault((t["dataset"], t["noise"]), []).append((t["purifier"], r["output"]))
+            purified.setdefault((t["dataset"], t["attack"]), []).append((t["purifier"], r["output"]))
             clean_of.setdefault(t["dataset"], r["inputs"].get("clean", ""))
     written = []
-    for (ds, noise), pset in poisoned.items():
-        sets: List[Tuple[str, Optional[Path]]] = [("clean", Path(clean_of[ds])), (noise, Path(pset))]
-        sets += [(p, Path(o)) for p, o in purified.get((ds, noise), [])]
+    for (ds, attack), pset in poisoned.items():
+        sets: List[Tuple[str, Optional[Path]]] = [("clean", Path(clean_of[ds])), (attack, Path(pset))]
+        sets += [(p, Path(o)) for p, o in purified.get((ds, attack), [])]
         if not all((s / "manifest.json").is_file() for _, s in sets if s is not None):
             continue
         cols = read_columns(sets, n)
         cols.insert(2, ("noise x8", diff_column(cols[1][1], cols[0][1])))
-        written.append(comparison_grid(cols, out_dir / f"grid_{ds}_{noise}.png"))
+        written.append(comparison_grid(cols, out_dir / f"grid_{ds}_{attack}.png"))
     return written
 
 

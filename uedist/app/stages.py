@@ -1,7 +1,9 @@
-"""Stage discovery: import every module of :mod:`uedist.engine` (each registers its stages with ``@stage``) and
-the modules named in ``UEDIST_PLUGINS`` (comma-separated import paths), so a new attack or purifier is one module
-plus one YAML: drop it into ``uedist/engine/`` (or name it in ``UEDIST_PLUGINS``) and every launch script, the
-study pipeline, ``uedist stages`` and the report know it.
+"""Stage discovery: import every module of :mod:`uedist.engine` and of its subpackages (``attacks/``,
+``purifiers/``, ``train/``; each module registers its stages with ``@stage``) and the modules named in
+``UEDIST_PLUGINS`` (comma-separated import paths), so a new attack or purifier is one module plus one YAML: drop it
+into ``uedist/engine/attacks/`` or ``uedist/engine/purifiers/`` (or name it in ``UEDIST_PLUGINS``) and every launch
+script, the study pipeline, ``uedist stages``, the report and the registry-driven tests know it
+(docs/architecture.md, "Adding a stage").
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ def load_stages() -> None:
     import uedist.engine as engine
     import uedist.models  # noqa: F401  (registers the model zoo the stages build from)
 
-    for info in pkgutil.iter_modules(engine.__path__):
-        importlib.import_module(f"uedist.engine.{info.name}")
+    for info in pkgutil.walk_packages(engine.__path__, prefix="uedist.engine."):
+        importlib.import_module(info.name)
     for name in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
         importlib.import_module(name)
 

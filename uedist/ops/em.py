@@ -1,5 +1,5 @@
 """EM's class-wise update rules (Huang et al., ICLR 2021), as pure tensor functions; the rounds live in
-``uedist.engine.em``. Images in [0, 1]; noises, radii and steps in that unit (/255 converted by the caller).
+``uedist.engine.attacks.em``. Images in [0, 1]; noises, radii and steps in that unit (/255 converted by the caller).
 
 reference (HanxunH/Unlearnable-Examples, ``universal_perturbation`` with ``min_min_attack`` at one step): per
 batch, each sample takes one signed descent step from its class noise, then the class noise becomes the mean of

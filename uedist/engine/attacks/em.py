@@ -29,19 +29,22 @@ import dataclasses
 import math
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Literal
 
 import torch
 import torch.nn.functional as F
 
-from uedist.config import identity, require
+from uedist.config import identity, positive, require
 from uedist.data.loaders import make_train_loader
 from uedist.data.manifest import Manifest, load_manifest
 from uedist.dist import get_logger
+from uedist.engine.attacks.base import attack_summary, batch_gen, write_poisoned
+from uedist.engine.attacks.surrogate import SurrogateConfig, make_eot, set_grad, surrogate_for
 from uedist.engine.evaluate import evaluate
 from uedist.engine.inner import inner_chunk
-from uedist.engine.loop import (
+from uedist.engine.train.loop import (
     Prepared,
     Tracker,
     check_finite,
@@ -51,15 +54,6 @@ from uedist.engine.loop import (
     sync_buffers,
     train_batches,
     write_curve,
-)
-from uedist.engine.noise import (
-    NoiseConfig,
-    _batch_gen,
-    _set_grad,
-    make_eot,
-    noise_summary,
-    surrogate_for,
-    write_poisoned,
 )
 from uedist.io import atomic_write_json
 from uedist.models.wrappers import Normalized
@@ -77,10 +71,50 @@ from uedist.registry import stage
 log = get_logger(__name__)
 
 
+@dataclass
+class EMRounds:
+    """The ``em`` section: EM rounds. Defaults: the reference code (HanxunH/Unlearnable-Examples, REFERENCE.md);
+    uedist's earlier rule and settings stay available: ``rule=summed augment=true normalize=true grad_clip=0
+    start=random batch_size=128``."""
+
+    mode: Literal["samplewise", "classwise"] = "samplewise"
+    train_steps: int = positive(10)  # surrogate steps between noise passes (reference 10)
+    stop_error: float = 0.01  # stop when the surrogate's error on x + δ is below this (reference 0.01)
+    max_rounds: int = positive(50)
+    # Class-wise update. reference: over a fraction `subset` of the train set in batches of `batch_size`, each
+    # sample takes one signed step of noise_step_size from its class noise, then class noise := the per-class mean
+    # of those results, clamped to ±eps (sums and counts all-reduced across ranks). summed (ours): noise_steps
+    # signed steps of the gradient summed over a batch (and the ranks), one fresh batch each.
+    rule: Literal["reference", "summed"] = "reference"
+    subset: float = 0.2  # class-wise reference rule: the fraction of the train set one round's pass reads (ref. 0.2)
+    batch_size: int = positive(512)  # global batch: surrogate and class-wise pass (reference 512; ours 128)
+    augment: bool = False  # surrogate trains (and class-wise steps see) on t(x + δ), the EOT `augment` (ours: true)
+    normalize: bool = False  # surrogate normalizes its input with the dataset mean/std (reference: [0, 1] as is)
+    grad_clip: float = 5.0  # surrogate gradient-norm clip (reference 5; 0 = off, ours)
+    start: Literal["zero", "random"] = "zero"  # the first noise: zero (reference) or uniform in ±eps (ours)
+
+    def validate(self) -> None:
+        require(0 < self.subset <= 1, f"subset must be in (0, 1], got {self.subset}")
+        require(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        require(0 <= self.stop_error <= 1, f"stop_error must be in [0, 1], got {self.stop_error}")
+
+
+@dataclass
+class EMConfig(SurrogateConfig):
+    """EM (Huang et al., ICLR 2021): the surrogate family's fields plus the rounds of the ``em`` section."""
+
+    em: EMRounds = field(default_factory=EMRounds)
+
+
 @stage(
-    "em", kind="noise", schema=NoiseConfig, inputs=("data.train", "data.test"), output="poisoned", summary=noise_summary
+    "em",
+    kind="attack",
+    schema=EMConfig,
+    inputs=("data.train", "data.test"),
+    output="poisoned",
+    summary=attack_summary,
 )
-def generate_em(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
+def generate_em(cfg: EMConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """Run EM rounds to the stop criterion, write the poisoned set; returns the summary (also metrics.json).
 
     The surrogate trains on the one step loop (:func:`uedist.engine.loop.run_steps`: autocast under ``bf16``,
@@ -140,7 +174,7 @@ def generate_em(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[str, 
         "mode": cfg.em.mode,
         "name": cfg.name,
         "train": cfg.data.train,
-        "eps": cfg.eps,
+        "eps": cfg.budget,
         "rounds": rnd,
         "final_error": error,
         "history": history,
@@ -157,7 +191,7 @@ def generate_em(cfg: NoiseConfig, accelerator: Any, run_dir: Path) -> Dict[str, 
     return summary
 
 
-def em_surrogate(cfg: NoiseConfig, m: Manifest) -> Normalized:
+def em_surrogate(cfg: EMConfig, m: Manifest) -> Normalized:
     """The surrogate of ``surrogate_for``; without ``em.normalize`` (the reference) its network takes the [0, 1]
     images as they are (mean 0, std 1)."""
     model = surrogate_for(cfg, m)
@@ -167,12 +201,12 @@ def em_surrogate(cfg: NoiseConfig, m: Manifest) -> Normalized:
     return Normalized(model.net, [0.0] * c, [1.0] * c)
 
 
-def em_eot(cfg: NoiseConfig, m: Manifest, gen: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
+def em_eot(cfg: EMConfig, m: Manifest, gen: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
     """t: the EOT augmentation of ``cfg.augment`` with ``em.augment`` (ours), else the identity (the reference)."""
     return make_eot(cfg, m, gen) if cfg.em.augment else (lambda z: z)
 
 
-def _train_round(cfg: NoiseConfig, p: Prepared, *, data: Path, eot: Any, rnd: int, tracker: Tracker) -> None:
+def _train_round(cfg: EMConfig, p: Prepared, *, data: Path, eot: Any, rnd: int, tracker: Tracker) -> None:
     """``em.train_steps`` steps of standard training (cross-entropy on t(x + δ), t = ``eot``; batch
     ``em.batch_size``, gradient norm clipped to ``em.grad_clip``) on the round's poisoned set; global steps
     ``rnd·train_steps + 1 ..``; the round's checkpoint is saved by the caller once its noise is written."""
@@ -212,35 +246,35 @@ def _train_round(cfg: NoiseConfig, p: Prepared, *, data: Path, eot: Any, rnd: in
 
 
 def _delta(
-    cfg: NoiseConfig, model: torch.nn.Module, x: torch.Tensor, *, y: torch.Tensor, start: Any, keys: List[str]
+    cfg: EMConfig, model: torch.nn.Module, x: torch.Tensor, *, y: torch.Tensor, start: Any, keys: List[str]
 ) -> torch.Tensor:
     """Sample-wise δ for x (B, C, H, W) in [0, 1]: K_u signed steps of α_u from ``start`` (the previous round's δ;
     in round 1 zero with ``em.start=zero``, else the seeded uniform start of ``min_min_noise``), no augmentation."""
     if start is None and cfg.em.start == "zero":
         start = torch.zeros_like(x)
     model.eval()
-    _set_grad(model, False)
+    set_grad(model, False)
     try:
         return min_min_noise(
             forward=model,
             x=x,
             y=y,
-            eps=cfg.eps / 255,
+            eps=cfg.budget / 255,
             alpha=cfg.noise_step_size / 255,
             steps=cfg.noise_steps,
             eot=lambda z: z,
             samples=1,
             inner="none",
             delta=start,
-            gen=_batch_gen(cfg.seed, keys, device=x.device),
+            gen=batch_gen(cfg.seed, keys, device=x.device),
             chunk=inner_chunk(cfg, x, n=x.shape[0], bf16=False),
         )
     finally:
-        _set_grad(model, True)
+        set_grad(model, True)
 
 
 def _write_round(
-    cfg: NoiseConfig,
+    cfg: EMConfig,
     model: torch.nn.Module,
     *,
     current: Path,
@@ -253,7 +287,7 @@ def _write_round(
     from uedist.engine.map_pass import run_map_pass
     from uedist.ops.noise import quantize_noise
 
-    eps_u8 = int(cfg.eps)
+    eps_u8 = int(cfg.budget)
     if cfg.em.mode == "classwise":
 
         def fn(x_u8, y, keys):
@@ -282,17 +316,17 @@ def _write_round(
     )
 
 
-def initial_classwise(cfg: NoiseConfig, m: Manifest, device: torch.device) -> torch.Tensor:
+def initial_classwise(cfg: EMConfig, m: Manifest, device: torch.device) -> torch.Tensor:
     """The class noises (C, 3, H, W) before round 1: zero (``em.start=zero``, the reference) or seeded uniform in
     ±ρ_u (ours)."""
     h, w = m.image_size
     if cfg.em.start == "zero":
         return torch.zeros(m.num_classes, 3, h, w, device=device)
     g = torch.Generator().manual_seed(cfg.seed)
-    return ((torch.rand(m.num_classes, 3, h, w, generator=g) * 2 - 1) * cfg.eps / 255).to(device)
+    return ((torch.rand(m.num_classes, 3, h, w, generator=g) * 2 - 1) * cfg.budget / 255).to(device)
 
 
-def classwise_batches(cfg: NoiseConfig, m: Manifest, *, rnd: int, accelerator: Any) -> Any:
+def classwise_batches(cfg: EMConfig, m: Manifest, *, rnd: int, accelerator: Any) -> Any:
     """This rank's batches of round ``rnd``'s class-wise pass, from the clean set's seeded stream, ``em.batch_size``
     global (split across ranks): reference ⌈subset·N / batch⌉ batches (the reference reads a fixed stratified
     20 % split, reshuffled each round; here each round draws that many samples afresh), summed K_u batches."""
@@ -315,15 +349,15 @@ def classwise_batches(cfg: NoiseConfig, m: Manifest, *, rnd: int, accelerator: A
 
 
 def _classwise_update(
-    cfg: NoiseConfig, model: torch.nn.Module, *, m: Any, noise: Any, eot: Any, rnd: int, accelerator: Any
+    cfg: EMConfig, model: torch.nn.Module, *, m: Any, noise: Any, eot: Any, rnd: int, accelerator: Any
 ) -> torch.Tensor:
     """One round's pass of ``em.rule`` over :func:`classwise_batches`, the surrogate frozen. reference: per batch,
     per-class sums and counts of the one-step results are all-reduced, then class noise := their mean, clamped;
     summed: one signed step per batch along the gradient summed across ranks."""
-    device, eps, alpha = accelerator.device, cfg.eps / 255, cfg.noise_step_size / 255
+    device, eps, alpha = accelerator.device, cfg.budget / 255, cfg.noise_step_size / 255
     noise = noise if noise is not None else initial_classwise(cfg, m, device)
     model.eval()
-    _set_grad(model, False)
+    set_grad(model, False)
     try:
         for batch in classwise_batches(cfg, m, rnd=rnd, accelerator=accelerator):
             x, y = to_unit(batch["image"].to(device)), batch["label"].to(device)
@@ -336,21 +370,23 @@ def _classwise_update(
                 grad = accelerator.reduce(classwise_summed_grad(model, x, y, noise, eot=eot), reduction="sum")
                 noise = classwise_summed_update(noise, grad, eps=eps, alpha=alpha)
     finally:
-        _set_grad(model, True)
+        set_grad(model, True)
         model.train()
     return noise.detach()
 
 
 def _finalize(
-    cfg: NoiseConfig, model: torch.nn.Module, *, current: Path, classwise: Any, accelerator: Any, run_dir: Path
+    cfg: EMConfig, model: torch.nn.Module, *, current: Path, classwise: Any, accelerator: Any, run_dir: Path
 ) -> Dict[str, Any]:
     """Write the final poisoned set (the newest round's noise, applied to the clean set) with noise statistics."""
     if cfg.em.mode == "classwise":
         make = lambda x, y, keys: classwise[y]  # noqa: E731
-        return write_poisoned(cfg, accelerator, run_dir, make_delta=make, stage="noise:em", extra={"mode": "classwise"})
+        return write_poisoned(
+            cfg, accelerator, run_dir, make_delta=make, stage="attack:em", extra={"mode": "classwise"}
+        )
     if current == Path(cfg.data.train):
         raise RuntimeError("EM finished without a single round (max_rounds=0?)")
     # the newest round already is clip(x + δ): copy it as the result through a map pass that checks ε per pixel
     return write_poisoned(
-        cfg, accelerator, run_dir, make_delta=None, stage="noise:em", extra={"mode": "samplewise"}, aux=current
+        cfg, accelerator, run_dir, make_delta=None, stage="attack:em", extra={"mode": "samplewise"}, aux=current
     )

@@ -1,6 +1,6 @@
 """TAP: targeted adversarial poisoning (Fowl et al., NeurIPS 2021, "Adversarial examples make strong poisons").
 
-    accelerate launch launch/noise.py --config configs/tap/cifar10.yaml [source_model=runs/<clean victim>]
+    accelerate launch launch/attack.py --config configs/tap/cifar10.yaml [source_model=runs/<clean victim>]
 
 A model trained on the clean set (``source_model``: a finished victim run; or, when empty, ``source_victim``
 trained first into ``<run>/source``, recorded in the provenance) is attacked towards the class permutation
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from uedist.config import require
 from uedist.data.manifest import load_manifest
-from uedist.engine.attacks import AttackConfig, SourceSpec, batch_gen, finish_attack, source_model
-from uedist.engine.noise import noise_summary
+from uedist.engine.attacks.base import AttackConfig, attack_summary, batch_gen, finish_attack
+from uedist.engine.attacks.source import SourceSpec, source_model
 from uedist.ops import augment
 from uedist.ops.budget import Budget
 from uedist.precision import amp_args, use_channels_last
@@ -111,7 +111,12 @@ def tap_delta(cfg: TAPConfig, model: torch.nn.Module, *, num_classes: int, size:
 
 
 @stage(
-    "tap", kind="noise", schema=TAPConfig, inputs=("data.train", "data.test"), output="poisoned", summary=noise_summary
+    "tap",
+    kind="attack",
+    schema=TAPConfig,
+    inputs=("data.train", "data.test"),
+    output="poisoned",
+    summary=attack_summary,
 )
 def generate_tap(cfg: TAPConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """TAP: targeted PGD (y -> y+1) against a clean model, with augmentation; ℓ∞ ``budget``."""

@@ -36,17 +36,8 @@ import torch
 
 from uedist.config import identity, location, positive, require, runtime
 from uedist.data.manifest import Manifest, ManifestError, load_manifest
-from uedist.engine.loop import (
-    OptimConfig,
-    Tracker,
-    check_finite,
-    prepare_training,
-    run_steps,
-    train_batches,
-    write_curve,
-)
 from uedist.engine.map_pass import pass_seconds, run_map_pass
-from uedist.engine.purify_common import (
+from uedist.engine.purifiers.common import (
     PSNRStats,
     PurifyInputError,
     check_clean,
@@ -56,7 +47,16 @@ from uedist.engine.purify_common import (
     read_columns,
 )
 from uedist.engine.stats import RunningSums
-from uedist.engine.victim import ranks_in_sync
+from uedist.engine.train.loop import (
+    OptimConfig,
+    Tracker,
+    check_finite,
+    prepare_training,
+    run_steps,
+    train_batches,
+    write_curve,
+)
+from uedist.engine.train.victim import ranks_in_sync
 from uedist.io import atomic_write_json
 from uedist.models.dvae import DVAE, dvae_loss
 from uedist.ops.images import to_uint8, to_unit

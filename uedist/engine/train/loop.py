@@ -219,7 +219,7 @@ class Prepared:
     elapsed: float  # training seconds before this process started
     config: Any  # the run's config (a schema dataclass): saved in full with every checkpoint, guarded by identity
     accelerator: Any = None
-    # The backend (DDP through Accelerate unless set, e.g. DeepSpeed ZeRO in uedist.engine.zero):
+    # The backend (DDP through Accelerate unless set, e.g. DeepSpeed ZeRO in uedist.engine.train.zero):
     update_fn: Optional[Callable[[torch.Tensor, float], None]] = None  # backward + (clipped) optimizer step
     save_fn: Optional[Callable[[int, float, Dict[str, Any]], None]] = None  # collective checkpoint
     wrapper: str = ""  # what trains the model, for metrics ("DistributedDataParallel", "DeepSpeedEngine(ZeRO-2)")

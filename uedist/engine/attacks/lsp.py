@@ -1,7 +1,7 @@
 """LSP: linearly separable synthetic perturbations (Yu et al., KDD 2022, "Availability attacks create shortcuts";
 SEM's "SC"). No model: class-wise Gaussian clusters in a low-dimensional patch space, upsampled to the image.
 
-    accelerate launch launch/noise.py --config configs/lsp/cifar10.yaml [l2=4.0]
+    accelerate launch launch/attack.py --config configs/lsp/cifar10.yaml [l2=4.0]
 
 The reference (github.com/dayu11/Availability-Attacks-Create-Shortcuts, synthetic_perturbations/, and APBench's
 attack/lsp_poisons.py) draws ``sklearn.make_classification`` points with one cluster per class (class_sep 10, as
@@ -24,8 +24,7 @@ import torch
 
 from uedist.config import require
 from uedist.data.manifest import load_manifest
-from uedist.engine.attacks import AttackConfig, finish_attack, key_gen
-from uedist.engine.noise import noise_summary
+from uedist.engine.attacks.base import AttackConfig, attack_summary, finish_attack, key_gen
 from uedist.ops.budget import Budget
 from uedist.registry import stage
 
@@ -78,7 +77,7 @@ def lsp_delta(cfg: LSPConfig, *, num_classes: int, size: tuple) -> Any:
     return make
 
 
-@stage("lsp", kind="noise", schema=LSPConfig, inputs=("data.train",), output="poisoned", summary=noise_summary)
+@stage("lsp", kind="attack", schema=LSPConfig, inputs=("data.train",), output="poisoned", summary=attack_summary)
 def generate_lsp(cfg: LSPConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """LSP: class-wise synthetic patch noise at ℓ2 ``l2`` per image (no model); writes the poisoned set."""
     m = load_manifest(cfg.data.train)

@@ -2,7 +2,7 @@
 training run form an ensemble; δ pulls each image's penultimate features towards the centroid of a wrong class
 under every checkpoint, with variance-reduced ensemble steps.
 
-    accelerate launch launch/noise.py --config configs/sep/cifar10.yaml [source_model=runs/<victim with snapshots>]
+    accelerate launch launch/attack.py --config configs/sep/cifar10.yaml [source_model=runs/<victim with snapshots>]
 
 As the reference (github.com/Sizhe-Chen/SEP, ens_feature_svre.py, run with --num_model=15 --msvrg=15 --eps=8):
 ``num_models`` (15) snapshots evenly spaced through one clean run, the last included (the victim's ``snapshots``
@@ -32,16 +32,8 @@ import torch.nn.functional as F
 from uedist.checkpoint import load_weights
 from uedist.config import ConfigError, require
 from uedist.data.manifest import load_manifest
-from uedist.engine.attacks import (
-    AttackConfig,
-    SourceSpec,
-    batch_gen,
-    class_sums,
-    features_and_logits,
-    finish_attack,
-    source_model,
-)
-from uedist.engine.noise import noise_summary
+from uedist.engine.attacks.base import AttackConfig, attack_summary, batch_gen, class_sums, finish_attack
+from uedist.engine.attacks.source import SourceSpec, features_and_logits, source_model
 from uedist.ops.budget import Budget
 from uedist.precision import amp_args, use_channels_last
 from uedist.registry import stage
@@ -71,7 +63,7 @@ def pick_snapshots(files: List[Path], n: int) -> List[Path]:
 
 
 def _ensemble(cfg: SEPConfig, accelerator: Any, run_dir: Path, *, m: Any) -> Dict[str, Any]:
-    from uedist.engine.victim import list_snapshots
+    from uedist.engine.train.victim import list_snapshots
 
     base, info = source_model(cfg, accelerator, run_dir, m=m, extra=[f"snapshots={cfg.source_snapshots}"])
     files = pick_snapshots(list_snapshots(Path(info["run"])), cfg.num_models)
@@ -132,7 +124,12 @@ def sep_delta(cfg: SEPConfig, *, models: List[torch.nn.Module], cents: List[torc
 
 
 @stage(
-    "sep", kind="noise", schema=SEPConfig, inputs=("data.train", "data.test"), output="poisoned", summary=noise_summary
+    "sep",
+    kind="attack",
+    schema=SEPConfig,
+    inputs=("data.train", "data.test"),
+    output="poisoned",
+    summary=attack_summary,
 )
 def generate_sep(cfg: SEPConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """SEP-FA-VR: feature alignment to a wrong class over a checkpoint ensemble of one clean run; ℓ∞ ``budget``."""

@@ -27,9 +27,9 @@ from uedist.data.loaders import make_map_loader
 from uedist.diffusion.purify import jcdp_guidance, purify, reference_lambdas
 from uedist.diffusion.schedule import Schedule
 from uedist.dist import get_logger
-from uedist.engine.ddpm import load_ddpm
 from uedist.engine.map_pass import run_map_pass
 from uedist.engine.stats import RunningSums
+from uedist.engine.train.ddpm import load_ddpm
 from uedist.io import atomic_write_json
 from uedist.models.lpips import build_lpips
 from uedist.ops.images import to_uint8, to_unit

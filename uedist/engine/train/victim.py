@@ -23,7 +23,7 @@ from uedist.config import ConfigError, location, positive, require, runtime
 from uedist.data.manifest import Manifest, load_manifest
 from uedist.engine.evaluate import evaluate
 from uedist.engine.inner import forward_fn, inner_chunk
-from uedist.engine.loop import (
+from uedist.engine.train.loop import (
     OptimConfig,
     Prepared,
     StepsDone,

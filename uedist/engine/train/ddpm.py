@@ -2,7 +2,7 @@
 
     accelerate launch launch/ddpm.py --config configs/ddpm/cifar10.yaml
     torchrun --nproc_per_node 2 launch/ddpm.py --config configs/ddpm/imagenet256.yaml \
-        deepspeed=configs/deepspeed/zero2_bf16.json          # DeepSpeed ZeRO-2 (uedist.engine.zero)
+        deepspeed=configs/deepspeed/zero2_bf16.json          # DeepSpeed ZeRO-2 (uedist.engine.train.zero)
 
 Per step (global batch split across ranks): uint8 batch -> [-1, 1] -> random horizontal flip -> t ~ U{0..t_max−1},
 ε ~ N(0, I) -> x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε -> loss ‖ε − ε_θ(x_t, t)‖² (the "simple" ε-prediction loss, Eq. 14)
@@ -31,7 +31,7 @@ from uedist.diffusion.ema import EMA
 from uedist.diffusion.purify import sample
 from uedist.diffusion.schedule import Schedule
 from uedist.dist import get_logger
-from uedist.engine.loop import (
+from uedist.engine.train.loop import (
     OptimConfig,
     Prepared,
     StepsDone,
@@ -42,7 +42,7 @@ from uedist.engine.loop import (
     train_batches,
     write_curve,
 )
-from uedist.engine.victim import ranks_in_sync
+from uedist.engine.train.victim import ranks_in_sync
 from uedist.io import atomic_write_json
 from uedist.models.unet import UNETS, UNet
 from uedist.ops import augment
@@ -203,7 +203,7 @@ def ddpm_summary(m: Dict[str, Any], run_dir: Path) -> str:
 @stage("ddpm", kind="ddpm", schema=DDPMConfig, inputs=("data.train",), output="run", summary=ddpm_summary)
 def train_ddpm(cfg: DDPMConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """Train or fine-tune (resumable); writes checkpoints, curve.csv, samples.png and metrics.json; returns metrics.
-    Under DDP, or with ``cfg.deepspeed`` set under DeepSpeed ZeRO (:mod:`uedist.engine.zero`): one step loop."""
+    Under DDP, or with ``cfg.deepspeed`` set under DeepSpeed ZeRO (:mod:`uedist.engine.train.zero`): one step loop."""
     world, device = accelerator.num_processes, accelerator.device
     torch.manual_seed(cfg.seed)
     net = build_unet(cfg.unet)
@@ -254,7 +254,7 @@ def _prepare(cfg: DDPMConfig, net: torch.nn.Module, *, accelerator: Any, run_dir
     optim = OptimConfig(lr=cfg.lr, schedule="constant", warmup_steps=cfg.warmup_steps, weight_decay=0.0)
     common = dict(accelerator=accelerator, ckpt_root=run_dir, seed=cfg.seed, config=cfg, ckpt_every=cfg.ckpt_every)
     if cfg.deepspeed:
-        from uedist.engine.zero import deepspeed_config, prepare_deepspeed
+        from uedist.engine.train.zero import deepspeed_config, prepare_deepspeed
 
         world = accelerator.num_processes
         if cfg.data.batch_size % world:

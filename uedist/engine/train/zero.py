@@ -20,7 +20,7 @@ from typing import Any, Dict
 import torch
 
 from uedist.dist import get_logger
-from uedist.engine.loop import Checkpointer, OptimConfig, Prepared, config_state, data_digests, make_scheduler
+from uedist.engine.train.loop import Checkpointer, OptimConfig, Prepared, config_state, data_digests, make_scheduler
 
 log = get_logger(__name__)
 

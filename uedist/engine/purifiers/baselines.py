@@ -8,7 +8,7 @@ summary``: the baselines below (one ``PurifyConfig``, ``method`` picks the op), 
 purified set keeps keys and labels, is stored losslessly (PNG), and records its parents and config. With
 ``data.clean`` (the clean set the poisoned one was made from, sharded alike) the pass also reports PSNR of the
 poisoned and the purified images against the clean ones. The shared parts of the purifiers (input checks,
-PSNR statistics, comparison grid) are in ``uedist.engine.purify_common``.
+PSNR statistics, comparison grid) are in ``uedist.engine.purifiers.common``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from uedist.config import identity, location, positive, require, runtime
 from uedist.data.manifest import ManifestError, load_manifest
 from uedist.dist import get_logger
 from uedist.engine.map_pass import run_map_pass
-from uedist.engine.purify_common import (
+from uedist.engine.purifiers.common import (
     PSNRStats,
     PurifyInputError,
     check_clean,

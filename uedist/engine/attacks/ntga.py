@@ -1,7 +1,7 @@
 """NTGA: neural tangent generalization attack (Yuan & Wu, ICML 2021). No trained model: the closed-form
 infinite-width network (:mod:`uedist.ops.ntk`), block-wise over the training set.
 
-    accelerate launch launch/noise.py --config configs/ntga/cifar10.yaml
+    accelerate launch launch/attack.py --config configs/ntga/cifar10.yaml
 
 Each block of ``final_batch_size`` training samples (the map pass's batch, keys in order; reference block 512)
 is perturbed to *raise* the cross-entropy, on a clean target set, of the infinite-width network trained on the
@@ -39,8 +39,7 @@ import torch.nn.functional as F
 from uedist.config import require, runtime
 from uedist.data.loaders import make_map_loader
 from uedist.data.manifest import load_manifest
-from uedist.engine.attacks import AttackConfig, finish_attack
-from uedist.engine.noise import noise_summary
+from uedist.engine.attacks.base import AttackConfig, attack_summary, finish_attack
 from uedist.ops.budget import Budget
 from uedist.ops.images import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, to_unit
 from uedist.ops.ntk import CNNKernel, FCKernel, Kernel, gd_mse_predict
@@ -152,11 +151,11 @@ def ntga_block(
 
 @stage(
     "ntga",
-    kind="noise",
+    kind="attack",
     schema=NTGAConfig,
     inputs=("data.train", "data.test"),
     output="poisoned",
-    summary=noise_summary,
+    summary=attack_summary,
 )
 def generate_ntga(cfg: NTGAConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """NTGA: per block, signed steps raising the infinite-width network's target loss; ℓ∞ ``budget``."""

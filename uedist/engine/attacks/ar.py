@@ -1,7 +1,7 @@
 """AR: autoregressive perturbations (Sandoval-Segura et al., NeurIPS 2022). No model: one 3-channel AR process per
 class; each image gets a fresh realization scaled to ℓ2 ``l2``.
 
-    accelerate launch launch/noise.py --config configs/ar/cifar10.yaml [l2=4.0]
+    accelerate launch launch/attack.py --config configs/ar/cifar10.yaml [l2=4.0]
 
 As the reference (github.com/psandovalsegura/autoregressive-poisoning, autoregressive.py and
 create_ar_poisons_3channel.py): per channel c a 3×3 coefficient window b_c whose last entry is 0; a Gaussian start
@@ -28,8 +28,7 @@ import torch
 
 from uedist.config import require
 from uedist.data.manifest import load_manifest
-from uedist.engine.attacks import AttackConfig, finish_attack, key_gen
-from uedist.engine.noise import noise_summary
+from uedist.engine.attacks.base import AttackConfig, attack_summary, finish_attack, key_gen
 from uedist.ops.budget import Budget
 from uedist.registry import stage
 
@@ -127,7 +126,7 @@ def ar_delta(cfg: ARConfig, *, num_classes: int, size: tuple) -> Any:
     return make
 
 
-@stage("ar", kind="noise", schema=ARConfig, inputs=("data.train",), output="poisoned", summary=noise_summary)
+@stage("ar", kind="attack", schema=ARConfig, inputs=("data.train",), output="poisoned", summary=attack_summary)
 def generate_ar(cfg: ARConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """AR: class-wise autoregressive-process noise at ℓ2 ``l2`` per image (no model); writes the poisoned set."""
     m = load_manifest(cfg.data.train)

@@ -1,7 +1,7 @@
 """OPS: the one-pixel shortcut (Wu et al., ICLR 2023). Per class one pixel position and one colour, set in every
 image of the class: ℓ0 = 1 (``pixels`` positions), no model.
 
-    accelerate launch launch/noise.py --config configs/ops/cifar10.yaml
+    accelerate launch launch/attack.py --config configs/ops/cifar10.yaml
 
 As the reference (github.com/cychomatica/One-Pixel-Shotcut, ops_poisons_generate in APBench): the colours are
 the 2^C corners of the RGB cube; for class k, position p and colour c the score is
@@ -26,8 +26,7 @@ import torch
 
 from uedist.config import identity, require
 from uedist.data.manifest import load_manifest
-from uedist.engine.attacks import AttackConfig, class_sums, finish_attack
-from uedist.engine.noise import noise_summary
+from uedist.engine.attacks.base import AttackConfig, attack_summary, class_sums, finish_attack
 from uedist.io import atomic_write_json
 from uedist.ops.budget import Budget
 from uedist.registry import stage
@@ -121,7 +120,7 @@ def ops_delta(picks: List[List[Dict[str, Any]]]) -> Any:
     return make
 
 
-@stage("ops", kind="noise", schema=OPSConfig, inputs=("data.train",), output="poisoned", summary=noise_summary)
+@stage("ops", kind="attack", schema=OPSConfig, inputs=("data.train",), output="poisoned", summary=attack_summary)
 def generate_ops(cfg: OPSConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """OPS: per class the most separating pixel and colour, set in each of its images (ℓ0 = ``pixels``)."""
     import time

@@ -1,0 +1,1 @@
+"""Training: the one step loop and checkpointing, the DeepSpeed ZeRO backend, the victim and the DDPM."""
