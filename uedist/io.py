@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Union
+from typing import IO, Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
 PathLike = Union[str, os.PathLike]
 TMP_SUFFIX = ".tmp"  # temp files are ".<final name>.<random>.tmp" beside the final file
@@ -87,13 +87,18 @@ NUMPY_ARRAY_GLOBALS = frozenset(
 )
 
 
-def restricted_unpickle(f: Any, *, allowed: Any, what: str, encoding: str = "ASCII") -> Any:
+def restricted_unpickle(
+    f: Any, *, allowed: Any, what: str, encoding: str = "ASCII", replace: Optional[Dict[Tuple[str, str], Any]] = None
+) -> Any:
     """Unpickle ``f`` admitting only the (module, name) globals in ``allowed``; any other is refused, naming it
-    and ``what`` the file is (pickle.UnpicklingError), and never imported or called."""
+    and ``what`` the file is (pickle.UnpicklingError), and never imported or called. ``replace`` maps an admitted
+    global to a checked stand-in (e.g. a ``bytearray`` that refuses a size argument)."""
     import pickle
 
     class _Restricted(pickle.Unpickler):
         def find_class(self, module: str, name: str) -> Any:
+            if replace and (module, name) in replace:
+                return replace[(module, name)]
             if (module, name) in allowed:
                 return super().find_class(module, name)
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from {what}")

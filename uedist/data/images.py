@@ -15,6 +15,17 @@ import numpy as np
 from PIL import Image
 
 Image.MAX_IMAGE_PIXELS = 200_000_000  # refuse decompression bombs, but allow large photos
+# Bounds checked from the header, before anything is decoded or resized (no small file may size a huge allocation):
+# the decode's peak working set (the raw bands plus the conversion to 8-bit RGB), the decoded size a file may claim
+# per byte of itself beyond a small image (a real photo compresses ~10:1; a flat 16-bit bomb ~10,000:1), and the
+# intermediate image of a resize (a 1 x 10^7 strip scaled to fill 32 x 32 would be 32 x 3.2*10^8).
+MAX_DECODE_BYTES = 2 << 30
+MAX_EXPANSION, SMALL_DECODE_BYTES = 1_000, 64 << 20
+MAX_RESIZE_PIXELS = 64_000_000
+# bytes per pixel while decoding and converting, by PIL mode (unlisted modes: 12 bytes)
+# (the raw bands, each intermediate of _to_uint8_rgb, the RGB result and its copy)
+_MODE_BYTES = {"1": 8, "L": 8, "P": 8, "RGB": 9, "RGBA": 18, "LA": 18, "PA": 18, "CMYK": 10, "YCbCr": 9}
+_MODE_BYTES.update({m: 22 for m in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")})
 
 ResizeMode = Literal["center_crop", "squash", "none"]
 ENCODINGS = ("jpg", "png", "npy")
@@ -32,13 +43,13 @@ def _to_uint8_rgb(img: Image.Image) -> Image.Image:
         return img
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(img)
-        if mode.startswith("I;16") or (mode == "I" and a.max(initial=0) > 255):
-            a = a.astype(np.float64) / (65535.0 if a.max(initial=0) > 255 or mode.startswith("I;16") else 255.0)
+        if mode.startswith("I;16") or (mode == "I" and a.max(initial=0) > 255):  # float32: 4 bytes a pixel, not 8
+            a = a.astype(np.float32) / (65535.0 if a.max(initial=0) > 255 or mode.startswith("I;16") else 255.0)
         elif mode == "F":
             hi = float(a.max(initial=0))
-            a = a / (hi if hi > 1.0 else 1.0)
+            a = a / np.float32(hi if hi > 1.0 else 1.0)
         else:
-            a = a / 255.0
+            a = a / np.float32(255.0)
         a8 = np.clip(np.round(a * 255.0), 0, 255).astype(np.uint8)
         return Image.fromarray(a8, "L").convert("RGB")
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
@@ -58,11 +69,29 @@ def load_rgb(data: bytes, name: str = "<bytes>") -> Tuple[np.ndarray, str]:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 fmt = img.format or "?"
+                _check_decode_size(img, len(data), name)
                 img.load()  # decode now: a truncated file fails here, not later
                 rgb = _to_uint8_rgb(img)
                 return np.asarray(rgb, dtype=np.uint8).copy(), fmt
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise CorruptImageError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
+
+
+def _check_decode_size(img: Image.Image, nbytes: int, name: str) -> None:
+    """Refuse, from the header alone, an image whose decode would need more than :data:`MAX_DECODE_BYTES` or that
+    claims more than :data:`MAX_EXPANSION` decoded bytes per byte of file (beyond a small image)."""
+    w, h = img.size
+    need = w * h * _MODE_BYTES.get(img.mode, 12)
+    if need > MAX_DECODE_BYTES:
+        raise CorruptImageError(
+            f"cannot decode image {name}: {w}x{h} {img.mode} would need {need / 2**30:.1f} GiB to decode "
+            f"(limit {MAX_DECODE_BYTES / 2**30:.0f} GiB)"
+        )
+    if need > SMALL_DECODE_BYTES and need > MAX_EXPANSION * max(nbytes, 1):
+        raise CorruptImageError(
+            f"cannot decode image {name}: a {nbytes}-byte file claims {w}x{h} {img.mode} "
+            f"({need / 2**20:.0f} MiB decoded, over {MAX_EXPANSION}x its size): refused as a decompression bomb"
+        )
 
 
 def to_canonical(arr: np.ndarray, size: Tuple[int, int], mode: ResizeMode = "center_crop") -> np.ndarray:
@@ -82,6 +111,10 @@ def to_canonical(arr: np.ndarray, size: Tuple[int, int], mode: ResizeMode = "cen
         return np.asarray(img.resize((tw, th), Image.BICUBIC), dtype=np.uint8)
     scale = max(th / h, tw / w)
     nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+    if nh * nw > MAX_RESIZE_PIXELS:  # an extreme aspect ratio: resample only the centre box, never the whole strip
+        bw, bh = tw / scale, th / scale
+        x0, y0 = (w - bw) / 2, (h - bh) / 2
+        return np.asarray(img.resize((tw, th), Image.BICUBIC, box=(x0, y0, x0 + bw, y0 + bh)), dtype=np.uint8)
     img = img.resize((nw, nh), Image.BICUBIC)
     top, left = (nh - th) // 2, (nw - tw) // 2
     return np.asarray(img.crop((left, top, left + tw, top + th)), dtype=np.uint8)

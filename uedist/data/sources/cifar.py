@@ -26,11 +26,25 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 _ALLOWED = NUMPY_ARRAY_GLOBALS | {("_codecs", "encode"), ("builtins", "bytearray")}
 
 
+def _bytearray_of_data(*args: Any) -> bytearray:
+    """``bytearray`` as a pickle may call it: only over data the file holds (bytes, or str + encoding). A size
+    argument (``bytearray(10**13)``: a 65-byte file asking for 10 TB) is refused before anything is allocated."""
+    if args and not isinstance(args[0], (bytes, bytearray, str)):
+        raise pickle.UnpicklingError(f"refusing bytearray({type(args[0]).__name__}) in a CIFAR batch file")
+    return bytearray(*args)
+
+
 def load_cifar_batch(path: Union[str, Path]) -> Dict[str, Any]:
     """One official CIFAR python batch -> dict with str keys. Refuses anything but plain data."""
     try:
         with open(path, "rb") as f:
-            d = restricted_unpickle(f, allowed=_ALLOWED, what="a CIFAR batch file", encoding="bytes")
+            d = restricted_unpickle(
+                f,
+                allowed=_ALLOWED,
+                what="a CIFAR batch file",
+                encoding="bytes",
+                replace={("builtins", "bytearray"): _bytearray_of_data},
+            )
     except FileNotFoundError:
         raise SourceError(f"CIFAR batch file not found: {path}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
