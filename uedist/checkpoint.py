@@ -5,11 +5,17 @@ file naming the newest complete checkpoint folder). Every rank writes its own RN
 after a barrier the main process writes ``state.pt`` (model, optimizer, scheduler, step, extra state, the
 resolved config), renames the folder into place and then rewrites ``latest`` — so ``latest`` only ever names a
 complete checkpoint, and a job killed at any moment resumes from the last one. Files load with
-``weights_only=True``: a checkpoint cannot run code.
+``weights_only=True``: a checkpoint cannot run code. Each folder carries ``sha256.json`` (the digest of every file
+in it, written before the folder is renamed into place): a file that no longer matches (a flipped byte, a
+truncation) is refused, naming it, instead of resuming with damaged weights. When ``latest`` is missing the newest
+complete folder is used, with a warning, rather than starting over.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import pickle
 import random
@@ -24,6 +30,8 @@ from uedist.io import atomic_open, atomic_write_text
 
 PathLike = Union[str, os.PathLike]
 LATEST = "latest"
+DIGESTS = "sha256.json"
+log = logging.getLogger(__name__)
 
 
 def rng_state(gens: Optional[Dict[str, torch.Generator]] = None) -> Dict[str, Any]:
@@ -103,6 +111,8 @@ def save_checkpoint(
     barrier()
     if rank == 0:
         _save({**state, "step": step}, tmp / "state.pt")
+        digests = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        atomic_write_text(tmp / DIGESTS, json.dumps(digests, indent=1, sort_keys=True) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -110,6 +120,35 @@ def save_checkpoint(
         _prune(root, keep)
     barrier()
     return final
+
+
+def _sha256(f: Path) -> str:
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_file(f: Path) -> None:
+    """Check one file of a checkpoint folder against the folder's ``sha256.json`` (folders written before the
+    digests existed have none and are not checked); CheckpointError naming the file when it does not match."""
+    table = f.parent / DIGESTS
+    if not table.is_file():
+        return
+    try:
+        want = json.loads(table.read_text()).get(f.name)
+    except (ValueError, AttributeError):
+        raise CheckpointError(f"{table}: damaged digest table (not JSON of file -> sha256)") from None
+    if want is None:
+        raise CheckpointError(f"{f}: not listed in {table} (a file added to the checkpoint folder afterwards?)")
+    if not f.is_file():
+        raise CheckpointError(f"{f}: listed in {table} but missing (checkpoint folder damaged)")
+    if _sha256(f) != want:
+        raise CheckpointError(
+            f"{f}: sha256 differs from the one written with the checkpoint (the file is damaged: a changed or "
+            "truncated byte); it was not loaded. Delete this step folder to resume from the one before."
+        )
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -129,6 +168,10 @@ def latest_checkpoint(ckpt_dir: PathLike) -> Optional[Path]:
     root = Path(ckpt_dir)
     pointer = root / LATEST
     if not pointer.is_file():
+        done = sorted(p for p in root.glob("step-*") if p.is_dir() and (p / "state.pt").is_file())
+        if done:  # the pointer was deleted: resume from the newest complete folder, never silently from step 0
+            log.warning("%s is missing: resuming from %s, the newest complete checkpoint folder", pointer, done[-1])
+            return done[-1]
         return None
     name = pointer.read_text().strip()
     path = root / name
@@ -151,6 +194,7 @@ def load_state(path: PathLike, map_location: Union[str, torch.device] = "cpu") -
 def load_weights(f: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
     """Load one file written by :func:`save_weights` or as a checkpoint's ``state.pt``, weights_only."""
     f = Path(f)
+    verify_file(f)
     try:
         return torch.load(f, map_location=map_location, weights_only=True)
     except FileNotFoundError:
@@ -167,5 +211,9 @@ def restore_rng(path: PathLike, rank: int, gens: Optional[Dict[str, torch.Genera
     f = Path(path) / f"rng-rank{rank}.pt"
     if not f.is_file():
         return False
-    set_rng_state(torch.load(f, map_location="cpu", weights_only=True), gens)
+    state = load_weights(f)
+    try:
+        set_rng_state(state, gens)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise CheckpointError(f"{f}: not an RNG state uedist wrote ({type(e).__name__}: {e})") from None
     return True

@@ -1,0 +1,73 @@
+"""Checkpoints are checked before they are trusted (Reliability II, item 8): a flipped byte in ``state.pt`` or a
+truncated RNG file is refused naming the file, and a deleted ``latest`` pointer resumes from the newest complete
+folder instead of silently retraining from step 0."""
+
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+from uedist.checkpoint import CheckpointError, latest_checkpoint, load_state, restore_rng, save_checkpoint
+
+
+def _save(root, step):
+    state = {"model": {"w": torch.arange(1000, dtype=torch.float32)}, "note": "x"}
+    return save_checkpoint(root, step, state, rank=0, barrier=lambda: None)
+
+
+def _flip_a_tensor_byte(f):
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x40  # inside the tensor storage, the largest member: the zip container stays valid
+    f.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_in_state_is_refused_naming_the_file(tmp_path):
+    path = _save(tmp_path, 10)
+    assert torch.equal(load_state(path)["model"]["w"], torch.arange(1000, dtype=torch.float32))
+    _flip_a_tensor_byte(path / "state.pt")
+    with pytest.raises(CheckpointError, match=r"state\.pt: sha256 differs"):
+        load_state(path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_damaged_rng_file_is_refused(tmp_path, damage):
+    path = _save(tmp_path, 10)
+    f = path / "rng-rank0.pt"
+    f.write_bytes(f.read_bytes()[:40] if damage == "truncate" else b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="rng-rank0.pt"):
+        restore_rng(path, 0)
+
+
+def test_old_checkpoints_without_digests_still_load(tmp_path):
+    path = _save(tmp_path, 10)
+    (path / "sha256.json").unlink()
+    assert load_state(path)["note"] == "x" and restore_rng(path, 0)
+
+
+def test_a_deleted_latest_pointer_resumes_from_the_newest_complete_folder(tmp_path, caplog):
+    _save(tmp_path, 10)
+    newest = _save(tmp_path, 20)
+    (tmp_path / "latest").unlink()
+    with caplog.at_level(logging.WARNING):
+        assert latest_checkpoint(tmp_path) == newest
+    assert "latest is missing" in caplog.text or "missing" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_victim_resumed_from_a_damaged_checkpoint_exits_2(tmp_path, synth_sets):
+    args = [
+        sys.executable, str(REPO / "launch/victim.py"), "--config", str(REPO / "configs/victim/synthetic.yaml"),
+        f"data.train={synth_sets / 'train'}", f"data.test={synth_sets / 'test'}", f"run_root={tmp_path}", "name=v",
+        "progress=false", "data.workers=0", "model.width=0.125", "epochs=0", "steps=6", "ckpt_every=5",
+    ]  # fmt: skip
+    first = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    ckpt = latest_checkpoint(tmp_path / "v" / "checkpoints")
+    _flip_a_tensor_byte(ckpt / "state.pt")
+    (tmp_path / "v" / "metrics.json").unlink(missing_ok=True)  # the same command again: it resumes from ckpt
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2, again.stderr[-2000:]
+    assert "state.pt: sha256 differs" in again.stderr + again.stdout
