@@ -1,11 +1,13 @@
 """Loaders over shard sets: the resampled training stream and the ordered map-pass reader.
 
-**Training stream** (``make_train_loader``): WebDataset-style — each (rank, worker) stream picks shards at random
+**Training stream** (``make_train_loader``): WebDataset-style — each rank's stream picks shards at random
 with replacement, reads each sequentially, and passes samples through a shuffle buffer; it yields exactly
 ``num_steps`` batches per rank, so ranks never disagree on the step count whatever the shard sizes. Which
 sample comes next depends only on the seed and the shard counts, never on the bytes, so the stream can be
 fast-forwarded to any step without decoding (exact resume: ``start_step``), then re-reads only the shards that
-hold the samples still in its buffer.
+hold the samples still in its buffer. The stream does not depend on the number of loader workers: each worker
+replays the rank's positions and decodes only the batches it serves, so a run resumed with other ``data.workers``
+(other hardware) reads the batches the uninterrupted run would have read.
 
 **Map-pass reader** (``make_map_loader``): shard i goes to rank i mod world (then worker j mod workers within the
 rank); batches never cross a shard and come in key order, each tagged with its shard index and whether it is the
@@ -95,7 +97,6 @@ class TrainStream(IterableDataset):
         world_size: int = 1,
         shuffle_buffer: int = 1000,
         start_step: int = 0,
-        num_workers: int = 0,
         verify: bool = True,
     ) -> None:
         self.folder = Path(folder)
@@ -105,26 +106,18 @@ class TrainStream(IterableDataset):
         self.batch_size, self.num_steps, self.seed = batch_size, num_steps, seed
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.start_step, self.verify = shuffle_buffer, start_step, verify
-        self.num_workers = max(1, num_workers)  # the loader's worker count: part of the stream's identity
-
-    def _role(self) -> Tuple[int, int]:
-        """(original worker this process plays, batches of that worker already consumed before start_step)."""
-        info = get_worker_info()
-        w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        if nw != self.num_workers:
-            raise RuntimeError(f"TrainStream built for {self.num_workers} workers runs in {nw}")
-        s = self.start_step
-        o = (s + w) % nw
-        return o, (s + w - o) // nw
 
     def __iter__(self) -> Iterator[Dict[str, object]]:
-        o, skip_batches = self._role()
-        nw = self.num_workers
-        total = len(range(o, self.num_steps, nw))  # steps this (original) worker serves
-        rng = np.random.default_rng([self.seed, self.rank, o, 0x5EED])
+        info = get_worker_info()
+        w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        # One stream per rank, whatever the worker count: every worker replays its positions (RNG draws only) and
+        # reads its shards' raw bytes, and decodes only the batches it serves (steps start + w, start + w + nw, ...,
+        # the order in which the DataLoader takes them from its workers). So a run's batches, and so its result,
+        # do not depend on data.workers: a job killed with 0 workers resumes with 8 to the same weights.
+        rng = np.random.default_rng([self.seed, self.rank, 0x5EED])
         stream = _PositionStream([s.count for s in self.manifest.shards], rng, self.shuffle_buffer)
         events = stream.events()
-        skip = skip_batches * self.batch_size
+        skip = self.start_step * self.batch_size
         while skip > 0:  # fast-forward: positions only
             kind, _ = next(events)
             skip -= kind == "emit"
@@ -134,18 +127,23 @@ class TrainStream(IterableDataset):
         if stream.visit >= 0 and stream.offset < stream.counts[stream.shard]:
             reader = self._open(stream.shard, skip=stream.offset)
             reader_visit = stream.visit
-        batch: List[Sample] = []
-        for done in range(skip_batches, total):
-            while len(batch) < self.batch_size:
+        for step in range(self.start_step, self.num_steps):
+            mine = (step - self.start_step) % nw == w
+            batch: List[Sample] = []
+            got = 0
+            while got < self.batch_size:
                 kind, pos = next(events)
                 if kind == "enter":
                     if reader_visit != pos[0]:
                         reader, reader_visit = self._open(pos[1]), pos[0]
                     cache[pos] = next(reader)  # type: ignore[arg-type]
                 else:
-                    batch.append(cache.pop(pos))
-            yield _collate(batch, self.manifest, str(self.folder))
-            batch = []
+                    sample = cache.pop(pos)
+                    got += 1
+                    if mine:
+                        batch.append(sample)
+            if mine:
+                yield _collate(batch, self.manifest, str(self.folder))
 
     def _open(self, shard: int, skip: int = 0) -> Iterator[Sample]:
         it = read_shard(
@@ -250,7 +248,6 @@ def make_train_loader(
         world_size=world_size,
         shuffle_buffer=shuffle_buffer,
         start_step=start_step,
-        num_workers=num_workers,
         verify=verify,
     )
     return DataLoader(
