@@ -36,6 +36,11 @@ def source_model(
         vdir = Path(cfg.source_model)
         if not (vdir / "config.yaml").is_file():
             raise ConfigError(f"source_model: {vdir} is not a victim run folder (no config.yaml)")
+        if not (vdir / "metrics.json").is_file():
+            raise ConfigError(
+                f"source_model: {vdir} has not finished (no metrics.json): rerun its victim command to finish it, "
+                "or name a finished run"
+            )
         vcfg = load_config(VictimConfig, str(vdir / "config.yaml"), [])
         trained = False
     else:
@@ -84,11 +89,31 @@ def _load_victim_weights(vcfg: Any, vdir: Path, *, m: Manifest, build: Callable)
         raise ConfigError(
             f"source model {vdir}: trained on {train_m.num_classes} classes, the set to poison has {m.num_classes}"
         )
+    if list(train_m.image_size) != list(m.image_size):
+        raise ConfigError(
+            f"source model {vdir}: trained on {train_m.image_size[0]}x{train_m.image_size[1]} images, the set to "
+            f"poison has {m.image_size[0]}x{m.image_size[1]}"
+        )
     model = build(vcfg, train_m)
     path = latest_checkpoint(vdir / "checkpoints")
     if path is None:
         raise FileNotFoundError(f"source model {vdir}: no checkpoint under {vdir / 'checkpoints'}")
-    model.load_state_dict(load_state(path)["model"])
+    state = load_state(path)
+    saved = state.get("identity")
+    if isinstance(saved, dict) and saved != identity(vcfg):
+        keys = sorted(k for k in set(saved) | set(identity(vcfg)) if saved.get(k) != identity(vcfg).get(k))
+        raise ConfigError(
+            f"source model {vdir}: config.yaml does not match the config its checkpoint was trained with "
+            f"(differs in {', '.join(keys)}); the weights are {path}"
+        )
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[:2]
+        raise ConfigError(
+            f"source model {vdir}: {path / 'state.pt'} does not fit the model its config.yaml builds "
+            f"({' '.join(first)[:200]})"
+        ) from None
     return model
 
 
