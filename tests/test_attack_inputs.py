@@ -61,3 +61,51 @@ def test_tap_refuses_a_source_run_it_cannot_trust(synth_sets, victim_run, tmp_pa
 def test_tap_runs_from_a_finished_source(synth_sets, victim_run, tmp_path):
     r = _tap(synth_sets, tmp_path, victim_run)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def other_sets(tmp_path_factory):
+    """A test set of other classes (6, not 4) and one of another image size (24 px), and an empty one."""
+    from tests.conftest import build
+
+    root = tmp_path_factory.mktemp("other")
+    classes = build(root / "classes", "synthetic.num_classes=6", "synthetic.size=16", "synthetic.num_train=60",
+                    "synthetic.num_test=30", "shard_size=30")  # fmt: skip
+    size = build(root / "size", "synthetic.num_classes=4", "synthetic.size=24", "synthetic.num_train=40",
+                 "synthetic.num_test=20", "shard_size=20")  # fmt: skip
+    return {"classes": classes / "test", "size": size / "test"}
+
+
+@pytest.mark.parametrize("which, message", [("classes", "class lists differ"), ("size", "image sizes differ")])
+def test_sem_refuses_a_test_set_of_other_classes_or_size_before_training(synth_sets, other_sets, tmp_path, which,
+                                                                        message):  # fmt: skip
+    args = [
+        sys.executable, str(REPO / "launch/sem.py"), f"data.train={synth_sets / 'train'}",
+        f"data.test={other_sets[which]}", "data.build=", f"run_root={tmp_path}", "name=s", "progress=false",
+        "data.workers=0", "steps=2", "surrogate.width=0.125",
+    ]  # fmt: skip
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert message in r.stdout + r.stderr and "Traceback" not in r.stdout + r.stderr
+    assert not (tmp_path / "s" / "surrogate").exists()  # refused before any training
+
+
+def test_evaluating_on_an_empty_test_set_is_an_error_not_zero_percent(synth_sets, tmp_path):
+    import json
+
+    import torch
+
+    from uedist.data.manifest import ManifestError
+    from uedist.engine.evaluate import evaluate
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    m = json.loads((synth_sets / "test" / "manifest.json").read_text())
+    m.update(shards=[], num_samples=0, class_counts=[0] * len(m["classes"]))
+    (empty / "manifest.json").write_text(json.dumps(m))
+
+    class Acc:
+        device, process_index, num_processes = torch.device("cpu"), 0, 1
+
+    with pytest.raises(ManifestError, match="no samples"):
+        evaluate(torch.nn.Linear(1, 1), empty, accelerator=Acc())

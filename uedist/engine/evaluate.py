@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from uedist.data.loaders import make_map_loader
-from uedist.data.manifest import load_manifest
+from uedist.data.manifest import ManifestError, load_manifest
 from uedist.ops.images import to_unit
 
 
@@ -29,6 +29,8 @@ def evaluate(
     Call on every rank with the *unwrapped* model (evaluating through the DDP wrapper would sync BatchNorm
     buffers from rank 0 mid-pass); the counts are summed across ranks."""
     m = load_manifest(folder)
+    if m.num_samples == 0:
+        raise ManifestError(f"{folder}: the test set has no samples, so no accuracy can be measured on it")
     device = accelerator.device
     was_training = model.training
     model.eval()

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 
-from uedist.config import JobConfig, identity, location, positive, require, runtime
+from uedist.config import Precision, Resumable, Seeded, identity, location, positive, require, runtime
 from uedist.data.loaders import make_map_loader
 from uedist.data.manifest import Manifest, keys_of, load_manifest
 from uedist.dist import get_logger
@@ -48,23 +48,20 @@ class AttackData:
 
 
 @dataclass
-class AttackConfig(JobConfig):
-    """The fields every attack has (on the run fields of :class:`uedist.config.JobConfig`); each attack's config
-    adds its own settings. An ℓ∞ limit is called ``budget`` (/255) in every attack."""
+class AttackConfig(Precision, Resumable, Seeded):
+    """The fields every attack has (on the run fields of :class:`uedist.config.JobConfig`: name, run_root,
+    progress, seed, resume, bf16, channels_last); each attack's config adds its own settings. An ℓ∞ limit is called
+    ``budget`` (/255) in every attack."""
 
     renamed = {"eps": "budget"}  # old key -> new key: an old config is refused with the new name
 
     method: str = ""  # the stage (fixed by the registry)
-    name: str = location("attack")
+    name: str = location("attack")  # redeclared for its default: the run's folder is named after the stage
     out: str = location("")  # the poisoned shard set; default <run_root>/<name>/poisoned
-    seed: int = 0
     data: AttackData = field(default_factory=AttackData)
     final_batch_size: int = positive(256)  # the map pass's batch (NTGA: its block)
     poison_ratio: float = 1.0  # D-VAE Tables 8-9: a seeded fraction of the keys poisoned, the rest clean
     save_noise: bool = False  # also store the int8 noise per sample (noise.npy)
-    bf16: Optional[bool] = False  # null = auto: on only where bf16 is native (uedist.precision)
-    channels_last: Optional[bool] = False  # null = auto: with native bf16
-    resume: bool = runtime(True)
 
     def validate(self) -> None:
         require(0 < self.poison_ratio <= 1, f"poison_ratio must be in (0, 1], got {self.poison_ratio}")
@@ -107,6 +104,15 @@ class NoiseStats:
         }
 
 
+def check_test_set(cfg: Any, m: Manifest) -> None:
+    """Before any work: an attack's optional clean test set (``data.test``, where its surrogate or source model is
+    scored) must have the train set's classes and image size, else its "clean test accuracy" means nothing."""
+    if getattr(cfg.data, "test", ""):
+        m.check_compatible(
+            load_manifest(cfg.data.test), what=f"data.train {cfg.data.train} vs data.test {cfg.data.test}: "
+        )
+
+
 def poison_keys(m: Manifest, *, ratio: float, seed: int) -> Optional[Set[int]]:
     """The keys a ``poison_ratio`` < 1 poisons: exactly round(ratio · N) of them, a seeded draw over the set's keys
     (None = all). When the manifest cannot list the keys (gaps it does not record), each key is kept by a seeded
@@ -126,6 +132,22 @@ def _hash_kept(key: int, *, ratio: float, seed: int) -> bool:
     return int.from_bytes(h[:8], "big") / 2**64 < ratio
 
 
+def _noise_info(
+    cfg: Any, budget: Budget, *, ratio: float, chosen: Optional[Set[int]], extra: Optional[Dict[str, Any]]
+) -> Dict[str, Any]:
+    """The poisoned manifest's ``noise`` record: method, budget, the stage's ``extra``, and (``ratio`` < 1) which
+    keys were poisoned and by which rule."""
+    info: Dict[str, Any] = {"method": cfg.method, "norm": budget.norm, "eps": budget.eps, **(extra or {})}
+    if ratio < 1.0:
+        info["poison"] = {
+            "ratio": ratio,
+            "seed": cfg.seed,
+            "rule": "exact seeded draw" if chosen is not None else "seeded hash per key (fraction on average)",
+            "keys": sorted(chosen) if chosen is not None else None,
+        }
+    return info
+
+
 def write_poisoned(
     cfg: Any,
     accelerator: Any,
@@ -140,13 +162,13 @@ def write_poisoned(
     """Phase 2: the shard map pass that writes clip(x + δ) for every sample (resumable by shard).
 
     ``make_delta(x, y, keys)`` gives δ in [0, 1] units; or, with ``make_delta=None`` and ``aux`` (an already
-    poisoned set of the same samples), δ = aux − x is re-quantized and checked. ``budget`` (default ℓ∞ ``cfg.eps``)
+    poisoned set of the same samples), δ = aux − x is re-quantized and checked. ``budget`` (default ℓ∞ ``cfg.budget``)
     is applied to every sample and checked on what is written: a sample over it stops the job. With
     ``cfg.poison_ratio`` < 1 only a seeded subset of the keys is perturbed (δ is computed for those alone), the
     rest is copied; the manifest lists the poisoned keys. ``cfg`` is any config with the noise fields
     (``out``, ``data``, ``final_batch_size``, ``method``, ``seed``, ``save_noise``, ``progress``)."""
     out = Path(cfg.out) if cfg.out else run_dir / "poisoned"
-    budget = budget or Budget("linf", float(cfg.eps))
+    budget = budget or Budget("linf", float(cfg.budget))
     stats = NoiseStats(accelerator.device, budget)
     ratio = float(getattr(cfg, "poison_ratio", 1.0))
     chosen = poison_keys(load_manifest(cfg.data.train), ratio=ratio, seed=cfg.seed)
@@ -179,14 +201,7 @@ def write_poisoned(
         d = (p.to(torch.int16) - x_u8.to(torch.int16)).to(torch.int8).permute(0, 2, 3, 1).cpu().numpy()
         return [{"noise.npy": npy_bytes(a)} for a in d]
 
-    info: Dict[str, Any] = {"method": cfg.method, "norm": budget.norm, "eps": budget.eps, **(extra or {})}
-    if ratio < 1.0:
-        info["poison"] = {
-            "ratio": ratio,
-            "seed": cfg.seed,
-            "rule": "exact seeded draw" if chosen is not None else "seeded hash per key (fraction on average)",
-            "keys": sorted(chosen) if chosen is not None else None,
-        }
+    info = _noise_info(cfg, budget, ratio=ratio, chosen=chosen, extra=extra)
     t0 = time.time()
     m = run_map_pass(
         Path(cfg.data.train),

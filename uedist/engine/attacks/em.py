@@ -10,7 +10,7 @@ Rounds, until the surrogate's error on x + δ falls below ``em.stop_error`` (or 
    poisoned set is written;
 3. the surrogate's accuracy on the new poisoned set decides whether to stop.
 
-Defaults are the reference code's (HanxunH/Unlearnable-Examples; REFERENCE.md "EM in the reference code"): the
+Defaults are the reference code's (HanxunH/Unlearnable-Examples; docs/noise.md): the
 surrogate sees x + δ in [0, 1] without normalization (``em.normalize``) and without augmentation
 (``em.augment``), batch 512, clip 5; noise starts at zero (``em.start``); class-wise, per batch of a 20 % pass
 (``em.subset``), one signed step per sample from its class noise, then class noise := the per-class mean,
@@ -40,18 +40,17 @@ from uedist.config import identity, positive, require
 from uedist.data.loaders import make_train_loader
 from uedist.data.manifest import Manifest, load_manifest
 from uedist.dist import get_logger
-from uedist.engine.attacks.base import attack_summary, batch_gen, write_poisoned
+from uedist.engine.attacks.base import attack_summary, batch_gen, check_test_set, write_poisoned
 from uedist.engine.attacks.surrogate import SurrogateConfig, make_eot, set_grad, surrogate_for
 from uedist.engine.evaluate import evaluate
 from uedist.engine.inner import inner_chunk
+from uedist.engine.train.checkpoints import check_finite, sync_buffers
 from uedist.engine.train.loop import (
     Prepared,
     Tracker,
-    check_finite,
     prepare_training,
     run_steps,
     save_training,
-    sync_buffers,
     train_batches,
     write_curve,
 )
@@ -73,7 +72,7 @@ log = get_logger(__name__)
 
 @dataclass
 class EMRounds:
-    """The ``em`` section: EM rounds. Defaults: the reference code (HanxunH/Unlearnable-Examples, REFERENCE.md);
+    """The ``em`` section: EM rounds. Defaults: the reference code (HanxunH/Unlearnable-Examples);
     uedist's earlier rule and settings stay available: ``rule=summed augment=true normalize=true grad_clip=0
     start=random batch_size=128``."""
 
@@ -113,14 +112,29 @@ class EMConfig(SurrogateConfig):
     inputs=("data.train", "data.test"),
     output="poisoned",
     summary=attack_summary,
+    smoke=(
+        "surrogate.width=0.125",
+        "data.batch_size=16",
+        "data.workers=0",
+        "noise_steps=2",
+        "final_batch_size=64",
+        "em.max_rounds=2",
+        "em.train_steps=3",
+        "em.stop_error=0.0",
+        "em.batch_size=16",
+        "log_every=2",
+        "ckpt_every=2",
+    ),
+    budget=("linf", "budget"),
 )
 def generate_em(cfg: EMConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """Run EM rounds to the stop criterion, write the poisoned set; returns the summary (also metrics.json).
 
-    The surrogate trains on the one step loop (:func:`uedist.engine.loop.run_steps`: autocast under ``bf16``,
+    The surrogate trains on the one step loop (:func:`uedist.engine.train.loop.run_steps`: autocast under ``bf16``,
     NaN guard, progress, curve, optional TensorBoard), ``em.train_steps`` steps a round; the checkpoint is saved
     after each round (its poisoned set written and scored), so a killed job resumes at its last finished round."""
     m = load_manifest(cfg.data.train)
+    check_test_set(cfg, m)
     require(cfg.em.train_steps >= 1, f"em.train_steps must be >= 1, got {cfg.em.train_steps}")
     torch.manual_seed(cfg.seed)
     p = prepare_training(

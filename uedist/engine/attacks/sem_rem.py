@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from uedist.config import positive, require
 from uedist.data.manifest import load_manifest
 from uedist.dist import get_logger
-from uedist.engine.attacks.base import attack_summary, batch_gen, write_poisoned
+from uedist.engine.attacks.base import attack_summary, batch_gen, check_test_set, write_poisoned
 from uedist.engine.attacks.surrogate import (
     SurrogateConfig,
     eot_size,
@@ -34,7 +34,8 @@ from uedist.engine.attacks.surrogate import (
     surrogate_for,
 )
 from uedist.engine.inner import forward_fn, inner_chunk
-from uedist.engine.train.loop import Tracker, check_finite, prepare_training, run_steps, train_batches, write_curve
+from uedist.engine.train.checkpoints import check_finite
+from uedist.engine.train.loop import Tracker, prepare_training, run_steps, train_batches, write_curve
 from uedist.io import atomic_write_json
 from uedist.models.wrappers import Normalized
 from uedist.ops.images import to_unit
@@ -211,7 +212,25 @@ def surrogate_step(
 
 
 _SEM_STAGE = dict(
-    kind="attack", schema=SEMConfig, inputs=("data.train", "data.test"), output="poisoned", summary=attack_summary
+    kind="attack",
+    schema=SEMConfig,
+    inputs=("data.train", "data.test"),
+    output="poisoned",
+    summary=attack_summary,
+    smoke=(
+        "surrogate.width=0.125",
+        "data.batch_size=16",
+        "data.workers=0",
+        "steps=2",
+        "noise_steps=2",
+        "eot_samples=2",
+        "adv_steps=1",
+        "adv_step_size=2",
+        "final_batch_size=64",
+        "ckpt_every=2",
+        "log_every=2",
+    ),
+    budget=("linf", "budget"),
 )
 
 
@@ -220,6 +239,7 @@ _SEM_STAGE = dict(
 def generate_noise(cfg: SEMConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """SEM / REM: phase 1 (surrogate) then phase 2 (final pass); writes metrics.json; returns the summary."""
     m = load_manifest(cfg.data.train)
+    check_test_set(cfg, m)
     device = accelerator.device
     summary: Dict[str, Any] = {"method": cfg.method, "name": cfg.name, "train": cfg.data.train, "eps": cfg.budget}
     summary["precision"] = resolved(cfg, device)
