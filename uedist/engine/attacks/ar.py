@@ -126,7 +126,16 @@ def ar_delta(cfg: ARConfig, *, num_classes: int, size: tuple) -> Any:
     return make
 
 
-@stage("ar", kind="attack", schema=ARConfig, inputs=("data.train",), output="poisoned", summary=attack_summary)
+@stage(
+    "ar",
+    kind="attack",
+    schema=ARConfig,
+    inputs=("data.train",),
+    output="poisoned",
+    summary=attack_summary,
+    smoke=("data.workers=0",),
+    budget=("l2", "l2"),
+)
 def generate_ar(cfg: ARConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """AR: class-wise autoregressive-process noise at ℓ2 ``l2`` per image (no model); writes the poisoned set."""
     m = load_manifest(cfg.data.train)
@@ -134,6 +143,10 @@ def generate_ar(cfg: ARConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any
         max(m.image_size) <= cfg.max_size,
         f"ar: {m.image_size[0]}x{m.image_size[1]} px is above max_size={cfg.max_size}; the AR process of the "
         "reference is defined for small images (32-96 px)",
+    )
+    require(  # the start signal is (H + crop) x (W + crop): a huge crop would size a huge allocation
+        cfg.crop <= max(m.image_size),
+        f"ar: crop={cfg.crop} is larger than the {max(m.image_size)} px image (reference: 4 at 32 px)",
     )
     make = ar_delta(cfg, num_classes=m.num_classes, size=tuple(m.image_size))
     extra = {"crop": cfg.crop, "coefficients": "seeded: N(0,1), b[2,2]=0, sum 1 per channel"}

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 
-from uedist.config import Precision, Resumable, Seeded, identity, location, positive, require, runtime
+from uedist.config import ConfigError, Precision, Resumable, Seeded, identity, location, positive, require, runtime
 from uedist.data.loaders import make_map_loader
 from uedist.data.manifest import Manifest, keys_of, load_manifest
 from uedist.dist import get_logger
@@ -119,6 +119,11 @@ def poison_keys(m: Manifest, *, ratio: float, seed: int) -> Optional[Set[int]]:
     hash draw instead, which gives the fraction only on average (said in the manifest)."""
     if ratio >= 1.0:
         return None
+    if round(ratio * m.num_samples) == 0:
+        raise ConfigError(
+            f"poison_ratio={ratio:g} of {m.num_samples} samples poisons none (round(ratio x N) = 0); "
+            f"use at least {1 / m.num_samples:.2g}"
+        )
     keys = keys_of(m)
     if keys is None:
         return None
@@ -171,7 +176,9 @@ def write_poisoned(
     budget = budget or Budget("linf", float(cfg.budget))
     stats = NoiseStats(accelerator.device, budget)
     ratio = float(getattr(cfg, "poison_ratio", 1.0))
-    chosen = poison_keys(load_manifest(cfg.data.train), ratio=ratio, seed=cfg.seed)
+    train = load_manifest(cfg.data.train)
+    check_budget_fits(budget, train)
+    chosen = poison_keys(train, ratio=ratio, seed=cfg.seed)
 
     def selected(keys: List[str]) -> torch.Tensor:
         if ratio >= 1.0:
@@ -219,10 +226,37 @@ def write_poisoned(
         stats=[stats.sums],
     )
     res = stats.result(accelerator)
-    if res["eps_violations"]:
-        raise RuntimeError(f"{res['eps_violations']} samples exceed the budget {budget}: refusing to trust {out}")
+    _check_written(res, budget=budget, out=out, intended=len(chosen) if chosen is not None else ratio * m.num_samples)
     spent = pass_seconds(m, accelerator, time.time() - t0)  # over every run of the pass
     return {"out": str(out), "manifest": m, "time_s": spent, **res}
+
+
+def _check_written(res: Dict[str, Any], *, budget: Budget, out: Path, intended: float) -> None:
+    """What the pass wrote is what the attack claims: no sample over the budget (a bug: RuntimeError), and not
+    nothing changed where samples were to be poisoned (a setting that poisons nothing: ConfigError); fewer than
+    half of them changed is said in the log (a budget too small to survive rounding, or saturated images)."""
+    res["intended_samples"] = int(round(intended))
+    if res["eps_violations"]:
+        raise RuntimeError(f"{res['eps_violations']} samples exceed the budget {budget}: refusing to trust {out}")
+    if intended >= 1 and res["changed_samples"] == 0:
+        raise ConfigError(
+            f"{out}: the attack changed none of the {res['intended_samples']} samples it was to poison (budget "
+            f"{budget}): its settings poison nothing (a budget too small to change a whole /255 level?)"
+        )
+    if res["changed_samples"] < 0.5 * intended:
+        log.warning("%s: only %d of %d samples to poison changed", out, res["changed_samples"], round(intended))
+
+
+def check_budget_fits(budget: Budget, m: Manifest) -> None:
+    """Refuse a budget beyond what an image of the set can hold: ℓ2 over √(C·H·W) (every pixel moved by the whole
+    range), ℓ0 over H·W positions. Such a value is a typo (``l2=1e6``), not a weaker constraint."""
+    h, w = m.image_size[0], m.image_size[1]
+    top = {"l2": (3 * h * w) ** 0.5, "l0": float(h * w), "linf": 255.0}[budget.norm]
+    if budget.eps > top:
+        raise ConfigError(
+            f"budget {budget} is more than a {h}x{w} image can hold (at most {top:g}): "
+            "it would allow destroying the image, or overflow"
+        )
 
 
 def batch_gen(seed: int, keys: List[str], device: Optional[torch.device] = None) -> torch.Generator:
@@ -349,7 +383,7 @@ def attack_summary(s: Dict[str, Any], run_dir: Path) -> str:
     lines = [
         "",
         f"{s['method'].upper()} noise: {s['name']}",
-        f"  poisoned shard set   {s['poisoned']}  ({n['samples']} samples written in this run)",
+        f"  poisoned shard set   {s['poisoned']}  ({n['samples']} samples)",
         f"  noise                {noise_line(n, s.get('eps'))}",
     ]
     if "surrogate_acc_poisoned" in s:

@@ -39,11 +39,15 @@ import torch.nn.functional as F
 from uedist.config import require, runtime
 from uedist.data.loaders import make_map_loader
 from uedist.data.manifest import load_manifest
+from uedist.dist import get_logger
 from uedist.engine.attacks.base import AttackConfig, attack_summary, finish_attack
 from uedist.ops.budget import Budget
 from uedist.ops.images import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, to_unit
 from uedist.ops.ntk import CNNKernel, FCKernel, Kernel, gd_mse_predict
+from uedist.ops.pgd import signed_step
 from uedist.registry import stage
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -144,8 +148,7 @@ def ntga_block(
         loss = F.cross_entropy(f, yt)
         (g,) = torch.autograd.grad(loss, delta)
         with torch.no_grad():
-            delta = (delta + alpha * g.sign()).clamp(-eps, eps)
-            delta = (x + delta).clamp(0, 1) - x
+            delta = signed_step(delta, g, alpha=alpha, eps=eps, x=x)
     return delta.detach().to(out_dtype)
 
 
@@ -156,12 +159,15 @@ def ntga_block(
     inputs=("data.train", "data.test"),
     output="poisoned",
     summary=attack_summary,
+    smoke=("final_batch_size=40", "target_size=40", "steps=2", "data.workers=0"),
+    budget=("linf", "budget"),
 )
 def generate_ntga(cfg: NTGAConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """NTGA: per block, signed steps raising the infinite-width network's target loss; ℓ∞ ``budget``."""
     m = load_manifest(cfg.data.train)
     target_set = Path(cfg.target or cfg.data.test)
     require(bool(cfg.target or cfg.data.test), "ntga needs a clean target set: target=... or data.test=...")
+    m.check_compatible(load_manifest(target_set), what=f"ntga: data.train {cfg.data.train} vs target {target_set}: ")
     t0 = time.time()
     target = load_target(target_set, n=cfg.target_size, device=accelerator.device)
     load_s = time.time() - t0
@@ -169,6 +175,13 @@ def generate_ntga(cfg: NTGAConfig, accelerator: Any, run_dir: Path) -> Dict[str,
     mu = torch.tensor(mean, device=accelerator.device).view(1, -1, 1, 1)
     sd = torch.tensor(std, device=accelerator.device).view(1, -1, 1, 1)
     kernel = cfg.make_kernel()
+    largest = max(s.count for s in m.shards)
+    if cfg.final_batch_size > largest:
+        log.warning(
+            "ntga: blocks are cut at shard boundaries: final_batch_size=%d, but the largest shard of %s holds %d "
+            "(rebuild the set with shard_size >= %d for full blocks)",
+            cfg.final_batch_size, cfg.data.train, largest, cfg.final_batch_size,
+        )  # fmt: skip
 
     def make(x: torch.Tensor, y: torch.Tensor, keys: List[str]) -> torch.Tensor:
         return ntga_block(
@@ -184,7 +197,9 @@ def generate_ntga(cfg: NTGAConfig, accelerator: Any, run_dir: Path) -> Dict[str,
     extra = {
         "kernel": cfg.describe_kernel(),
         "rule": cfg.rule,
-        "block": cfg.final_batch_size,
+        # the map pass's batches never cross a shard: the block is at most the largest shard (said, not hidden)
+        "block": min(cfg.final_batch_size, max(s.count for s in m.shards)),
+        "block_requested": cfg.final_batch_size,
         "target": str(target_set),
         "target_size": int(target[1].numel()),
     }

@@ -24,8 +24,8 @@ from typing import Any, Dict, List
 
 import torch
 
-from uedist.config import identity, require
-from uedist.data.manifest import load_manifest
+from uedist.config import ConfigError, identity, require
+from uedist.data.manifest import content_digest, load_manifest
 from uedist.engine.attacks.base import AttackConfig, attack_summary, class_sums, finish_attack
 from uedist.io import atomic_write_json
 from uedist.ops.budget import Budget
@@ -57,25 +57,34 @@ def ops_scores(sx: torch.Tensor, sxx: torch.Tensor, n: torch.Tensor) -> torch.Te
 
 
 def ops_search(scores: torch.Tensor, *, pixels: int, width: int) -> List[List[Dict[str, Any]]]:
-    """Per class (label order) its ``pixels`` highest-scoring (position, colour) pairs, none reused across
-    classes: [{'row', 'col', 'colour': [0/1 per channel], 'score'}, ...] per class."""
+    """Per class (label order) its ``pixels`` highest-scoring (position, colour) pairs at distinct positions, no
+    pair reused across classes: [{'row', 'col', 'colour': [0/1 per channel], 'score'}, ...] per class.
+    ConfigError when a class cannot get ``pixels`` of them (more pixels than the image and the earlier classes
+    leave), rather than leaving later classes unpoisoned."""
     c = int(round(torch.log2(torch.tensor(float(scores.shape[2]))).item()))
     taken = set()
     out: List[List[Dict[str, Any]]] = []
     for k in range(scores.shape[0]):
         order = torch.argsort(scores[k].flatten(), descending=True, stable=True).tolist()
         picks: List[Dict[str, Any]] = []
+        used = set()  # a position takes one colour in an image: a class's picks are distinct positions
         for idx in order:
             pos, col = divmod(idx, scores.shape[2])
-            if (pos, col) in taken:
+            if (pos, col) in taken or pos in used:
                 continue
             taken.add((pos, col))
+            used.add(pos)
             colour = [(col >> (c - 1 - i)) & 1 for i in range(c)]
             picks.append(
                 {"row": pos // width, "col": pos % width, "colour": colour, "score": float(scores[k, pos, col])}
             )
             if len(picks) == pixels:
                 break
+        if len(picks) < pixels:
+            raise ConfigError(
+                f"ops: pixels={pixels} but class {k} can get only {len(picks)} distinct positions (images have "
+                f"{scores.shape[1]} positions x {scores.shape[2]} colours, shared by {scores.shape[0]} classes)"
+            )
         out.append(picks)
     return out
 
@@ -83,7 +92,8 @@ def ops_search(scores: torch.Tensor, *, pixels: int, width: int) -> List[List[Di
 def _search(cfg: OPSConfig, accelerator: Any, run_dir: Path) -> List[List[Dict[str, Any]]]:
     m = load_manifest(cfg.data.train)
     path = run_dir / "ops_search.json"
-    ident = {"train": str(Path(cfg.data.train).resolve()), "samples": m.num_samples, "pixels": cfg.pixels}
+    # keyed on the set's content, not its path: a set rebuilt in place gets a new search
+    ident = {"train": content_digest(cfg.data.train), "samples": m.num_samples, "pixels": cfg.pixels}
     if cfg.resume and path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("identity") == ident:
@@ -120,7 +130,16 @@ def ops_delta(picks: List[List[Dict[str, Any]]]) -> Any:
     return make
 
 
-@stage("ops", kind="attack", schema=OPSConfig, inputs=("data.train",), output="poisoned", summary=attack_summary)
+@stage(
+    "ops",
+    kind="attack",
+    schema=OPSConfig,
+    inputs=("data.train",),
+    output="poisoned",
+    summary=attack_summary,
+    smoke=("data.workers=0",),
+    budget=("l0", "pixels"),
+)
 def generate_ops(cfg: OPSConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """OPS: per class the most separating pixel and colour, set in each of its images (ℓ0 = ``pixels``)."""
     import time

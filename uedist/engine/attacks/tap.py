@@ -27,6 +27,7 @@ from uedist.engine.attacks.base import AttackConfig, attack_summary, batch_gen, 
 from uedist.engine.attacks.source import SourceSpec, source_model
 from uedist.ops import augment
 from uedist.ops.budget import Budget
+from uedist.ops.pgd import signed_step
 from uedist.precision import amp_args, use_channels_last
 from uedist.registry import stage
 
@@ -76,8 +77,7 @@ def targeted_pgd(
         loss = F.cross_entropy(forward(aug(x + delta)), target)
         (g,) = torch.autograd.grad(loss, delta)
         with torch.no_grad():
-            delta = (delta - alpha * g.sign()).clamp(-eps, eps)
-            delta = (x + delta).clamp(0, 1) - x
+            delta = signed_step(delta, g, alpha=alpha, eps=eps, minimize=True, x=x)
     with torch.no_grad():
         final = F.cross_entropy(forward(aug(x + delta)), target, reduction="none")
     return delta.detach(), final
@@ -117,12 +117,24 @@ def tap_delta(cfg: TAPConfig, model: torch.nn.Module, *, num_classes: int, size:
     inputs=("data.train", "data.test"),
     output="poisoned",
     summary=attack_summary,
+    smoke=(
+        "steps=2",
+        "restarts=2",
+        "data.workers=0",
+        "source_victim=configs/victim/synthetic.yaml",
+        "source_overrides=[epochs=0, steps=8, model.width=0.125, data.batch_size=32, data.workers=0]",
+    ),
+    budget=("linf", "budget"),
 )
 def generate_tap(cfg: TAPConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """TAP: targeted PGD (y -> y+1) against a clean model, with augmentation; ℓ∞ ``budget``."""
     import time
 
     m = load_manifest(cfg.data.train)
+    require(
+        cfg.shift % m.num_classes != 0,
+        f"tap: shift={cfg.shift} is a multiple of the {m.num_classes} classes: the target would be the true label",
+    )
     t0 = time.time()
     model, info = source_model(cfg, accelerator, run_dir, m=m)
     source_s = time.time() - t0
