@@ -71,3 +71,35 @@ def test_a_victim_resumed_from_a_damaged_checkpoint_exits_2(tmp_path, synth_sets
     again = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert again.returncode == 2, again.stderr[-2000:]
     assert "state.pt: sha256 differs" in again.stderr + again.stdout
+
+
+def test_a_full_disk_during_a_checkpoint_write_is_disk_full_naming_the_file(tmp_path, monkeypatch):
+    """torch.save turns the write's ENOSPC into 'RuntimeError: unexpected pos'; the job must say DiskFull (rc 2)."""
+    import os
+    import tempfile
+
+    from uedist.io import DiskFull
+
+    real = tempfile.mkstemp
+
+    def full_disk(*a, **kw):  # the temp file beside the target is /dev/full: every write fails with ENOSPC
+        fd, name = real(*a, **kw)
+        os.close(fd)
+        return os.open("/dev/full", os.O_WRONLY), name
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    monkeypatch.setattr("uedist.io.tempfile.mkstemp", full_disk)
+    big = {"model": {"w": torch.zeros(1 << 20)}}  # 4 MiB: more than any buffer before the first write
+    with pytest.raises(DiskFull, match=r"rng-rank0\.pt: no space left on device"):
+        save_checkpoint(tmp_path, 1, big, rank=0, barrier=lambda: None)
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "inf", "nan", "1e30"])
+def test_a_bad_collective_timeout_is_a_config_error(monkeypatch, value):
+    from uedist.config import ConfigError
+    from uedist.dist import TIMEOUT_ENV, collective_timeout
+
+    monkeypatch.setenv(TIMEOUT_ENV, value)
+    with pytest.raises(ConfigError, match=TIMEOUT_ENV):
+        collective_timeout()

@@ -74,9 +74,34 @@ def _py_state_from_tensor(d: Dict[str, Any]) -> Any:
     return (d["version"], tuple(int(v) for v in d["internal"].tolist()), d["gauss"])
 
 
+class _WriteErrors:
+    """A file proxy for ``torch.save`` that keeps the OSError a ``write`` raised: torch's zip writer turns it into
+    ``RuntimeError: ... unexpected pos``, which hides that the disk was full."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, b: Any) -> int:
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def _save(obj: Any, path: Path) -> None:
+    """``torch.save`` atomically; a full disk is a DiskFull naming ``path`` (via atomic_open), not torch's error."""
     with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
+        proxy = _WriteErrors(f)
+        try:
+            torch.save(obj, proxy)
+        except RuntimeError:
+            if proxy.error is not None:
+                raise proxy.error from None
+            raise
 
 
 def save_weights(obj: Dict[str, Any], path: PathLike) -> None:

@@ -114,13 +114,15 @@ def collective_timeout() -> "datetime.timedelta":
     for the ranks of a map pass to finish their last, slowest shard; set it higher for huge JCDP shards)."""
     import datetime
 
+    from uedist.config import ConfigError  # bad input: exit 2 naming the variable, not a traceback
+
     raw = os.environ.get(TIMEOUT_ENV, "")
     try:
         seconds = float(raw) if raw else float(DEFAULT_COLLECTIVE_TIMEOUT_S)
     except ValueError:
-        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: expected seconds (a number > 0)") from None
-    if not seconds > 0:
-        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: expected seconds (a number > 0)")
+        raise ConfigError(f"{TIMEOUT_ENV}={raw!r}: expected seconds (a number > 0)") from None
+    if not (seconds > 0 and seconds < 10**7):  # also refuses inf / nan and timedelta overflow
+        raise ConfigError(f"{TIMEOUT_ENV}={raw!r}: expected seconds (a number > 0 and < 1e7)")
     return datetime.timedelta(seconds=seconds)
 
 
@@ -154,7 +156,7 @@ def make_accelerator(*, cpu: Optional[bool] = None, mixed_precision: str = "no",
     (:func:`collective_timeout`), so a rank whose peer stopped exits instead of waiting for ever.
 
     On a machine without CUDA, several processes only really sync when the accelerator is told it runs on CPU
-    (see ../shared/ENVIRONMENT.md: otherwise each process trains alone, silently); so ``cpu`` defaults to
+    (otherwise each process trains alone, silently: docs/cluster.md); so ``cpu`` defaults to
     "no CUDA available".
     """
     import torch
