@@ -96,3 +96,15 @@ def test_cifar_pickle_with_bytearray_of_data_still_loads(tmp_path):
     f.write_bytes(pickle.dumps(d, protocol=4))
     out = load_cifar_batch(f)
     assert out["labels"] == [0, 1] and out["extra"] == bytearray(b"abc")
+
+
+@pytest.mark.parametrize(
+    "labels", ["0123", [0, 1.5], [0, "1"], [0, None], [0, -1], [0, 100], [True, 0], {"a": 1}, [0]], ids=str
+)
+def test_cifar_label_lists_of_wrong_types_are_a_source_error(tmp_path, labels):
+    from uedist.data.sources.cifar import _load_batch
+
+    f = tmp_path / "data_batch_1"
+    f.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}, protocol=4))
+    with pytest.raises(SourceError, match="integer labels"):
+        _load_batch(str(f), 0, 0)

@@ -68,8 +68,14 @@ def _load_batch(path: str, mtime_ns: int, size: int) -> Tuple[np.ndarray, List[i
     d = load_cifar_batch(path)
     data = np.asarray(d.get("data"))
     labels = d.get("labels", d.get("fine_labels"))
-    if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8 or labels is None or len(labels) != len(data):
-        raise SourceError(f"{path}: expected uint8 data (N, 3072) and N labels, got {data.dtype} {data.shape}")
+    if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
+        raise SourceError(f"{path}: expected uint8 data (N, 3072), got {data.dtype} {data.shape}")
+    ok = isinstance(labels, (list, tuple, np.ndarray)) and len(labels) == len(data)
+    if not ok or not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) and 0 <= x < 100 for x in labels):
+        raise SourceError(
+            f"{path}: expected a list of {len(data)} integer labels in [0, 100), got "
+            f"{type(labels).__name__}" + (f" of {len(labels)}" if hasattr(labels, "__len__") else "")
+        )
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), [int(x) for x in labels]
 
 
