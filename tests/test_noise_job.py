@@ -76,7 +76,7 @@ def test_sem_two_processes(synth_sets, tmp_path):
 
 @pytest.mark.slow
 def test_rem_and_classwise_random(synth_sets, tmp_path):
-    r = _run("rem.py", _args(synth_sets, tmp_path, "rem", "steps=2", "eps=4", "save_noise=true"))
+    r = _run("rem.py", _args(synth_sets, tmp_path, "rem", "steps=2", "budget=4", "save_noise=true"))
     assert r.returncode == 0, r.stderr[-3000:]
     check_poisoned(synth_sets / "train", tmp_path / "rem" / "poisoned", 4)
     s = next(iter_samples(tmp_path / "rem" / "poisoned"))
@@ -224,8 +224,9 @@ def test_main_job_refuses_a_set_from_an_older_generator(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "override, needle",
     [
-        ("eps=0", "eps must be in (0, 64]"),
-        ("eps=8.5", "whole number"),
+        ("budget=0", "budget must be in (0, 64]"),
+        ("budget=8.5", "whole number"),
+        ("eps=8", "'eps' is now 'budget'"),
         ("eot_samples=0", "eot_samples=0: must be > 0"),
         ("noise_steps=0", "noise_steps >= 1"),
         ("method=rem adv_steps=0", "rem needs adv_steps >= 1"),
@@ -237,8 +238,11 @@ def test_main_job_refuses_a_set_from_an_older_generator(tmp_path, monkeypatch):
     ],
 )
 def test_noise_config_validation(override, needle):
+    from uedist.engine.attacks.em import EMConfig
+
+    schema = EMConfig if override.startswith("em.") else SEMConfig  # the em section is EM's own
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
-        load_config(SEMConfig, None, override.split())
+        load_config(schema, None, override.split())
 
 
 @pytest.mark.parametrize(
@@ -252,7 +256,7 @@ def test_noise_config_validation(override, needle):
         ),
         (
             "shards/cifar10/train",
-            "--config configs/victim/<victim config>.yaml data.train=runs/x/poisoned name=x_victim",
+            "--config <victim config> data.train=runs/x/poisoned name=x_victim",
         ),
     ],
 )
@@ -272,11 +276,30 @@ def test_summary_names_the_victim_command(train, hint):
     assert hint in attack_summary(s, Path("runs/x"))
 
 
+def test_summary_next_command_is_shell_quoted():
+    import shlex
+
+    from uedist.engine.attacks.base import attack_summary
+
+    s = {
+        "method": "sem",
+        "name": "my run",
+        "poisoned": "/tmp/a b/it's",
+        "eps": 8.0,
+        "train": "shards/synthetic/train",
+        "timings": {},
+        "noise": {"samples": 10, "linf_max": 8.0, "l2_mean": 1.0},
+    }
+    line = attack_summary(s, Path("runs/x")).splitlines()[-1]
+    args = shlex.split(line.split("next", 1)[1])
+    assert "data.train=/tmp/a b/it's" in args and "name=my run_victim" in args
+
+
 def test_reference_surrogate_options(synth_sets, tmp_path):
     """``surrogate_input=half train_on_rounded=true`` (the REM/SEM reference's surrogate: x − 0.5, std 1; trained on
     δ rounded to /255): the surrogate is built that way and a job runs end to end with both set; the default is
     ours (dataset normalization)."""
-    from uedist.benchmark import fake_manifest
+    from uedist.bench.fixtures import fake_manifest
     from uedist.engine.attacks.sem_rem import SEMConfig
     from uedist.engine.attacks.surrogate import surrogate_for
 

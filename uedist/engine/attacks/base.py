@@ -15,6 +15,7 @@ shard is written.
 from __future__ import annotations
 
 import hashlib
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -413,9 +414,8 @@ def attack_summary(s: Dict[str, Any], run_dir: Path) -> str:
     victim, test = "<victim config>", ""
     if train.parent.name.startswith("synthetic"):  # the built-in sets: the synthetic victim, on the set's own test
         victim = "synthetic"
-        test = "" if train.parent.name == "synthetic" else f" data.test={train.parent / 'test'}"
-    lines.append(
-        f"  next                 accelerate launch launch/victim.py --config configs/victim/{victim}.yaml "
-        f"data.train={s['poisoned']}{test} name={s['name']}_victim"
-    )
+        test = "" if train.parent.name == "synthetic" else " " + shlex.quote(f"data.test={train.parent / 'test'}")
+    args = f"{shlex.quote('data.train=' + str(s['poisoned']))}{test} {shlex.quote('name=' + s['name'] + '_victim')}"
+    victim_cfg = f"configs/victim/{victim}.yaml" if victim == "synthetic" else victim
+    lines.append(f"  next                 accelerate launch launch/victim.py --config {victim_cfg} {args}")
     return "\n".join(lines)

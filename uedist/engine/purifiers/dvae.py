@@ -1,4 +1,4 @@
-"""Purify: D-VAE two-stage purification (Yu et al., ICML 2024, Algorithm 1; REFERENCE.md "Purifiers").
+"""Purify: D-VAE two-stage purification (Yu et al., ICML 2024, Algorithm 1; docs/purify_dvae.md).
 
     accelerate launch launch/dvae.py --config configs/dvae/cifar10.yaml data.src=runs/sem_c10/poisoned
 
@@ -27,6 +27,7 @@ docs/benchmarks.md (``launch/bench/dvae.py``).
 from __future__ import annotations
 
 import math
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import torch
 
-from uedist.config import identity, location, positive, require, runtime
+from uedist.config import Cadence, Precision, Resumable, Seeded, identity, location, positive, require, runtime
 from uedist.data.manifest import Manifest, ManifestError, load_manifest
 from uedist.engine.map_pass import pass_seconds, run_map_pass
 from uedist.engine.purifiers.common import (
@@ -47,15 +48,8 @@ from uedist.engine.purifiers.common import (
     read_columns,
 )
 from uedist.engine.stats import RunningSums
-from uedist.engine.train.loop import (
-    OptimConfig,
-    Tracker,
-    check_finite,
-    prepare_training,
-    run_steps,
-    train_batches,
-    write_curve,
-)
+from uedist.engine.train.checkpoints import check_finite
+from uedist.engine.train.loop import OptimConfig, Tracker, prepare_training, run_steps, train_batches, write_curve
 from uedist.engine.train.victim import ranks_in_sync
 from uedist.io import atomic_write_json
 from uedist.models.dvae import DVAE, dvae_loss
@@ -103,12 +97,16 @@ class AdamConfig:
 
 
 @dataclass
-class DVAEConfig:
+class DVAEConfig(Cadence, Precision, Resumable, Seeded):
+    # bf16 / channels_last (Precision): fp32 by default; null = auto (uedist.precision): on only where bf16 is
+    # native (CUDA >= sm80, AMX / AVX-512 BF16 CPUs). On an AVX2-only CPU, bf16 autocast is emulated: a CIFAR
+    # CPU-config training step measured 7.5x slower than fp32 (32.8 vs 4.35 s, one thread), so CPU configs that want
+    # "bf16 where it helps" say null.
+    # log_with (Cadence): "tensorboard" puts each stage's curve rows under <run>/tb/stage<k>.
+
     method: Literal["dvae"] = "dvae"
-    name: str = location("dvae")
-    run_root: str = location("runs")
+    name: str = location("dvae")  # redeclared for its default: the run's folder is named after the stage
     out: str = location("")  # the purified set P³; default <run_root>/<name>/purified
-    seed: int = 0
     data: DVAEData = field(default_factory=DVAEData)
     model: DVAEModelSpec = field(default_factory=DVAEModelSpec)
     optim: AdamConfig = field(default_factory=AdamConfig)
@@ -121,17 +119,7 @@ class DVAEConfig:
     p_floor_epoch: float = 11.0  # ... added from this epoch on (reference: epoch > 10 of 60)
     grad_clip: float = 5.0
     sample_latent: bool = True  # inference samples z ~ N(μ, σ²) (reference); false: z = μ
-    # fp32 by default; null = auto (uedist.precision): on only where bf16 is native (CUDA >= sm80, AMX / AVX-512
-    # BF16 CPUs). On an AVX2-only CPU, bf16 autocast is emulated: a CIFAR CPU-config training step measured 7.5x
-    # slower than fp32 (32.8 vs 4.35 s, one thread), so CPU configs that want "bf16 where it helps" say null.
-    bf16: Optional[bool] = False
-    channels_last: Optional[bool] = False
     grid_samples: int = runtime(8)
-    ckpt_every: int = runtime(500)
-    log_every: int = runtime(50, positive_=True)
-    resume: bool = runtime(True)
-    progress: bool = runtime(True)
-    log_with: str = runtime("")  # "tensorboard": scalars of every curve row under <run>/tb/stage<k> (off by default)
 
     def validate(self) -> None:
         require(bool(self.data.src), "data.src (the poisoned shard set) is required")
@@ -352,7 +340,7 @@ def dvae_summary(s: Dict[str, Any], run_dir: Path) -> str:
     lines.append(f"  wrote          {run_dir / 'metrics.json'}, {s['grid']}")
     lines.append(
         f"  next           accelerate launch launch/victim.py --config <victim config> "
-        f"data.train={s['purified']} name={s['name']}_victim"
+        f"{shlex.quote('data.train=' + str(s['purified']))} {shlex.quote('name=' + s['name'] + '_victim')}"
     )
     return "\n".join(lines)
 
@@ -365,6 +353,17 @@ def dvae_summary(s: Dict[str, Any], run_dir: Path) -> str:
     output="purified",
     summary=dvae_summary,
     input_errors=(PurifyInputError, ManifestError),
+    smoke=(
+        "model.width=0.125",
+        "model.latent_dim=8",
+        "data.batch_size=32",
+        "data.infer_batch_size=40",
+        "data.workers=0",
+        "steps=4",
+        "log_every=2",
+        "ckpt_every=2",
+        "grid_samples=4",
+    ),
 )
 def purify_dvae(cfg: DVAEConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """Algorithm 1: two stages of training and inference; writes P¹, P², P³, grid.png, metrics.json."""

@@ -13,6 +13,7 @@ Ends with a PNG grid (alternating lines: poisoned | purified) and metrics.json (
 
 from __future__ import annotations
 
+import shlex
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
 import numpy as np
 import torch
 
-from uedist.config import identity, location, positive, require, runtime
+from uedist.config import BF16, Seeded, identity, location, positive, require, runtime
 from uedist.data.grids import write_image_grid
 from uedist.data.loaders import make_map_loader
 from uedist.diffusion.purify import jcdp_guidance, purify, reference_lambdas
@@ -54,17 +55,18 @@ class JCDPData:
 
 
 @dataclass
-class JCDPConfig:
+class JCDPConfig(BF16, Seeded):
     """Defaults: the LE reference (T_p 20, N 4, MSE for paper steps t ≥ 12 and LPIPS-AlexNet for t ≤ 11 — the
     reference's 0-based i > 10 / i ≤ 10 —, the full reverse chain, and its guidance schedule: λ₁, λ₂ vary with t
     as s_t = √(1 − ᾱ_t)/(m·√ᾱ_t) on batch-mean losses, converted to our per-image sums). ``guidance=constant``
     uses ``lam_mse`` / ``lam_lpips`` instead (ours; the earlier default)."""
 
+    # bf16 (BF16): autocast for the UNet (guidance gradients stay fp32); null = auto where native. No resume field:
+    # the map pass resumes by shard by itself.
+
     method: Literal["jcdp", "diffusion"] = "jcdp"  # diffusion: plain diffusion purification, no guidance
-    name: str = location("jcdp")
-    run_root: str = location("runs")
+    name: str = location("jcdp")  # redeclared for its default: the run's folder is named after the stage
     out: str = location("")  # the purified shard set; default <run_root>/<name>/purified
-    seed: int = 0
     ddpm: str = ""  # a DDPM run folder (launch/ddpm.py) or checkpoint folder
     use_ema: bool = True
     data: JCDPData = field(default_factory=JCDPData)
@@ -81,10 +83,8 @@ class JCDPConfig:
     mse_t: Tuple[int, int] = (12, 1000)  # paper steps t (inclusive) guided by MSE (reference: 0-based i > 10)
     lpips_t: Tuple[int, int] = (1, 11)  # paper steps t (inclusive) guided by LPIPS (reference: i ≤ 10)
     lpips: LPIPSSpec = field(default_factory=LPIPSSpec)
-    bf16: Optional[bool] = False  # autocast for the UNet (guidance gradients stay fp32); null = auto where native
     grid: int = runtime(16)  # images in the poisoned | purified grid (0 = none)
     overwrite: bool = False
-    progress: bool = runtime(True)
 
     def validate(self) -> None:
         require(self.t_p >= 1 and self.rounds >= 1 and self.stride >= 1, "t_p, rounds, stride must be >= 1")
@@ -302,7 +302,7 @@ def jcdp_summary(m: Dict[str, Any], run_dir: Path) -> str:
     lines += [
         f"  wrote               {run_dir / 'metrics.json'}" + (f", {m['grid']}" if m.get("grid") else ""),
         f"  next                accelerate launch launch/victim.py --config configs/victim/cifar10_quick.yaml "
-        f"data.train={m['purified']} name={m['name']}_victim",
+        f"{shlex.quote('data.train=' + str(m['purified']))} {shlex.quote('name=' + m['name'] + '_victim')}",
     ]
     return "\n".join(lines)
 
@@ -317,8 +317,19 @@ _DIFFUSION_STAGE = dict(
 )
 
 
-@stage("jcdp", **_DIFFUSION_STAGE)
-@stage("diffusion", **_DIFFUSION_STAGE)
+_DIFFUSION_SMOKE = (
+    "t_p=4",
+    "stride=2",
+    "data.batch_size=40",
+    "data.workers=0",
+    "lpips.backbone=random",
+    "lpips.net=vgg",
+    "grid=4",
+)
+
+
+@stage("jcdp", **_DIFFUSION_STAGE, smoke=(*_DIFFUSION_SMOKE, "rounds=2", "lam_lpips=0.0"))
+@stage("diffusion", **_DIFFUSION_STAGE, smoke=(*_DIFFUSION_SMOKE, "rounds=1"))
 def purify_jcdp(cfg: JCDPConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """JCDP (LE Algorithm 1) or plain diffusion purification (method diffusion, the baseline JCDP improves on)."""
     return purify_shards(cfg, accelerator, run_dir)
