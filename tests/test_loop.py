@@ -14,14 +14,8 @@ import torch
 
 from uedist.checkpoint import latest_checkpoint, load_state
 from uedist.dist import make_accelerator
-from uedist.engine.train.loop import (
-    NonFiniteLoss,
-    OptimConfig,
-    Tracker,
-    check_finite,
-    prepare_training,
-    run_steps,
-)
+from uedist.engine.train.checkpoints import NonFiniteLoss, check_finite
+from uedist.engine.train.loop import OptimConfig, Tracker, prepare_training, run_steps
 
 
 @dataclass

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from uedist.ops import augment, iss
-from uedist.ops.pgd import pgd
+from uedist.ops.pgd import pgd, signed_step
 
 
 def g(seed=0):
@@ -63,3 +63,53 @@ def test_pgd_linf_and_l2_ascend_within_radius():
     assert (d2.flatten(1).norm(dim=1) <= 0.5 + 1e-5).all() and F.cross_entropy(m(x + d2), y) > base
     assert ((x + d2) >= 0).all() and ((x + d2) <= 1).all()
     assert all(p.grad is None for p in m.parameters())
+
+
+def test_signed_step_is_each_sites_former_rule_bit_for_bit():
+    """The one signed L∞ step (uedist.ops.pgd.signed_step) against the expressions it replaced: PGD's
+    ``project(d + sign·α·sign(g))`` then the image range, TAP/REM/EM's descending δ step, NTGA's ascending one,
+    SEP's box around x then [0, 1], EM's reference offset; zero gradients and pixels at 0 and 1 included."""
+    gen = g(3)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.rand(6, 3, 8, 8, generator=gen).to(dtype)
+        x[0, 0], x[1, 1] = 0.0, 1.0
+        eps, alpha = 8 / 255, 2 / 255
+        d = (x + (torch.rand(x.shape, generator=gen).to(dtype) * 2 - 1) * eps).clamp(0, 1) - x
+        gr = torch.randn(x.shape, generator=gen).to(dtype)
+        gr[2] = 0.0
+        z = (x + d).clamp(0, 1)
+        for minimize in (False, True):
+            sign = -1.0 if minimize else 1.0
+            old = (d + sign * alpha * gr.sign()).clamp(-eps, eps)
+            old = (x + old).clamp(0, 1) - x
+            assert torch.equal(signed_step(d, gr, alpha=alpha, eps=eps, minimize=minimize, x=x), old)
+        down = (x + (d - alpha * gr.sign()).clamp(-eps, eps)).clamp(0, 1) - x
+        assert torch.equal(signed_step(d, gr, alpha=alpha, eps=eps, minimize=True, x=x), down)
+        up = (x + (d + alpha * gr.sign()).clamp(-eps, eps)).clamp(0, 1) - x
+        assert torch.equal(signed_step(d, gr, alpha=alpha, eps=eps, x=x), up)
+        assert torch.equal(
+            signed_step(d, gr, alpha=alpha, eps=eps, minimize=True), (d - alpha * gr.sign()).clamp(-eps, eps)
+        )
+        image = torch.min(torch.max(z - alpha * gr.sign(), x - eps), x + eps).clamp(0, 1)
+        assert torch.equal(signed_step(z, gr, alpha=alpha, eps=eps, minimize=True, x=x, space="image"), image)
+        offset = (z - alpha * gr.sign() - x).clamp(-eps, eps)
+        assert torch.equal(signed_step(z, gr, alpha=alpha, eps=eps, minimize=True, x=x, space="offset"), offset)
+
+
+def test_pgd_linf_is_the_former_loop_bit_for_bit():
+    """pgd's L∞ path through signed_step gives the δ of the loop it had before, ascending and descending."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5))
+    x, y = torch.rand(10, 3, 8, 8), torch.randint(0, 5, (10,))
+    eps, alpha = 8 / 255, 2 / 255
+    start = (torch.rand(x.shape, generator=g(1)) * 2 - 1) * eps
+    for minimize in (False, True):
+        d = (x + start).clamp(0, 1) - x
+        for _ in range(4):
+            d.requires_grad_(True)
+            (gr,) = torch.autograd.grad(F.cross_entropy(m(x + d), y, reduction="sum"), d)
+            with torch.no_grad():
+                d = (d + (-1.0 if minimize else 1.0) * alpha * gr.sign()).clamp(-eps, eps)
+                d = (x + d).clamp(0, 1) - x
+        new = pgd(m, x, y, eps=eps, alpha=alpha, steps=4, minimize=minimize, start=start)
+        assert torch.equal(new, d.detach())

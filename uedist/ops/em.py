@@ -17,6 +17,8 @@ from typing import Callable, Tuple
 import torch
 import torch.nn.functional as F
 
+from uedist.ops.pgd import signed_step
+
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -30,7 +32,7 @@ def classwise_reference_sums(
     z = (x + noise[y]).clamp(0, 1).detach().requires_grad_(True)
     loss = F.cross_entropy(forward(eot(z)), y)  # per-sample gradients, scaled by 1/B: the sign is the same
     (g,) = torch.autograd.grad(loss, z)
-    eta = (z.detach() - alpha * g.sign() - x).clamp(-eps, eps)
+    eta = signed_step(z.detach(), g, alpha=alpha, eps=eps, minimize=True, x=x, space="offset")
     sums = torch.zeros_like(noise).index_add_(0, y, eta.to(noise.dtype))
     counts = torch.bincount(y, minlength=noise.shape[0]).to(noise.dtype)
     return sums, counts
@@ -57,4 +59,4 @@ def classwise_summed_grad(
 
 def classwise_summed_update(noise: torch.Tensor, grad: torch.Tensor, *, eps: float, alpha: float) -> torch.Tensor:
     """One signed descent step of the class noises along ``grad`` (summed over the batch and ranks), clamped to ±ε."""
-    return (noise - alpha * grad.sign()).clamp(-eps, eps)
+    return signed_step(noise, grad, alpha=alpha, eps=eps, minimize=True)

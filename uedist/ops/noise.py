@@ -1,4 +1,4 @@
-"""Error-minimizing noise: the inner loop shared by EM, REM and SEM (REFERENCE.md; SEM paper Algorithm 1).
+"""Error-minimizing noise: the inner loop shared by EM, REM and SEM (SEM paper Algorithm 1; docs/noise.md).
 
 ``min_min_noise`` computes a perturbation δ, ‖δ‖∞ ≤ ρ_u, that *minimizes* the surrogate's loss: K_u signed
 descent steps of size α_u; each step's gradient sums J draws of a random augmentation t (EOT), evaluated at
@@ -24,7 +24,7 @@ from typing import Callable, Literal, Optional
 import torch
 
 from uedist.ops.batching import input_grad, uniform
-from uedist.ops.pgd import draw_start, pgd
+from uedist.ops.pgd import draw_start, pgd, signed_step
 
 Inner = Literal["uniform", "pgd", "none"]
 
@@ -69,8 +69,7 @@ def min_min_noise(
         g = input_grad(forward, x_in, y_rep, chunk=chunk, scale=scale)
         (grad,) = torch.autograd.grad((x_aug * g).sum(), delta)  # first-order rule through t
         with torch.no_grad():
-            delta = (delta - alpha * grad.sign()).clamp(-eps, eps)
-            delta = (x + delta).clamp(0, 1) - x
+            delta = signed_step(delta, grad, alpha=alpha, eps=eps, minimize=True, x=x)
     return delta.detach()
 
 
@@ -84,6 +83,6 @@ def quantize_noise(x_u8: torch.Tensor, delta: torch.Tensor, eps_u8: int) -> torc
 
 
 def forward_passes_per_image(method: str, *, steps: int, samples: int, inner_steps: int) -> int:
-    """Forward/backward passes per image for one noise computation (REFERENCE.md cost formulas)."""
+    """Forward/backward passes per image for one noise computation (the papers' cost: K_u·J, × (K_a + 1) for REM)."""
     per_draw = inner_steps + 1 if method == "rem" else 1
     return steps * samples * per_draw

@@ -46,6 +46,35 @@ def draw_start(x: torch.Tensor, eps: float, norm: Norm, gen: Optional[torch.Gene
     return _l2_normalize(d) * eps * r
 
 
+def signed_step(
+    v: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    alpha: float,
+    eps: float,
+    minimize: bool = False,
+    x: Optional[torch.Tensor] = None,
+    space: Literal["delta", "image", "offset"] = "delta",
+) -> torch.Tensor:
+    """One signed (L∞) gradient step of size ``alpha`` along ``grad``: v ± α·sign(g), + ascending the loss
+    (adversarial), − descending it (``minimize``: error-minimizing noise, targeted attacks); then projected:
+
+    - ``space="delta"``: v is a perturbation δ; δ ← clip_ε(δ ± α·sign(g)), then, given the clean images ``x``,
+      δ ← clip(x + δ, 0, 1) − x (x + δ kept in [0, 1]).
+    - ``space="image"``: v is an image z near the clean images ``x``; z ← clip(min(max(z ± α·sign(g), x − ε),
+      x + ε), 0, 1) (SEP's reference: the box around x, then the image range).
+    - ``space="offset"``: v is an image z; returns η = clip_ε(z ± α·sign(g) − x), not re-clipped to the image
+      range (EM's reference ``eta``)."""
+    step = alpha * grad.sign()
+    v = v - step if minimize else v + step
+    if space == "image":
+        return torch.min(torch.max(v, x - eps), x + eps).clamp(0, 1)
+    if space == "offset":
+        return (v - x).clamp(-eps, eps)
+    v = v.clamp(-eps, eps)
+    return v if x is None else (x + v).clamp(0, 1) - x
+
+
 def _sum_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y, reduction="sum")
 
@@ -78,7 +107,6 @@ def pgd(
         start = draw_start(x, eps, norm, gen)
     delta = torch.zeros_like(x) if start is None else (x + start).clamp(0, 1) - x
     loss_fn = loss_fn or _sum_ce
-    sign = -1.0 if minimize else 1.0
     out = []
     for s in spans(x.shape[0], chunk):
         xs, ys, d = x[s], y[s], delta[s]
@@ -87,8 +115,10 @@ def pgd(
             loss = loss_fn(forward(xs + d), ys)
             (g,) = torch.autograd.grad(loss, d)
             with torch.no_grad():
-                step = g.sign() if norm == "linf" else _l2_normalize(g)
-                d = project(d + sign * alpha * step, eps, norm)
-                d = (xs + d).clamp(0, 1) - xs
+                if norm == "linf":
+                    d = signed_step(d, g, alpha=alpha, eps=eps, minimize=minimize, x=xs)
+                else:
+                    d = project(d + (-alpha if minimize else alpha) * _l2_normalize(g), eps, norm)
+                    d = (xs + d).clamp(0, 1) - xs
         out.append(d.detach())
     return out[0] if len(out) == 1 else torch.cat(out)

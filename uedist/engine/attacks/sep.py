@@ -35,6 +35,7 @@ from uedist.data.manifest import load_manifest
 from uedist.engine.attacks.base import AttackConfig, attack_summary, batch_gen, class_sums, finish_attack
 from uedist.engine.attacks.source import SourceSpec, features_and_logits, source_model
 from uedist.ops.budget import Budget
+from uedist.ops.pgd import signed_step
 from uedist.precision import amp_args, use_channels_last
 from uedist.registry import stage
 
@@ -115,9 +116,9 @@ def sep_delta(cfg: SEPConfig, *, models: List[torch.nn.Module], cents: List[torc
             for _ in range(cfg.vr_steps):
                 j = int(torch.randint(len(models), (1,), generator=gen))
                 g_sum = g_sum + grad(j, xv, target) - (gs[j] - g_avg)
-                xv = torch.min(torch.max(xv - alpha * g_sum.sign(), x - eps), x + eps).clamp(0, 1)
+                xv = signed_step(xv, g_sum, alpha=alpha, eps=eps, minimize=True, x=x, space="image")
             step = g_sum if cfg.vr_steps else g_avg
-            xc = torch.min(torch.max(xc - alpha * step.sign(), x - eps), x + eps).clamp(0, 1)
+            xc = signed_step(xc, step, alpha=alpha, eps=eps, minimize=True, x=x, space="image")
         return (xc - x).detach()
 
     return make
@@ -130,6 +131,16 @@ def sep_delta(cfg: SEPConfig, *, models: List[torch.nn.Module], cents: List[torc
     inputs=("data.train", "data.test"),
     output="poisoned",
     summary=attack_summary,
+    smoke=(
+        "num_models=2",
+        "steps=1",
+        "vr_steps=1",
+        "source_snapshots=2",
+        "data.workers=0",
+        "source_victim=configs/victim/synthetic.yaml",
+        "source_overrides=[epochs=0, steps=8, model.width=0.125, data.batch_size=32, data.workers=0]",
+    ),
+    budget=("linf", "budget"),
 )
 def generate_sep(cfg: SEPConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """SEP-FA-VR: feature alignment to a wrong class over a checkpoint ensemble of one clean run; ℓ∞ ``budget``."""

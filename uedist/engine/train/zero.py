@@ -1,14 +1,14 @@
 """The DeepSpeed ZeRO backend of the training loop: :func:`prepare_deepspeed` returns the same
-:class:`~uedist.engine.loop.Prepared` as ``prepare_training``, so :func:`~uedist.engine.loop.run_steps` drives
-either; only the update (``engine.backward`` / ``engine.step``) and the checkpoint (ZeRO partitions gathered)
-differ.
+:class:`~uedist.engine.train.loop.Prepared` as ``prepare_training``, so
+:func:`~uedist.engine.train.loop.run_steps` drives either; only the update (``engine.backward`` / ``engine.step``)
+and the checkpoint (ZeRO partitions gathered) differ.
 
 Run under ``torchrun`` (or any launcher that sets RANK / WORLD_SIZE): the Accelerator then owns the process group
 (gloo on CPU, NCCL on GPUs) and ``deepspeed.initialize`` reuses it (Accelerate's DeepSpeed plugin does not work on
-CPU; ../shared/ENVIRONMENT.md). The optimizer is torch Adam handed to DeepSpeed (no compiled ops); the LR schedule
-stays ours and is stepped by the loop, as under DDP. Checkpoints are ours, world-size independent and
-weights_only-loadable: the full fp32 master weights and Adam moments gathered from the ZeRO partitions
-(``safe_get_full_*``), schedule, RNG, step; on resume they are scattered back (``safe_set_full_*``).
+CPU: it needs ``transformers``, then miscounts the processes). The optimizer is torch Adam handed to DeepSpeed
+(no compiled ops); the LR schedule stays ours and is stepped by the loop, as under DDP. Checkpoints are ours,
+world-size independent and weights_only-loadable: the full fp32 master weights and Adam moments gathered from the
+ZeRO partitions (``safe_get_full_*``), schedule, RNG, step; on resume they are scattered back (``safe_set_full_*``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Any, Dict
 import torch
 
 from uedist.dist import get_logger
-from uedist.engine.train.loop import Checkpointer, OptimConfig, Prepared, config_state, data_digests, make_scheduler
+from uedist.engine.train.checkpoints import Checkpointer, config_state, data_digests
+from uedist.engine.train.loop import OptimConfig, Prepared, make_scheduler
 
 log = get_logger(__name__)
 
