@@ -135,16 +135,17 @@ def test_shipped_purifier_and_ddpm_configs_load():
 
 def test_shipped_noise_configs_load_with_reference_settings():
     from tests.conftest import REPO
+    from uedist.app.stages import get_stage
     from uedist.engine.attacks.sem_rem import SEMConfig
 
     files = sorted(f for d in ("sem", "rem", "em") for f in (REPO / "configs" / d).glob("*.yaml"))
     assert len(files) >= 9
     for f in files:
-        cfg = load_config(SEMConfig, f)
+        cfg = load_config(get_stage(f.parent.name, "attack").schema, f)
         assert cfg.method == f.parent.name
     c = load_config(SEMConfig, REPO / "configs/sem/cifar10.yaml")
     assert (
-        c.eps,
+        c.budget,
         c.noise_steps,
         c.noise_step_size,
         c.adv_eps,
@@ -165,21 +166,23 @@ def test_shipped_noise_configs_load_with_reference_settings():
 
 
 def test_shipped_attack_configs_load_with_reference_settings():
+    """Every attack the engine registers ships configs/<method>/ with at least the reference (cifar10) and demo
+    configs, each loading in the stage's own schema; then the reference settings, per method."""
     from tests.conftest import REPO
-    from uedist.app.stages import get_stage
+    from uedist.app.stages import get_stage, load_stages
+    from uedist.registry import STAGES, stages_of
 
-    for attack in ("tap", "sep", "ntga", "lsp", "ar", "ops"):
-        schema = get_stage(attack, "noise").schema
+    load_stages()
+    shipped = [a for a in stages_of("attack") if STAGES.get(a).fn.__module__.startswith("uedist.")]  # not plugins
+    assert {"sem", "rem", "em", "random", "tap", "sep", "ntga", "lsp", "ar", "ops"} <= set(shipped)
+    for attack in shipped:
+        schema = get_stage(attack, "attack").schema
         files = {f.stem: f for f in (REPO / "configs" / attack).glob("*.yaml")}
-        assert {"cifar10", "cifar10_cpu", "demo", "facescrub"} <= set(files), attack
-        assert ("imagenet100" in files) == (attack != "ar"), (
-            attack
-        )  # AR: refused above 128 px, said in ar/facescrub.yaml
+        assert {"cifar10", "demo"} <= set(files), attack
         for f in files.values():
             assert load_config(schema, f).method == attack, f
-    ref = {
-        a: load_config(get_stage(a, "noise").schema, REPO / f"configs/{a}/cifar10.yaml") for a in ("tap", "sep", "ntga")
-    }
+    assert "imagenet100" not in {f.stem for f in (REPO / "configs/ar").glob("*.yaml")}  # AR: refused above 128 px
+    ref = {a: load_config(get_stage(a, "attack").schema, REPO / f"configs/{a}/cifar10.yaml") for a in shipped}
     assert (ref["tap"].budget, ref["tap"].steps, ref["tap"].tau, ref["tap"].restarts, ref["tap"].shift) == (
         8,
         250,
@@ -200,16 +203,16 @@ def test_shipped_attack_configs_load_with_reference_settings():
         1.76,
         0.18,
     )
-    lsp = load_config(get_stage("lsp", "noise").schema, REPO / "configs/lsp/cifar10.yaml")
-    ar = load_config(get_stage("ar", "noise").schema, REPO / "configs/ar/cifar10.yaml")
-    ops = load_config(get_stage("ops", "noise").schema, REPO / "configs/ops/cifar10.yaml")
+    lsp, ar, ops = ref["lsp"], ref["ar"], ref["ops"]
     assert (lsp.l2, lsp.patch_size, lsp.class_sep, ar.l2, ar.crop, ops.pixels) == (1.0, 8, 10.0, 1.0, 4, 1)
+    want = {"tap": "ℓ∞ 8/255", "sep": "ℓ∞ 8/255", "ntga": "ℓ∞ 8/255", "lsp": "ℓ2 1", "ar": "ℓ2 1", "ops": "ℓ0 1 px"}
+    assert {a: str(STAGES.get(a).budget_of(ref[a])) for a in want} == want  # each reference config's declared budget
     with pytest.raises(ConfigError, match="budget"):
-        load_config(get_stage("tap", "noise").schema, REPO / "configs/tap/cifar10.yaml", ["budget=2.5"])
+        load_config(get_stage("tap", "attack").schema, REPO / "configs/tap/cifar10.yaml", ["budget=2.5"])
     with pytest.raises(ConfigError, match="poison_ratio"):
-        load_config(get_stage("lsp", "noise").schema, REPO / "configs/lsp/cifar10.yaml", ["poison_ratio=1.5"])
+        load_config(get_stage("lsp", "attack").schema, REPO / "configs/lsp/cifar10.yaml", ["poison_ratio=1.5"])
     with pytest.raises(ConfigError):
-        load_config(get_stage("lsp", "noise").schema, REPO / "configs/lsp/cifar10.yaml", ["l2_budget=4"])  # a typo
+        load_config(get_stage("lsp", "attack").schema, REPO / "configs/lsp/cifar10.yaml", ["l2_budget=4"])  # a typo
 
 
 @pytest.mark.slow
@@ -224,3 +227,136 @@ def test_shipped_study_configs_expand():
         study = Study(load_config(StudyConfig, f))
         victims = [s for s in study.stages if s.kind == "victim"]
         assert victims and all(s.cfg.data.test for s in victims), f
+
+
+# ---- one job schema base: the run fields are declared once, and no shipped config's identity moved --------------
+
+
+def _stage_schemas():
+    from uedist.app.stages import load_stages
+    from uedist.registry import STAGES
+
+    load_stages()
+    schemas = {STAGES.get(n).schema for n in STAGES.names()}  # uedist's own (plugins, e.g. the tests' toys, aside)
+    return sorted((c for c in schemas if c.__module__.startswith("uedist.")), key=lambda c: c.__qualname__)
+
+
+def test_every_stage_schema_extends_the_job_base_and_declares_no_run_field_again():
+    """Every stage's schema is a :class:`uedist.config.JobConfig`; a run field (name, run_root, progress, seed,
+    resume, bf16, channels_last, ckpt_every, log_every, log_with) is declared in uedist.config, and a schema (or a
+    base of it outside uedist.config) redeclares one only to change its default."""
+    import dataclasses
+    import inspect
+
+    import uedist.config as C
+
+    bases = (C.JobConfig, C.Seeded, C.Resumable, C.BF16, C.Precision, C.Cadence)
+    run = {f.name: f for b in bases for f in dataclasses.fields(b)}
+    assert set(run) == {
+        *("name", "run_root", "progress", "seed", "resume", "bf16", "channels_last"),
+        *("ckpt_every", "log_every", "log_with"),
+    }
+
+    def default(f):
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+    schemas = _stage_schemas()
+    names = {c.__name__ for c in schemas}
+    assert {"AttackConfig", "SurrogateConfig", "PurifyConfig", "DVAEConfig", "JCDPConfig", "DDPMConfig"} <= {
+        b.__name__ for c in schemas for b in c.__mro__
+    }
+    assert "VictimConfig" in names
+    for schema in schemas:
+        assert issubclass(schema, C.JobConfig), schema
+        for cls in schema.__mro__:
+            if cls.__module__ == C.__name__ or not dataclasses.is_dataclass(cls):
+                continue
+            own = {f.name: f for f in dataclasses.fields(cls)}
+            for name in set(inspect.get_annotations(cls)) & set(run):  # the fields cls itself declares
+                base = next(b for b in cls.__mro__[1:] if name in getattr(b, "__dataclass_fields__", {}))
+                was = base.__dataclass_fields__[name]
+                assert default(own[name]) != default(was), f"{cls.__qualname__}.{name} redeclares {base.__name__}'s"
+                assert own[name].metadata == was.metadata, f"{cls.__qualname__}.{name}: runtime / location kept"
+
+
+def test_schemas_offer_only_the_run_fields_they_had():
+    """No schema gained a run field by the move to the shared bases: a seed is part of identity (PurifyConfig has
+    none), and a field a stage does not honour would do nothing (JCDP: no resume or channels_last)."""
+    import dataclasses
+
+    from uedist.engine.purifiers.baselines import PurifyConfig
+    from uedist.engine.purifiers.jcdp import JCDPConfig
+    from uedist.engine.train.ddpm import DDPMConfig
+
+    def names(c):
+        return {f.name for f in dataclasses.fields(c)}
+
+    assert not {"seed", "resume", "bf16", "channels_last", "ckpt_every", "log_every", "log_with"} & names(PurifyConfig)
+    assert not {"resume", "channels_last", "ckpt_every", "log_every", "log_with"} & names(JCDPConfig)
+    assert "channels_last" not in names(DDPMConfig)
+    d = DDPMConfig()
+    assert (d.ckpt_every, d.log_every, d.bf16) == (5000, 100, False)
+
+
+def _committed_digests():
+    import json
+
+    from tests.conftest import REPO
+
+    return json.loads((REPO / "tests" / "scripts" / "config_digests.json").read_text())
+
+
+def test_shipped_stage_config_identities_unchanged():
+    """identity() of every shipped configs/<stage>/*.yaml (and of every stage's defaults) is what it was at commit
+    53a109b (tests/scripts/config_digests.json): it names checkpoints and finished studies' stage folders."""
+    from tests.scripts.config_digests import stage_digests
+
+    want, got = _committed_digests()["stage"], stage_digests()
+    assert len(want) >= 90
+    assert not set(want) - set(got), "shipped configs gone"
+    assert {k: got[k] for k in want if got[k] != want[k]} == {}
+
+
+@pytest.mark.slow
+def test_shipped_study_stage_configs_unchanged():
+    """Every configs/pipeline/*.yaml expands to stage configs of the identity they had at commit 53a109b (less the
+    keys naming an upstream stage's folder: tests/scripts/config_digests.py)."""
+    from tests.scripts.config_digests import study_digests
+
+    want, got = _committed_digests()["study"], study_digests()
+    assert len(want) >= 20 and not set(want) - set(got)
+    assert {k: got[k] for k in want if got[k] != want[k]} == {}
+
+
+@pytest.mark.parametrize("method", ["sem", "rem", "em", "random"])
+def test_old_eps_key_is_refused_with_its_new_name(method, tmp_path):
+    from uedist.app.stages import get_stage
+
+    schema = get_stage(method, "attack").schema
+    f = tmp_path / "old.yaml"
+    f.write_text(f"method: {method}\neps: 8\n")
+    for path, over in ((f, []), (None, ["eps=8"])):
+        with pytest.raises(ConfigError, match="'eps' is now 'budget'"):
+            load_config(schema, path, over)
+    assert load_config(schema, None, ["budget=4"]).budget == 4
+
+
+@pytest.mark.slow
+def test_launch_script_refuses_old_eps_key(tmp_path):
+    """launch/sem.py with an old config (``eps: 8``) exits 2 before any work, naming the new key."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    f = tmp_path / "old.yaml"
+    f.write_text("base: " + str(REPO / "configs/sem/demo.yaml") + "\neps: 8\n")
+    r = subprocess.run(
+        [sys.executable, str(REPO / "launch/sem.py"), "--config", str(f), f"run_root={tmp_path / 'runs'}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2 and "'eps' is now 'budget'" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "runs").exists()

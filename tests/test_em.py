@@ -56,7 +56,7 @@ def _by_hand(model, x, y, noise):
 
 
 def _cfg(*overrides):
-    return load_config(EMConfig, None, ["method=em", "eps=8", "noise_step_size=2", *overrides])
+    return load_config(EMConfig, None, ["method=em", "budget=8", "noise_step_size=2", *overrides])
 
 
 def test_classwise_reference_rule_by_hand(monkeypatch):

@@ -53,7 +53,8 @@ def _noise_cfg(method: str, *extra: str):
 
 @pytest.mark.parametrize("method", ["sem", "rem"])
 def test_noise_step_matches_the_cpu(method, device, no_tf32):
-    from uedist.benchmark import autocast_args, fake_manifest
+    from uedist.bench.fixtures import fake_manifest
+    from uedist.bench.timing import autocast_args
     from uedist.engine.attacks.sem_rem import noise_for_batch
     from uedist.engine.attacks.surrogate import make_eot, surrogate_for
 
@@ -72,14 +73,14 @@ def test_noise_step_matches_the_cpu(method, device, no_tf32):
         )
         deltas.append(d.detach().float().cpu())
     cpu, dev_d = deltas
-    eps = cfg.eps / 255
-    assert dev_d.abs().max() <= eps + 1e-6
+    assert dev_d.abs().max() <= cfg.budget / 255 + 1e-6
     agree = ((cpu - dev_d).abs() <= 1e-5).float().mean().item()
     assert agree >= 0.95, f"{method}: only {agree:.3f} of δ's entries agree with the CPU"
 
 
 def test_bf16_channels_last_surrogate_step(device):
-    from uedist.benchmark import fake_manifest, noise_steps
+    from uedist.bench.fixtures import fake_manifest
+    from uedist.bench.steps import noise_steps
     from uedist.dist import make_accelerator
 
     cfg = _noise_cfg("sem", "bf16=true", "channels_last=true")
@@ -89,7 +90,7 @@ def test_bf16_channels_last_surrogate_step(device):
 
 
 def test_map_pass_on_the_device_writes_a_verifying_set(device, tmp_path):
-    from uedist.benchmark import build_synthetic_set
+    from uedist.bench.fixtures import build_synthetic_set
     from uedist.data.shards import verify_shard_set
     from uedist.dist import make_accelerator
     from uedist.engine.map_pass import run_map_pass
@@ -109,7 +110,8 @@ def test_map_pass_on_the_device_writes_a_verifying_set(device, tmp_path):
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_ddpm_training_step(device, bf16):
-    from uedist.benchmark import autocast_args, unet_steps
+    from uedist.bench.steps import unet_steps
+    from uedist.bench.timing import autocast_args
     from uedist.models.unet import UNet
 
     net = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16).to(device)
@@ -120,7 +122,8 @@ def test_ddpm_training_step(device, bf16):
 
 
 def test_jcdp_purification_batch(device):
-    from uedist.benchmark import autocast_args, eps_model
+    from uedist.bench.steps import eps_model
+    from uedist.bench.timing import autocast_args
     from uedist.diffusion.purify import jcdp_guidance, purify
     from uedist.diffusion.schedule import Schedule
     from uedist.models.lpips import build_lpips
@@ -137,7 +140,9 @@ def test_jcdp_purification_batch(device):
 
 
 def test_dvae_step(device):
-    from uedist.benchmark import autocast_args, dvae_steps, fake_manifest, random_batch
+    from uedist.bench.fixtures import fake_manifest, random_batch
+    from uedist.bench.steps import dvae_steps
+    from uedist.bench.timing import autocast_args
     from uedist.config import load_config
     from uedist.engine.purifiers.dvae import DVAEConfig, build_dvae
 
@@ -150,7 +155,9 @@ def test_dvae_step(device):
 
 
 def test_victim_pgd_at_step(device):
-    from uedist.benchmark import autocast_args, classifier_step, random_batch
+    from uedist.bench.fixtures import random_batch
+    from uedist.bench.steps import classifier_step
+    from uedist.bench.timing import autocast_args
     from uedist.models.resnet import resnet18
 
     model = resnet18(num_classes=10, width=0.25).to(device).to(memory_format=torch.channels_last)

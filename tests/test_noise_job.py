@@ -82,7 +82,14 @@ def test_rem_and_classwise_random(synth_sets, tmp_path):
     s = next(iter_samples(tmp_path / "rem" / "poisoned"))
     noise = np.load(__import__("io").BytesIO(s.extras["noise.npy"]), allow_pickle=False)
     assert noise.dtype == np.int8 and np.abs(noise).max() <= 4
-    r = _run("sem.py", _args(synth_sets, tmp_path, "rcw", "method=random", "random_mode=classwise"))
+    random = [  # the random control's own schema: no surrogate fields
+        "name=rcw",
+        f"run_root={tmp_path}",
+        f"data.train={synth_sets / 'train'}",
+        f"data.test={synth_sets / 'test'}",
+        *("data.workers=0", "final_batch_size=64", "progress=false", "method=random", "random_mode=classwise"),
+    ]
+    r = _run("attack.py", random)
     assert r.returncode == 0, r.stderr[-3000:]
     deltas = check_poisoned(synth_sets / "train", tmp_path / "rcw" / "poisoned", 8)
     by_class = {}

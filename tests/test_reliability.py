@@ -445,7 +445,7 @@ def test_job_name_escaping_run_root_exits_2(synth_sets, tmp_path):
         ("noise", "final_batch_size=0", r"final_batch_size=0: must be > 0"),
         ("victim", "log_every=0", r"log_every=0: must be > 0"),
         ("noise", "crop_pad=-3", r"crop_pad=-3: must be >= 0"),
-        ("noise", "eps=.inf", r"eps=inf: must be a finite number"),
+        ("noise", "budget=.inf", r"budget=inf: must be a finite number"),
         ("victim", "model.name=resnet19", r"model.name: unknown model 'resnet19'; did you mean 'resnet18'\?"),
     ],
 )

@@ -95,13 +95,58 @@ def location(default: Any = "") -> Any:
 class JobConfig:
     """The run fields every stage's schema extends, declared once: where the run goes (``<run_root>/<name>``) and
     how it reports. A schema may set ``renamed`` (a ClassVar ``{old key: new key}``): a config using an old key
-    is refused with the new name instead of "unknown key"."""
+    is refused with the new name instead of "unknown key".
+
+    The other run fields come in the small schemas below (each a JobConfig), which a stage's schema combines as it
+    needs them: :class:`Seeded`, :class:`Resumable`, :class:`BF16` / :class:`Precision`, :class:`Cadence`. A stage
+    takes only the ones it honours (a field that does nothing is not offered), and a seed is part of a result: a
+    schema that had none does not get one (:func:`identity` of its configs would change). List the bases in the
+    reverse of the order their fields should come in (``class X(Cadence, Precision, Resumable, Seeded)``: name,
+    run_root, progress, seed, resume, bf16, channels_last, ckpt_every, log_every, log_with, then X's own). A schema
+    may redeclare a field of these only to change its default, saying why beside it."""
 
     renamed: typing.ClassVar[Dict[str, str]] = {}
 
     name: str = location("job")
     run_root: str = location("runs")
     progress: bool = runtime(True)  # progress bars (false: log lines, for batch jobs)
+
+
+@dataclasses.dataclass
+class Seeded(JobConfig):
+    """A stage whose random draws (initial weights, batches, noise) all derive from ``seed``."""
+
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Resumable(JobConfig):
+    """A stage that continues a killed run from its checkpoints (false: start afresh)."""
+
+    resume: bool = runtime(True)
+
+
+@dataclasses.dataclass
+class BF16(JobConfig):
+    """A stage that can compute under bf16 autocast."""
+
+    bf16: Optional[bool] = False  # null = auto: on only where bf16 is native (uedist.precision)
+
+
+@dataclasses.dataclass
+class Precision(BF16):
+    """bf16 autocast and channels-last memory layout (convolutional networks)."""
+
+    channels_last: Optional[bool] = False  # null = auto: with native bf16
+
+
+@dataclasses.dataclass
+class Cadence(JobConfig):
+    """A training stage's checkpoint and log cadence, in steps, and where its curves also go."""
+
+    ckpt_every: int = runtime(500)
+    log_every: int = runtime(50, positive_=True)
+    log_with: str = runtime("")  # "tensorboard": scalars of every curve row under <run>/tb (off by default)
 
 
 def identity(cfg: Any) -> Dict[str, Any]:

@@ -118,7 +118,7 @@ class EMConfig(SurrogateConfig):
         "data.workers=0",
         "noise_steps=2",
         "final_batch_size=64",
-        "em.max_rounds=2",
+        "em.max_rounds=1",
         "em.train_steps=3",
         "em.stop_error=0.0",
         "em.batch_size=16",

@@ -77,7 +77,16 @@ def lsp_delta(cfg: LSPConfig, *, num_classes: int, size: tuple) -> Any:
     return make
 
 
-@stage("lsp", kind="attack", schema=LSPConfig, inputs=("data.train",), output="poisoned", summary=attack_summary)
+@stage(
+    "lsp",
+    kind="attack",
+    schema=LSPConfig,
+    inputs=("data.train",),
+    output="poisoned",
+    summary=attack_summary,
+    smoke=("patch_size=4", "data.workers=0"),
+    budget=("l2", "l2"),
+)
 def generate_lsp(cfg: LSPConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """LSP: class-wise synthetic patch noise at ℓ2 ``l2`` per image (no model); writes the poisoned set."""
     m = load_manifest(cfg.data.train)

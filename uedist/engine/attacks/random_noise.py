@@ -58,6 +58,8 @@ def random_delta(cfg: RandomConfig) -> Callable:
     inputs=("data.train", "data.test"),
     output="poisoned",
     summary=attack_summary,
+    smoke=("data.workers=0",),
+    budget=("linf", "budget"),
 )
 def generate_random(cfg: RandomConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """The random-noise control: one map pass writing clip(x + U(−ε, ε)); returns the summary."""

@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Literal, Optional, Tuple
 
 import torch
 
-from uedist.config import location, require, runtime
+from uedist.config import Cadence, location, require, runtime
 from uedist.data.manifest import Manifest
 from uedist.engine.attacks.base import AttackConfig
 from uedist.engine.evaluate import evaluate
@@ -24,10 +24,11 @@ from uedist.registry import MODELS
 
 
 @dataclass
-class SurrogateConfig(AttackConfig):
-    """Settings of REFERENCE.md, in /255 units, that SEM, REM and EM share. Defaults: the CIFAR-10 SEM reference."""
+class SurrogateConfig(Cadence, AttackConfig):
+    """The papers' settings, in /255 units, that SEM, REM and EM share. Defaults: the CIFAR-10 SEM reference.
+    The surrogate trains on the step loop, so these attacks also have the checkpoint / log cadence."""
 
-    name: str = location("sem")
+    name: str = location("sem")  # redeclared for its default: the run's folder is named after the stage
     budget: float = 8.0  # ρ_u: the noise's ℓ∞ limit, /255
     noise_steps: int = 10  # K_u
     noise_step_size: float = 1.6  # α_u
@@ -37,20 +38,19 @@ class SurrogateConfig(AttackConfig):
     steps: int = 5000  # M surrogate steps
     surrogate: ModelSpec = field(default_factory=lambda: ModelSpec(stem="cifar"))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(schedule="step", milestones=[0.4, 0.8]))
+    # bf16 / channels_last are redeclared for their default, auto (null) instead of off: the surrogate family's
+    # training and inner loops are where bf16 pays
     bf16: Optional[bool] = None  # null = auto: on where the device runs bf16 natively (uedist.precision)
     channels_last: Optional[bool] = None  # null = auto: on with native bf16
     compile: bool = False  # torch.compile the surrogate's forward in the noise, PGD and training loops
     fold_bn: bool = True  # inner loops: eval-mode BatchNorm folded into the convolutions (same function; ours)
-    # The REM/SEM reference's surrogate sees x − 0.5 (std 1) and trains on δ rounded to /255 (REFERENCE.md); ours
+    # The REM/SEM reference's surrogate sees x − 0.5 (std 1) and trains on δ rounded to /255; ours
     # normalizes with the dataset's mean/std and trains on the unrounded δ. Both are options; ours is the default.
     # Measured on the CIFAR-10 sample (configs/sem/cifar10_cpu.yaml, victim at the defaults, clean 70.28 %): ours
     # 25.67 %, the reference's (surrogate_input=half train_on_rounded=true) 27.86 %: one seed each (docs/noise.md).
     surrogate_input: Literal["dataset", "half"] = "dataset"
     train_on_rounded: bool = False
     inner_batch: int = runtime(0)  # images per forward in the inner loops (0: all on a GPU, measured on a CPU)
-    ckpt_every: int = runtime(500)
-    log_every: int = runtime(50, positive_=True)
-    log_with: str = runtime("")  # "tensorboard": scalars of every curve row under <run>/tb (off by default)
 
     def validate(self) -> None:
         super().validate()

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Literal, Optional
 
 import torch
 
-from uedist.config import identity, location, positive, require, runtime
+from uedist.config import JobConfig, identity, location, positive, require, runtime
 from uedist.data.manifest import ManifestError, load_manifest
 from uedist.dist import get_logger
 from uedist.engine.map_pass import run_map_pass
@@ -55,12 +55,12 @@ class BaselineData:
 
 
 @dataclass
-class PurifyConfig:
-    """One baseline pass. Parameters in the units of the papers: JPEG quality 1..100, bits 1..8, kernel px."""
+class PurifyConfig(JobConfig):
+    """One baseline pass. Parameters in the units of the papers: JPEG quality 1..100, bits 1..8, kernel px.
+    Deterministic and one pass: no seed, resume (the map pass resumes by shard), precision or cadence fields."""
 
     method: Literal["grayscale", "jpeg", "bit_depth", "mean", "median", "gaussian"] = "jpeg"
-    name: str = location("purify")
-    run_root: str = location("runs")
+    name: str = location("purify")  # redeclared for its default: the run's folder is named after the stage
     out: str = location("")  # default <run_root>/<name>/purified
     data: BaselineData = field(default_factory=BaselineData)
     quality: int = 10  # jpeg (ISS: 10)
@@ -68,7 +68,6 @@ class PurifyConfig:
     kernel: int = 3  # mean / median / gaussian
     sigma: float = 0.8  # gaussian (OpenCV's rule for 3×3)
     grid_samples: int = runtime(8)
-    progress: bool = runtime(True)
 
     def validate(self) -> None:
         require(bool(self.data.src), "data.src (the poisoned shard set) is required")
@@ -182,4 +181,5 @@ for _name in BASELINES:  # one schema, one function, six stages (``method`` pick
         output="purified",
         summary=baseline_summary,
         input_errors=(PurifyInputError, ManifestError),
+        smoke=("data.workers=0", "data.batch_size=40"),
     )(purify_baseline)

@@ -18,25 +18,25 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from uedist.checkpoint import latest_checkpoint, load_state
-from uedist.config import location, positive, require, runtime
+from uedist.config import BF16, Cadence, Resumable, Seeded, location, positive, require, runtime
 from uedist.data.grids import write_image_grid
 from uedist.diffusion.ema import EMA
 from uedist.diffusion.purify import sample
 from uedist.diffusion.schedule import Schedule
 from uedist.dist import get_logger
+from uedist.engine.train.checkpoints import check_finite
 from uedist.engine.train.loop import (
     OptimConfig,
     Prepared,
     StepsDone,
     Tracker,
-    check_finite,
     prepare_training,
     run_steps,
     train_batches,
@@ -86,12 +86,13 @@ class DiffusionSpec:
 
 
 @dataclass
-class DDPMConfig:
+class DDPMConfig(Cadence, BF16, Resumable, Seeded):
     """Defaults: DDPM's CIFAR-10 reference (800k steps of batch 128, Adam 2e-4, warmup 5000, clip 1, EMA 0.9999)."""
 
-    name: str = location("ddpm")
-    run_root: str = location("runs")
-    seed: int = 0
+    name: str = location("ddpm")  # redeclared for its default: the run's folder is named after the stage
+    # ckpt_every / log_every are redeclared for their defaults: a DDPM trains for hundreds of thousands of steps
+    ckpt_every: int = runtime(5000)
+    log_every: int = runtime(100, positive_=True)
     data: DDPMData = field(default_factory=DDPMData)
     unet: UNetSpec = field(default_factory=UNetSpec)
     diffusion: DiffusionSpec = field(default_factory=DiffusionSpec)
@@ -105,14 +106,8 @@ class DDPMConfig:
     init: str = ""  # fine-tune from: a DDPM run folder, a checkpoint folder, or a .pt holding {"model"|"ema"}
     init_ema: bool = True  # start from the EMA weights of ``init`` when it has them
     deepspeed: str = ""  # a DeepSpeed JSON config (ZeRO-2): run under torchrun; see train_ddpm_deepspeed
-    bf16: Optional[bool] = False  # null = auto: on only where bf16 is native (uedist.precision)
     num_samples: int = 64  # samples in the final PNG grid (0 = none)
     sample_steps: int = 0  # reverse steps for the grid (0 = all T; fewer: a strided chain)
-    ckpt_every: int = runtime(5000)
-    log_every: int = runtime(100, positive_=True)
-    resume: bool = runtime(True)
-    progress: bool = runtime(True)
-    log_with: str = runtime("")  # "tensorboard": scalars of every curve row under <run>/tb (off by default)
 
     def validate(self) -> None:
         require(self.steps >= 0 and self.data.batch_size >= 1 and self.lr > 0, "steps >= 0, batch_size >= 1, lr > 0")
@@ -200,7 +195,26 @@ def ddpm_summary(m: Dict[str, Any], run_dir: Path) -> str:
     )
 
 
-@stage("ddpm", kind="ddpm", schema=DDPMConfig, inputs=("data.train",), output="run", summary=ddpm_summary)
+@stage(
+    "ddpm",
+    kind="ddpm",
+    schema=DDPMConfig,
+    inputs=("data.train",),
+    output="run",
+    summary=ddpm_summary,
+    smoke=(
+        "unet.name=unet",
+        "unet.args={ch: 16, ch_mult: [1, 2], num_res_blocks: 1, attn_resolutions: [8], dropout: 0.0, image_size: 16}",
+        "data.batch_size=8",
+        "data.workers=0",
+        "steps=4",
+        "warmup_steps=1",
+        "ckpt_every=2",
+        "log_every=2",
+        "num_samples=2",
+        "sample_steps=3",
+    ),
+)
 def train_ddpm(cfg: DDPMConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """Train or fine-tune (resumable); writes checkpoints, curve.csv, samples.png and metrics.json; returns metrics.
     Under DDP, or with ``cfg.deepspeed`` set under DeepSpeed ZeRO (:mod:`uedist.engine.train.zero`): one step loop."""

@@ -19,19 +19,18 @@ from typing import Any, Callable, Dict, Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from uedist.config import ConfigError, location, positive, require, runtime
+from uedist.config import Cadence, ConfigError, Precision, Resumable, Seeded, location, positive, require, runtime
 from uedist.data.manifest import Manifest, load_manifest
 from uedist.engine.evaluate import evaluate
 from uedist.engine.inner import forward_fn, inner_chunk
+from uedist.engine.train.checkpoints import check_finite, sync_buffers
 from uedist.engine.train.loop import (
     OptimConfig,
     Prepared,
     StepsDone,
     Tracker,
-    check_finite,
     prepare_training,
     run_steps,
-    sync_buffers,
     train_batches,
     write_curve,
 )
@@ -132,10 +131,8 @@ class DefenseConfig:
 
 
 @dataclass
-class VictimConfig:
-    name: str = location("victim")  # the run lives in <run_root>/<name>
-    run_root: str = location("runs")
-    seed: int = 0
+class VictimConfig(Cadence, Precision, Resumable, Seeded):
+    name: str = location("victim")  # the run lives in <run_root>/<name> (redeclared for its default)
     steps: int = 0  # training steps; or set epochs
     epochs: float = 0.0  # converted to steps with the train set size and the global batch
     data: VictimData = field(default_factory=VictimData)
@@ -143,18 +140,15 @@ class VictimConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     adv: AdvConfig = field(default_factory=AdvConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
+    # bf16 / channels_last are redeclared for their default, auto (null) instead of off: victim training is the
+    # bulk of a study's compute, and bf16 pays where it is native
     bf16: Optional[bool] = None  # autocast to bfloat16; null = auto: on where the device runs it natively
     channels_last: Optional[bool] = None  # null = auto: on with native bf16 (uedist.precision)
     compile: bool = False  # torch.compile the model's forward (training step and PGD)
     fold_bn: bool = True  # PGD with BN in eval mode: BatchNorm folded into the convolutions (same function; ours)
     inner_batch: int = runtime(0)  # images per forward in the PGD of adversarial training (0: all / measured)
-    ckpt_every: int = runtime(500)
     eval_every: int = runtime(0)  # 0: evaluate at the end only
     snapshots: int = 0  # keep N model-only weight files evenly spaced through training (SEP's checkpoint ensemble)
-    log_every: int = runtime(50, positive_=True)
-    resume: bool = runtime(True)
-    progress: bool = runtime(True)
-    log_with: str = runtime("")  # "tensorboard": scalars of every curve row under <run>/tb (off by default)
 
     def validate(self) -> None:
         require((self.steps > 0) != (self.epochs > 0), "set exactly one of steps or epochs")
@@ -236,7 +230,22 @@ def victim_summary(m: Dict[str, Any], run_dir: Path) -> str:
     )
 
 
-@stage("victim", kind="victim", schema=VictimConfig, inputs=("data.train", "data.test"), summary=victim_summary)
+@stage(
+    "victim",
+    kind="victim",
+    schema=VictimConfig,
+    inputs=("data.train", "data.test"),
+    summary=victim_summary,
+    smoke=(
+        "epochs=0",
+        "steps=4",
+        "model.width=0.125",
+        "data.batch_size=32",
+        "data.workers=0",
+        "log_every=2",
+        "ckpt_every=2",
+    ),
+)
 def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """Train and evaluate one victim; writes checkpoints, curves and metrics.json under ``run_dir``."""
     train_m, test_m = load_manifest(cfg.data.train), load_manifest(cfg.data.test)
