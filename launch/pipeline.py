@@ -3,6 +3,9 @@
     accelerate launch launch/pipeline.py --config configs/pipeline/cpu_synthetic.yaml [key=value ...]
     accelerate launch launch/pipeline.py --config ... --plan      # list the stages and which are done; run nothing
 
+Exit codes, as every launch script: 2 = bad config or input (a corrupt shard of a set a stage reads, ...), 3 = a
+non-finite loss stopped a stage; the logged message names the stage (``stage attack cifar10.lsp: ...``).
+
 Writes runs/<study>/: study.yaml (resolved), study.json (the stage list), <kind>/<label>-<hash>/ per stage (its
 config.yaml, outputs, stage.json when finished), logs/, and report/ (results table, plots, grids, timing).
 """
@@ -14,11 +17,12 @@ import sys
 from typing import List, Optional
 
 import uedist.models  # noqa: F401  (registers the model zoo)
+from uedist.app.jobs import guarded
 from uedist.app.pipeline import Study, load_study
 from uedist.app.report import write_report
+from uedist.app.study_records import legacy_stage_folders
 from uedist.config import ConfigError, save_config
 from uedist.dist import get_logger, make_accelerator, setup_logging
-from uedist.engine.train.loop import CheckpointMismatch, NonFiniteLoss
 from uedist.io import atomic_write_json
 
 log = get_logger("uedist.launch.pipeline")
@@ -36,6 +40,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as e:
         p.error(str(e))
     if args.plan:
+        old = legacy_stage_folders(study.dir)
+        if old:  # listed as todo here; the run migrates them first (uedist report --migrate does it now)
+            print(
+                f"note: {len(old)} stage folders under {study.dir}/noise/ from before the attack rename: the run "
+                f"moves them to attack/ and reuses them (or: uedist report {study.dir} --migrate)",
+                file=sys.stderr,
+            )
         states = study.states()  # done / todo / unneeded (not built: every stage that reads it is done)
         for st in study.stages:
             print(f"{states[st.label]:8s}  {st.kind:7s} {st.label:50s} {st.dir}")
@@ -53,14 +64,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if accelerator.is_main_process:
         save_config(cfg, study.dir / "study.yaml")
     write_stage_list()
-    try:
-        study.run(accelerator)
-    except NonFiniteLoss as e:
-        log.error("%s", e)
-        return 3
-    except (ConfigError, CheckpointMismatch) as e:  # found while running, e.g. a set from an older generator
-        log.error("%s", e)
-        return 2
+    # every stage runs through the one stage runner of the launch scripts: bad input (a corrupt shard, a set from an
+    # older generator) exits 2 and a non-finite loss 3, the logged message naming the stage and the culprit
+    rc = guarded(lambda: study.run(accelerator), log)
+    if isinstance(rc, int):
+        return rc
     write_stage_list()  # again: building the datasets may have changed the stages' hashes
     if accelerator.is_main_process:
         print(f"\nstudy {cfg.name}: {len(study.stages)} stages done in {study.dir}")

@@ -4,11 +4,13 @@ after a change, a kill between stages, and the report (CSV, Markdown table, plot
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -82,19 +84,19 @@ def test_expansion_and_validation(synth_sets, tmp_path):
     cfg = load_config(StudyConfig, study_yaml(synth_sets, tmp_path))
     st = Study(cfg)
     kinds = [s.kind for s in st.stages]
-    assert kinds.count("noise") == 2  # clean needs no stage
+    assert kinds.count("attack") == 2  # clean needs no stage
     assert kinds.count("purify") == 3 * 2  # (clean, random_cw, sem) x (jpeg10, gray)
-    # victims: 3 noises x 3 purifiers standard (9) + adversarial: clean/sem x none/jpeg10 (4)
+    # victims: 3 attacks x 3 purifiers standard (9) + adversarial: clean/sem x none/jpeg10 (4)
     assert kinds.count("victim") == 13
     labels = [s.label for s in st.stages]
     assert labels.index("syn.sem") < labels.index("syn.sem.jpeg10") < labels.index("syn.sem.jpeg10.r18.standard")
     victim = next(s for s in st.stages if s.label == "syn.sem.jpeg10.r18.adversarial")
     assert victim.cfg.adv.enabled and victim.cfg.adv.steps == 1 and victim.cfg.data.train.endswith("/purified")
     assert victim.cfg.model.width == 0.125 and victim.cfg.data.test == str(synth_sets / "test")
-    # stage hashes: the same config twice gives the same hashes; a noise change moves only what depends on it
+    # stage hashes: the same config twice gives the same hashes; an attack change moves only what depends on it
     again = Study(load_config(StudyConfig, study_yaml(synth_sets, tmp_path)))
     assert [s.hash for s in again.stages] == [s.hash for s in st.stages]
-    changed = Study(load_config(StudyConfig, study_yaml(synth_sets, tmp_path), ["attacks.sem.set.eps=4"]))
+    changed = Study(load_config(StudyConfig, study_yaml(synth_sets, tmp_path), ["attacks.sem.set.budget=4"]))
     moved = {a.label for a, b in zip(st.stages, changed.stages) if a.hash != b.hash}
     assert moved == {s.label for s in st.stages if s.label.startswith("syn.sem")}
     with pytest.raises(ConfigError, match="did you mean"):
@@ -167,7 +169,7 @@ def test_study_refuses_a_dataset_from_an_older_generator(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_pipeline_runs_resumes_and_reports(synth_sets, tmp_path):
-    # a smaller matrix than above: 2 noise stages, 3 purify stages, 7 victims
+    # a smaller matrix than above: 2 attack stages, 3 purify stages, 7 victims
     path = study_yaml(
         synth_sets,
         tmp_path,
@@ -201,7 +203,7 @@ def test_pipeline_runs_resumes_and_reports(synth_sets, tmp_path):
         assert f"done earlier, reusing {tmp_path / 'toy'}" in log and name in log
     rows = list(csv.DictReader(open(tmp_path / "toy/report/results.csv")))
     assert len(rows) == 7 and all(0 <= float(r["test_top1"]) <= 100 for r in rows)
-    assert [(r["noise"], r["purifier"], r["mode"]) for r in rows] == [
+    assert [(r["attack"], r["purifier"], r["mode"]) for r in rows] == [
         ("clean", "none", "standard"),
         ("clean", "jpeg10", "standard"),
         ("random_cw", "none", "standard"),
@@ -211,8 +213,8 @@ def test_pipeline_runs_resumes_and_reports(synth_sets, tmp_path):
         ("sem", "none", "adversarial"),
     ]  # the study's order
     md = (tmp_path / "toy/report/results.md").read_text()
-    assert "### syn, standard training" in md and "| noise | none | jpeg10 |" in md and "### syn, adversarial" in md
-    by = {(r["noise"], r["purifier"], r["mode"]): float(r["test_top1"]) for r in rows}
+    assert "### syn, standard training" in md and "| attack | none | jpeg10 |" in md and "### syn, adversarial" in md
+    by = {(r["attack"], r["purifier"], r["mode"]): float(r["test_top1"]) for r in rows}
     assert f"| sem | {by[('sem', 'none', 'standard')]:.2f} | {by[('sem', 'jpeg10', 'standard')]:.2f} |" in md
     for f in ("accuracy.png", "curves.png", "grid_syn_sem.png", "grid_syn_random_cw.png", "timing.md", "timing.csv"):
         assert (tmp_path / "toy/report" / f).stat().st_size > 0, f
@@ -293,7 +295,7 @@ def test_pipeline_two_processes(synth_sets, tmp_path):
     assert len(recs) == 4 and all(rec["world_size"] == 2 for rec in recs)
     assert all(rec["summary"]["ranks_in_sync"] for rec in recs if rec["kind"] == "victim")
     rows = list(csv.DictReader(open(tmp_path / "toy/report/results.csv")))
-    assert [(row["noise"], row["purifier"]) for row in rows] == [("random_cw", "none"), ("random_cw", "jpeg10")]
+    assert [(row["attack"], row["purifier"]) for row in rows] == [("random_cw", "none"), ("random_cw", "jpeg10")]
 
 
 @pytest.mark.slow
@@ -389,7 +391,7 @@ def test_records_carried_to_a_fresh_folder_are_reused(synth_sets, tmp_path):
     assert r.returncode == 0, r.stderr
     recs = sorted(p.relative_to(tmp_path / "rec").as_posix() for p in (tmp_path / "rec").rglob("*") if p.is_file())
     assert all(p.split("/")[-1] in ("stage.json", "config.yaml", "metrics.json", "curve.csv") for p in recs)
-    assert sum(p.endswith("stage.json") for p in recs) == 4  # noise, jpeg, two victims; no shards
+    assert sum(p.endswith("stage.json") for p in recs) == 4  # attack, jpeg, two victims; no shards
     shutil.rmtree(study)
     shutil.copytree(tmp_path / "rec", study)
 
@@ -410,21 +412,159 @@ def test_records_carried_to_a_fresh_folder_are_reused(synth_sets, tmp_path):
     assert not list(study.glob("*/*/*/manifest.json"))  # nothing rebuilt
     assert results() == before
 
-    # without the noise record: nothing reads the poisoned set any more, so it is not needed
-    (noise_dir,) = (study / "noise").iterdir()
-    shutil.rmtree(noise_dir)
+    # without the attack record: nothing reads the poisoned set any more, so it is not needed
+    (attack_dir,) = (study / "attack").iterdir()
+    shutil.rmtree(attack_dir)
     assert plan()[0] == ("unneeded", "syn.random_cw")
     r = run_pipeline(path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "syn.random_cw: not needed, every stage that reads it is done" in (study / "logs/rank0.log").read_text()
-    assert not noise_dir.exists() and results() == before
+    assert not attack_dir.exists() and results() == before
 
-    # the JPEG victim must run again: its purified set (record kept, set absent) and the noise are rebuilt
+    # the JPEG victim must run again: its purified set (record kept, set absent) and the attack are rebuilt
     (study / "victim").joinpath(
         next(p.name for p in (study / "victim").iterdir() if ".jpeg10." in p.name), "stage.json"
     ).unlink()
     assert plan() == list(zip(["todo", "done", "todo", "todo"], labels))
     r = run_pipeline(path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert noise_dir.is_dir() and len(list(study.glob("*/*/*/manifest.json"))) == 2
+    assert attack_dir.is_dir() and len(list(study.glob("*/*/*/manifest.json"))) == 2
     assert results() == before  # the same sets, the same victim
+
+
+def _small_study(sets, tmp_path, train=None, **extra):
+    """One attack (random, classwise), the given purifiers (default: none), one toy victim, standard mode."""
+    path = study_yaml(
+        sets,
+        tmp_path,
+        attacks={"random_cw": {"method": "random", "set": {"random_mode": "classwise", "data.workers": 0}}},
+        purifiers=extra.pop("purifiers", {"none": {"method": "none"}}),
+        modes=["standard"],
+        skip=extra.pop("skip", []),
+        **extra,
+    )
+    if train is not None:
+        cfg = yaml.safe_load(path.read_text())
+        cfg["datasets"]["syn"]["train"] = str(train)
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.mark.slow
+def test_corrupt_shard_in_a_study_exits_2_naming_the_stage_and_shard(synth_sets, tmp_path):
+    """A study runs each stage through the single job's runner: a corrupt shard of the clean train set (read by the
+    attack) or of a finished poisoned set (read by the purifier) ends the study with exit code 2 and a message
+    naming the stage and the shard file, not a traceback; the failed stage leaves no record."""
+    from tests.test_reliability import _copy, _corrupt
+
+    train = _copy(synth_sets / "train", tmp_path / "train")
+    want = _corrupt(train)
+    r = run_pipeline(_small_study(synth_sets, tmp_path, train=train))
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "Traceback" not in out, out[-3000:]
+    assert re.search(rf"stage attack syn\.random_cw: \S*{want}", r.stderr), r.stderr[-3000:]
+    assert not list((tmp_path / "toy").glob("*/*/stage.json")) and not list(
+        (tmp_path / "toy").glob("*/*/*/manifest.json")
+    )
+
+    # the attack finishes on intact data; then one shard of its poisoned set is garbled before the purifier reads it
+    jpeg = {"jpeg10": {"method": "jpeg", "set": {"quality": 10, "data.workers": 0}}}
+    r = run_pipeline(_small_study(synth_sets, tmp_path, purifiers=jpeg, skip=["syn/*/jpeg10"]))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (rec,) = (tmp_path / "toy").glob("attack/*/stage.json")
+    poisoned = Path(json.loads(rec.read_text())["output"])
+    want = _corrupt(poisoned)
+    r = run_pipeline(_small_study(synth_sets, tmp_path, purifiers=jpeg))
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "Traceback" not in out, out[-3000:]
+    assert re.search(rf"stage purify syn\.random_cw\.jpeg10: \S*poisoned/{want}", r.stderr), r.stderr[-3000:]
+    assert not list((tmp_path / "toy").glob("purify/*/stage.json"))
+
+
+def test_non_finite_loss_in_a_study_exits_3_naming_the_stage(synth_sets, tmp_path, monkeypatch):
+    """A stage of a study that stops on a non-finite loss ends the study with exit code 3, as the single job does,
+    its message naming the stage; nothing after it runs and it leaves no record."""
+    import dataclasses
+    import logging
+
+    from uedist.app.jobs import StageFailed, guarded
+    from uedist.app.stages import load_stages
+    from uedist.dist import make_accelerator
+    from uedist.engine.train.checkpoints import NonFiniteLoss
+    from uedist.registry import STAGES
+
+    def boom(cfg, accelerator, run_dir):
+        raise NonFiniteLoss("loss is nan at step 3")
+
+    load_stages()
+    monkeypatch.setitem(STAGES._items, "random", dataclasses.replace(STAGES.get("random"), fn=boom))
+    study = Study(load_config(StudyConfig, _small_study(synth_sets, tmp_path)))
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda rec: seen.append(rec.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("uedist.attack.random")
+    logger.addHandler(handler)
+    try:
+        with pytest.raises(StageFailed) as e:
+            study.run(make_accelerator(cpu=True))
+        assert e.value.code == 3 and e.value.where == "stage attack syn.random_cw"
+        assert guarded(lambda: study.run(make_accelerator(cpu=True)), logger) == 3  # what launch/pipeline.py returns
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["stage attack syn.random_cw: loss is nan at step 3"] * 2
+    assert not list((tmp_path / "toy").glob("*/*/stage.json"))
+
+
+def test_records_from_before_the_attack_rename_are_migrated(synth_sets, tmp_path):
+    """A study folder written while the attack kind was called "noise" (noise/<stage>/, "kind": "noise", the tag
+    "noise", paths through noise/): ``uedist report --migrate`` moves and rewrites it, idempotently, and the
+    stages are done again (the hashes kept the old kind's name). The report reads an unmigrated folder too."""
+    from uedist.app.report import load_records
+    from uedist.app.study_records import legacy_stage_folders, migrate_study
+
+    study = Study(load_config(StudyConfig, _small_study(synth_sets, tmp_path)))
+    old_root = str(study.dir / "noise")
+    for st in study.stages:
+        old = st.kind == "attack"
+        folder = Path(old_root) / st.dir.name if old else st.dir
+        out = study.output_path(st)
+        tags = {("noise" if k == "attack" else k): v for k, v in st.tags.items()}
+        inputs = {r: (study.output_path(v) if hasattr(v, "hash") else str(v)) for r, v in st.inputs.items()}
+        rec = {
+            "kind": "noise" if old else st.kind,
+            "label": st.label,
+            "hash": st.hash,
+            "tags": tags,
+            "config": {"run_root": str(folder.parent), "out": out.replace(f"{study.dir}/attack", old_root)},
+            "inputs": {r: p.replace(f"{study.dir}/attack", old_root) for r, p in inputs.items()},
+            "output": out.replace(f"{study.dir}/attack", old_root),
+            "summary": {"test_top1": 50.0, "noise": {"samples": 240}},
+        }
+        folder.mkdir(parents=True)
+        (folder / "stage.json").write_text(json.dumps(rec, indent=2) + "\n")
+        (folder / "config.yaml").write_text(f"run_root: {folder.parent}\nout: {rec['output']}\nsave_noise: false\n")
+    (study.dir / "study.json").write_text(json.dumps({"stages": [f"noise/{study.stages[0].dir.name}"]}))
+    assert [study.record(st) is None for st in study.stages] == [True, False]
+    assert [r["kind"] for r in load_records(study.dir)] == ["attack"]  # read in the current form, files untouched
+    assert legacy_stage_folders(study.dir) == [Path(old_root) / study.stages[0].dir.name]
+
+    r = subprocess.run(
+        [sys.executable, "-m", "uedist.app.cli", "report", str(study.dir), "--migrate"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0 and "2 stage folders migrated" in r.stderr + r.stdout, r.stderr
+    assert not Path(old_root).exists() and not legacy_stage_folders(study.dir)
+    attack, victim = (study.record(st) for st in study.stages)
+    assert attack["kind"] == "attack" and attack["tags"] == {"dataset": "syn", "attack": "random_cw"}
+    assert attack["output"] == study.output_path(study.stages[0]) == victim["inputs"]["train"]
+    assert attack["summary"]["noise"] == {"samples": 240}  # a summary's own keys are not tags
+    assert victim["tags"]["attack"] == "random_cw" and "noise" not in victim["tags"]
+    assert f"out: {study.dir}/attack/" in (study.stages[0].dir / "config.yaml").read_text()
+    assert json.loads((study.dir / "study.json").read_text())["stages"] == [f"attack/{study.stages[0].dir.name}"]
+    assert study.states() == {st.label: "done" for st in study.stages}
+    before = {p: p.read_bytes() for p in study.dir.rglob("*") if p.is_file()}
+    assert migrate_study(study.dir) == 0  # idempotent
+    assert {p: p.read_bytes() for p in study.dir.rglob("*") if p.is_file()} == before

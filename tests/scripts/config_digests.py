@@ -5,7 +5,8 @@ checkpoints.
 
     python tests/scripts/config_digests.py > tests/scripts/config_digests.json
 
-The committed JSON was made from commit 53a109b (a ``git worktree`` of it on PYTHONPATH). Three groups:
+The committed JSON was made from commit 53a109b (a ``git worktree`` of it on PYTHONPATH), plus the random control's own
+configs (configs/random/, added after it). Two groups:
 
 - ``stage``: each ``configs/<stage>/*.yaml`` loaded as its launch script loads it (the stage's schema and fixed
   overrides), and each registered stage's defaults (``defaults/<stage>``);

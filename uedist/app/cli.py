@@ -92,6 +92,13 @@ def _facescrub_download(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from uedist.app.report import write_report
 
+    if args.migrate:
+        from uedist.app.study_records import migrate_study
+
+        if not args.study.is_dir():
+            raise FileNotFoundError(f"no study folder {args.study}")
+        log.info(f"{args.study}: {migrate_study(args.study)} stage folders migrated (noise/ -> attack/)")
+        return 0
     written = write_report(args.study, args.out)
     _output(written.pop("markdown"))
     for path in written.values():
@@ -161,6 +168,13 @@ def make_parser() -> argparse.ArgumentParser:
         type=Path,
         help="also copy every finished stage's records (stage.json, config.yaml, metrics.json, curve.csv; no shard "
         "sets) to RECORDS/<kind>/<stage>/: copied into runs/<study>/ on another machine, the pipeline reuses them",
+    )
+    r.add_argument(
+        "--migrate",
+        action="store_true",
+        help="only move and rewrite the stage records of a study folder (or of a records folder) written before the "
+        "stage kind noise became attack: noise/ -> attack/, kind, tags and paths; idempotent (launch/pipeline.py "
+        "does it to its own folder)",
     )
     r.set_defaults(fn=_report)
 

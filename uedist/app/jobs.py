@@ -18,7 +18,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Type, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 from uedist.config import ConfigError, _read_yaml, load_config, parse_override, save_config
 from uedist.config import run_dir as run_dir_of
@@ -100,34 +100,53 @@ def input_error_types() -> Tuple[Type[BaseException], ...]:
     )
 
 
-def guarded(fn: Callable[[], Any], log: logging.Logger, input_errors: Tuple[Type[BaseException], ...] = ()) -> Any:
+class StageFailed(Exception):
+    """A stage of a study stopped with exit code ``code`` (2: bad input, 3: a non-finite loss); its message,
+    naming the stage and the culprit, is already logged. :func:`guarded` returns the code."""
+
+    def __init__(self, code: int, where: str) -> None:
+        super().__init__(f"{where}: exit code {code}")
+        self.code, self.where = code, where
+
+
+def guarded(
+    fn: Callable[[], Any],
+    log: logging.Logger,
+    input_errors: Tuple[Type[BaseException], ...] = (),
+    *,
+    where: str = "",
+) -> Any:
     """Run the job; a non-finite loss -> exit code 3; a checkpoint of another config or data, bad input
     (:func:`input_error_types`: a bad shard, manifest, source image, checkpoint or config value, a full disk, a
     peer that stopped answering) or one of the stage's own ``input_errors`` -> exit code 2 (logged, not a
-    traceback). Returns the job's result, or the exit code as an ``int``. Anything else is a bug: a traceback."""
-    from uedist.engine.train.loop import CheckpointMismatch, NonFiniteLoss
+    traceback; prefixed with ``where``, e.g. ``stage attack cifar10.lsp``, when given); a :class:`StageFailed` (a
+    study's stage that already logged why) -> its code. Returns the job's result, or the exit code as an ``int``.
+    Anything else is a bug: a traceback."""
+    from uedist.engine.train.checkpoints import CheckpointMismatch, NonFiniteLoss
 
     input_errors = (*input_error_types(), *input_errors)
 
+    def fail(code: int, e: BaseException) -> int:
+        log.error("%s%s", f"{where}: " if where else "", e)
+        return code
+
     try:
         return fn()
+    except StageFailed as e:
+        return e.code
     except NonFiniteLoss as e:
-        log.error("%s", e)
-        return 3
+        return fail(3, e)
     except CheckpointMismatch as e:  # another config or rebuilt data under the same run name: nothing resumed
-        log.error("%s", e)
-        return 2
+        return fail(2, e)
     except input_errors as e:  # type: ignore[misc]
-        log.error("%s", e)
-        return 2
+        return fail(2, e)
     except RuntimeError as e:
         from uedist.dist import as_collective_timeout
 
         timeout = as_collective_timeout(e)
         if timeout is None:
             raise
-        log.error("%s", timeout)
-        return 2
+        return fail(2, timeout)
 
 
 def stage_method(config: Optional[str], overrides: Sequence[str]) -> str:
@@ -180,16 +199,32 @@ def run_stage_main(
 
 def _run(st: StageDef, cfg: Any, *, accelerator: Any, run_dir: Path) -> int:
     t0 = time.time()
-    rc = prepare_inputs(cfg, accelerator)
-    if rc:
-        return rc
-    s = guarded(lambda: st(cfg, accelerator, run_dir), get_logger(f"uedist.{st.kind}.{st.name}"), st.input_errors)
+    s = run_stage(st, cfg, accelerator=accelerator, run_dir=run_dir)
     if isinstance(s, int):
         return s
     if accelerator.is_main_process and st.summary is not None:
         sys.stdout.write(st.summary({**s, "wall_s": time.time() - t0}, run_dir) + "\n")  # the job's product, bare
         sys.stdout.flush()
     return 0
+
+
+def run_stage(
+    st: StageDef, cfg: Any, *, accelerator: Any, run_dir: Path, where: str = ""
+) -> Union[Dict[str, Any], int]:
+    """The one runner of a registered stage, for a launch script (:func:`run_stage_main`) and for every stage of
+    a study (:mod:`uedist.app.study_run`): the stage's ``check``, its inputs prepared (:func:`prepare_inputs`),
+    then the stage itself, all under :func:`guarded`. Returns the stage's summary, or an exit code (2: bad config
+    or input, 3: a non-finite loss) once the reason is logged, prefixed with ``where`` (a study names the stage,
+    ``stage attack cifar10.lsp``)."""
+    logger = get_logger(f"uedist.{st.kind}.{st.name}")
+
+    def body() -> Any:
+        problem = st.check(cfg) if st.check else None
+        if problem:
+            raise ConfigError(problem)
+        return prepare_inputs(cfg, accelerator) or st(cfg, accelerator, run_dir)
+
+    return guarded(body, logger, st.input_errors, where=where)
 
 
 def prepare_inputs(cfg: Any, accelerator: Any) -> int:

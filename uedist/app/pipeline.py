@@ -2,7 +2,7 @@
 
     accelerate launch launch/pipeline.py --config configs/pipeline/cpu_synthetic.yaml [key=value ...]
 
-A study expands into *stages* (DESIGN.md's layers): build the shard sets, make each poisoned set (attack), purify
+A study expands into *stages* (docs/architecture.md): build the shard sets, make each poisoned set (attack), purify
 each (purifier; D-VAE, JCDP, plain diffusion, the ISS baselines, or none), train a DDPM when a diffusion
 purifier needs one, and train each victim on each purified set in each mode. Every stage is the ordinary uedist
 stage function (the same code as its own launch script), run in dependency order on all ranks.
@@ -13,7 +13,11 @@ outputs, wall time), and a later run with the same resolved config reuses it. A 
 ``stage.json`` and is simply run again, which resumes from its own checkpoints and finished shards. Change a
 setting and exactly the stages downstream of it get new hashes and run; nothing else does.
 
-At the end the report (``uedist report``) is written: see :mod:`uedist.app.report`.
+This module *plans* a study: the config schema, the expansion into stages, their hashes, folders and states (done /
+to run / not needed, from the ``stage.json`` records). :mod:`uedist.app.study_run` *runs* the plan, each stage
+through the one stage runner of every launch script (:func:`uedist.app.jobs.run_stage`: bad input exits 2 and a
+non-finite loss 3, the message naming the stage and the culprit). At the end the report (``uedist report``) is
+written: see :mod:`uedist.app.report`.
 """
 
 from __future__ import annotations
@@ -21,18 +25,13 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Dict, List, Literal, Optional, Union
+from typing import Any, ClassVar, Dict, List, Literal, Optional, Union
 
 from uedist.app.paper_tables import validate_columns
-from uedist.config import ConfigError, config_to_dict, identity, load_config, require, run_dir
-from uedist.dist import get_logger
-from uedist.io import atomic_write_json
+from uedist.config import ConfigError, identity, load_config, require, run_dir
 from uedist.registry import StageDef, stages_of
-
-log = get_logger(__name__)
 
 # Study-only pseudo-methods: the clean row (no attack) and the unpurified column (no purifier).
 NO_ATTACK, NO_PURIFIER = "clean", "none"
@@ -130,8 +129,10 @@ class Stage:
         return f"<{self.kind} {self.label} {self.hash}>"
 
 
-# The attack kind was called "noise" before; its hashes keep that name so results finished before the rename (and
-# their downstream stages) stay valid. `uedist report --migrate` moves such a study's folders.
+# The attack kind was called "noise" before; its hashes keep that name, and a stage reading an attack's set hashes
+# that set's path as it was (<study>/noise/<stage>/poisoned: Study._resolve), so results finished before the rename
+# (and their downstream stages) stay valid. `uedist report --migrate` (uedist.app.study_records) moves such a
+# study's folders; launch/pipeline.py migrates the folder it runs in.
 _HASH_KIND = {"attack": "noise"}
 
 
@@ -153,12 +154,18 @@ def _data_id(path: Any) -> str:
 
 
 class Study:
-    """The expanded stage graph of a StudyConfig, runnable on all ranks."""
+    """The plan of a StudyConfig: its expanded stage graph (``stages``, in dependency order) and each stage's state;
+    :meth:`run` runs it on all ranks (:mod:`uedist.app.study_run`)."""
 
     def __init__(self, cfg: StudyConfig, root: Optional[Path] = None) -> None:
         self.cfg = cfg
         self.dir = Path(root) if root else run_dir(cfg.run_root, cfg.name)
         self.stages: List[Stage] = []
+        self.plan()
+
+    def plan(self) -> None:
+        """(Re-)expand the stages, hashing each over its resolved config and its inputs' current content."""
+        self.stages = []
         self._expand()
 
     # ------------------------------------------------------------------------------------------------- expansion
@@ -273,27 +280,36 @@ class Study:
         if st.kind == "attack" and "build" in _fields(schema, "data"):
             over["data.build"] = ""  # a study builds its datasets itself (run() below)
         for role, key in st.runner.roles.items():
-            if role in st.inputs and st.inputs[role] is not None:
-                over[key] = (
-                    self._output_path(st.inputs[role]) if isinstance(st.inputs[role], Stage) else str(st.inputs[role])
-                )
+            v = st.inputs.get(role)
+            if v is not None:  # an input stage's output: as the hash sees it (before final), then where it is
+                over[key] = (self.output_path(v) if final else self._hashed_path(v)) if isinstance(v, Stage) else str(v)
         over["progress"] = False
         if final:
             assert st.dir is not None
             over["name"], over["run_root"] = st.dir.name, str(st.dir.parent)
             if st.runner.output not in ("", "run"):
-                over["out"] = self._output_path(st)  # whatever the YAML says, the output lives in the stage folder
+                over["out"] = self.output_path(st)  # whatever the YAML says, the output lives in the stage folder
         try:
             return load_config(schema, path, [f"{k}={json.dumps(v)}" for k, v in _flatten(over).items()])
         except ConfigError as e:
             raise ConfigError(f"{st.origin} (stage {st.kind} {st.label}): {e}") from e
 
+    def _hashed_path(self, st: Stage) -> str:
+        """An input stage's output path as the hashes of the stages reading it see it: in the folder of the kind's
+        hash name (``noise/`` for an attack, :data:`_HASH_KIND`)."""
+        assert st.dir is not None
+        kind = _HASH_KIND.get(st.kind, st.kind)
+        return self.output_path(st).replace(
+            str(self.dir / st.kind / st.dir.name), str(self.dir / kind / st.dir.name), 1
+        )
+
     @staticmethod
-    def _output_path(st: Stage) -> str:
+    def output_path(st: Stage) -> str:
+        """Where the stage's output lives: its shard set in the stage folder, or the folder itself (a run)."""
         assert st.dir is not None
         return str(st.dir / st.runner.output) if st.runner.output != "run" else str(st.dir)
 
-    # ----------------------------------------------------------------------------------------------------- running
+    # ----------------------------------------------------------------------------------------------- state (plan)
     def record(self, st: Stage) -> Optional[Dict[str, Any]]:
         assert st.dir is not None
         f = st.dir / "stage.json"
@@ -304,7 +320,7 @@ class Study:
 
     def _output_present(self, st: Stage) -> bool:
         """Whether the stage's output is still on disk (a shard set's manifest, or the run folder)."""
-        out = Path(self._output_path(st))
+        out = Path(self.output_path(st))
         return (out / "manifest.json").is_file() if st.runner.output not in ("", "run") else out.is_dir()
 
     def states(self) -> Dict[str, str]:
@@ -329,86 +345,10 @@ class Study:
         return {st.label: state[id(st)] for st in self.stages}
 
     def run(self, accelerator: Any) -> List[Dict[str, Any]]:
-        """Run every stage not yet finished, in order (the expansion order is a topological order)."""
-        from uedist.data.build import BuildConfig, build_shard_sets
+        """Build the datasets and run every stage not yet finished (:func:`uedist.app.study_run.run_study`)."""
+        from uedist.app.study_run import run_study
 
-        self._build_datasets(accelerator, BuildConfig, build_shard_sets)
-        self.stages = []
-        self._expand()  # the hashes now include the freshly built sets' content
-        records = []
-        states = self.states()
-        todo = [s for s in self.stages if states[s.label] == "todo"]
-        log.info(
-            "study %s: %d stages, %d already done, %d not needed, %d to run",
-            self.cfg.name,
-            len(self.stages),
-            sum(v == "done" for v in states.values()),
-            sum(v == "unneeded" for v in states.values()),
-            len(todo),
-        )
-        for i, st in enumerate(self.stages):
-            where = f"[{i + 1}/{len(self.stages)}] {st.kind} {st.label}"
-            if states[st.label] == "unneeded":
-                log.info("%s: not needed, every stage that reads it is done", where)
-                continue
-            if states[st.label] == "done":
-                log.info("%s: done earlier, reusing %s", where, st.dir)
-                rec = self.record(st)
-            else:
-                log.info("%s: running in %s", where, st.dir)
-                rec = self._run_stage(st, accelerator)
-            records.append(rec)
-        return records
-
-    def _build_datasets(self, accelerator: Any, BuildConfig: type, build_shard_sets: Callable) -> None:
-        from uedist.data.build import stale_message
-
-        for dname, ds in self.cfg.datasets.items():
-            if Path(ds.train, "manifest.json").is_file():
-                msg = stale_message(load_config(BuildConfig, ds.build), ds.build) if ds.build else ""
-                if msg:  # e.g. left by an older synthetic generator: never mix it into a study's results
-                    raise ConfigError(f"dataset {dname}: {msg}")
-                continue
-            if not ds.build:
-                raise FileNotFoundError(f"datasets.{dname}.train {ds.train} has no manifest.json and no build config")
-            if accelerator.is_main_process:
-                log.info("dataset %s: building %s from %s", dname, ds.train, ds.build)
-                build_shard_sets(load_config(BuildConfig, ds.build))
-            accelerator.wait_for_everyone()
-            if not Path(ds.train, "manifest.json").is_file():
-                raise FileNotFoundError(f"{ds.build} did not produce {ds.train}")
-
-    def _run_stage(self, st: Stage, accelerator: Any) -> Dict[str, Any]:
-        from uedist.config import save_config
-
-        fn = st.runner.fn
-        assert st.dir is not None
-        if accelerator.is_main_process:
-            save_config(st.cfg, st.dir / "config.yaml")
-        t0 = time.time()
-        summary = fn(st.cfg, accelerator, st.dir)
-        wall = time.time() - t0
-        rec = {
-            "kind": st.kind,
-            "label": st.label,
-            "hash": st.hash,
-            "tags": st.tags,
-            "method": st.spec.method,
-            "wall_s": wall,
-            "world_size": accelerator.num_processes,
-            "config": config_to_dict(st.cfg),
-            "inputs": {
-                r: (self._output_path(v) if isinstance(v, Stage) else str(v))
-                for r, v in st.inputs.items()
-                if v is not None
-            },
-            "output": self._output_path(st) if st.runner.output else "",
-            "summary": _jsonable(summary),
-        }
-        if accelerator.is_main_process:
-            atomic_write_json(st.dir / "stage.json", rec)
-        accelerator.wait_for_everyone()
-        return rec
+        return run_study(self, accelerator)
 
 
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -429,10 +369,6 @@ def _fields(schema: type, section: str) -> List[str]:
     f = {x.name: x for x in dataclasses.fields(schema)}.get(section)
     sub = f.default_factory() if f is not None and f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
     return [x.name for x in dataclasses.fields(sub)] if dataclasses.is_dataclass(sub) else []
-
-
-def _jsonable(x: Any) -> Any:
-    return json.loads(json.dumps(x, default=str))
 
 
 def load_study(path: Optional[str], overrides: List[str]) -> StudyConfig:

@@ -44,7 +44,10 @@ PAPER_FIELDS = [*RESULT_FIELDS[:5], "column", "test_top1", "paper", *RESULT_FIEL
 
 
 def load_records(study_dir: Path) -> List[Dict[str, Any]]:
-    """The finished stages of the study, in the study's order (from study.json when present)."""
+    """The finished stages of the study, in the study's order (from study.json when present); a record from
+    before the ``noise`` kind became ``attack`` is read in the current form (:mod:`uedist.app.study_records`)."""
+    from uedist.app.study_records import upgrade_record
+
     study_dir = Path(study_dir)
     index = study_dir / "study.json"
     if index.is_file():
@@ -55,7 +58,7 @@ def load_records(study_dir: Path) -> List[Dict[str, Any]]:
     for d in dirs:
         f = d / "stage.json"
         if f.is_file():
-            rec = json.loads(f.read_text())
+            rec = upgrade_record(json.loads(f.read_text()))
             rec["dir"] = str(d)
             out.append(rec)
     return out
@@ -71,7 +74,7 @@ def study_order(study_dir: Path) -> Dict[str, List[str]]:
     c = yaml.safe_load(f.read_text()) or {}
     return {
         "dataset": list(c.get("datasets") or []),
-        "attack": list(c.get("attacks") or []),
+        "attack": list(c.get("attacks") or c.get("noises") or []),  # noises: a study.yaml from before the rename
         "purifier": list(c.get("purifiers") or []),
         "victim": list(c.get("victims") or []),
         "mode": list(c.get("modes") or []),
