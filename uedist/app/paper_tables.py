@@ -6,7 +6,7 @@ ours in every cell the paper has (:mod:`uedist.app.report`). Figures are keyed b
 is the attack name the study configs use (``clean``, ``em``, ``em_classwise``, ``tap``, ``sep``, ``ntga``, ``lsp``,
 ``ar``, ``ops``, ``rem``, ``sem``), the column the study's column name (``w/o``, ``AT``, ``D-VAE`` ...).
 
-Transcribed from REFERENCE.md ("Published figures", "The full tables the studies reproduce"); test accuracy (%)
+Transcribed from the papers' tables (D-VAE Tables 2, 4, 5; LE Table 1; SEM Tables 2, 3); test accuracy (%)
 of a ResNet-18 unless a column names another victim. Each figure is kept as printed (``13.0`` stays ``13.0``);
 ``–`` marks a cell the paper leaves empty. LE Table 1 and SEM Table 2 print defenses (or attacks) as rows; here they
 are transposed so that rows are always attacks. SEM's "SC" (shortcut) attack is LSP, row ``lsp``.

@@ -1,4 +1,4 @@
-"""``manifest.json``: the contract between stages (DESIGN.md "Formats").
+"""``manifest.json``: the contract between stages (shards/README.md, docs/architecture.md).
 
 A shard set is a folder: ``manifest.json`` + ``shard-NNNNNN.tar`` WebDataset shards. The manifest is written
 last, atomically, so its presence means every shard it lists is complete.

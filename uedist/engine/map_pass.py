@@ -1,4 +1,4 @@
-"""The shard map pass: the one distributed "dataset -> dataset" engine (DESIGN.md).
+"""The shard map pass: the one distributed "dataset -> dataset" engine (docs/architecture.md).
 
 Given an input shard set and a batched function ``fn(images, labels, keys) -> images`` (uint8 (B, 3, H, W) on the
 device in and out), each rank takes shards i ≡ rank (mod world), streams them in key-ordered batches, and writes

