@@ -124,11 +124,11 @@ def test_study_config_loads(path, tmp_path, monkeypatch):
     "path", [p for p in STUDIES if yaml.safe_load(p.read_text()).get("paper_table")], ids=lambda p: p.stem
 )
 def test_study_matches_its_paper_table(path):
-    """A study with a paper table has a noise for every row and a column for every column the paper has (but the
+    """A study with a paper table has an attack for every row and a column for every column the paper has (but the
     methods not built), so every published figure of the table is shown."""
     raw = yaml.safe_load(path.read_text())
     table = get_paper_table(raw["paper_table"])
-    assert set(table.rows) <= set(raw["attacks"]), f"rows without a noise: {set(table.rows) - set(raw['attacks'])}"
+    assert set(table.rows) <= set(raw["attacks"]), f"rows without an attack: {set(table.rows) - set(raw['attacks'])}"
     missing = set(table.columns) - set(raw["columns"]) - NOT_BUILT
     assert not missing, f"paper columns the study does not show: {missing}"
     header = path.read_text().split("\nname:")[0]
@@ -158,7 +158,8 @@ def test_study_config_validation(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------- the report
 def _fake_study(root: Path, *, columns=None, paper_table="", cells=()):
-    """A study folder with study.yaml and one finished victim stage.json per (noise, purifier, victim, top1)."""
+    """A study folder with study.yaml and one finished victim stage.json per (attack, purifier, victim, top1), written
+    in the layout before the rename (tag "noise"), which the report still reads."""
     study = {
         "name": "fake",
         "datasets": {"cifar10": {"train": "t", "test": "s"}},
@@ -215,15 +216,15 @@ def test_report_with_paper_table(tmp_path):
     md = (study / "report/results.md").read_text()
     assert md == written["markdown"]
     assert "### cifar10: clean test accuracy (%), ours (paper): D-VAE (Yu et al., ICML 2024), Table 4" in md
-    assert "| noise | w/o | AT | ISS | D-VAE | extra |" in md
+    assert "| attack | w/o | AT | ISS | D-VAE | extra |" in md
     assert "| clean | 90.00 (paper 80.52) | 80.00 (paper 55.94) | — (paper 76.92) | — (paper 76.78) | — |" in md
     # ISS: the better of grayscale (30.0) and JPEG (70.0); a column the paper lacks gets no figure
     assert "| em | 41.20 (paper 1.08) | 82.50 (paper 56.74) | 70.00 (paper 72.44) | 88.12 (paper 74.80) | — |" in md
     assert "| rem | 25.00 (paper 2.54) | — (paper 59.34) | — (paper 58.13) | — (paper 72.56) | — |" in md
     assert "ISS = best of grayscale/r18/standard, jpeg10/r18/standard" in md and "Paper: D-VAE" in md
     rows = list(csv.DictReader(open(study / "report/results.csv")))
-    assert list(rows[0])[:8] == ["dataset", "noise", "purifier", "victim", "mode", "column", "test_top1", "paper"]
-    by = {(r["noise"], r["purifier"], r["victim"]): (r["column"], r["paper"]) for r in rows}
+    assert list(rows[0])[:8] == ["dataset", "attack", "purifier", "victim", "mode", "column", "test_top1", "paper"]
+    by = {(r["attack"], r["purifier"], r["victim"]): (r["column"], r["paper"]) for r in rows}
     assert by[("em", "none", "r18")] == ("w/o", "1.08")
     assert by[("em", "grayscale", "r18")] == by[("em", "jpeg10", "r18")] == ("ISS", "72.44")
     assert by[("clean", "none", "r18_at")] == ("AT", "55.94") and len(rows) == len(CELLS)
@@ -233,7 +234,7 @@ def test_report_columns_without_paper_table(tmp_path):
     cells = [*CELLS, ("rem", "grayscale", "r18_at", 12.0)]  # in no column
     study = _fake_study(tmp_path / "fake", columns={"w/o": "none/r18", "D-VAE": "dvae/r18"}, cells=cells)
     md = write_report(study)["markdown"]
-    assert "| noise | w/o | D-VAE |" in md and "(paper" not in md and "Paper:" not in md
+    assert "| attack | w/o | D-VAE |" in md and "(paper" not in md and "Paper:" not in md
     assert "| em | 41.20 | 88.12 |" in md and "| rem | 25.00 | — |" in md
     assert "5 victim run(s) in no column" in md  # the AT, gray, JPEG and extra runs
     rows = list(csv.DictReader(open(study / "report/results.csv")))
