@@ -17,13 +17,13 @@ import sys
 from typing import List, Optional
 
 import uedist.models  # noqa: F401  (registers the model zoo)
-from uedist.app.jobs import guarded
+from uedist.app.jobs import from_main, guarded
 from uedist.app.pipeline import Study, load_study
 from uedist.app.report import write_report
 from uedist.app.study_records import legacy_stage_folders
 from uedist.config import ConfigError, save_config
 from uedist.dist import get_logger, make_accelerator, setup_logging
-from uedist.io import atomic_write_json
+from uedist.io import RunInUse, atomic_write_json, hold_lock
 
 log = get_logger("uedist.launch.pipeline")
 
@@ -52,6 +52,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{states[st.label]:8s}  {st.kind:7s} {st.label:50s} {st.dir}")
         return 0
     accelerator = make_accelerator()
+    problem = None
+    if accelerator.is_main_process:  # a second study into the same folder is refused, not interleaved
+        try:
+            hold_lock(study.dir, what="study")
+        except RunInUse as e:
+            problem = str(e)
+    problem = from_main(problem, accelerator)  # every rank stops alike
+    if problem:
+        log.error("%s", problem)
+        return 2
     setup_logging(study.dir)
 
     def write_stage_list() -> None:

@@ -19,6 +19,49 @@ TMP_SUFFIX = ".tmp"  # temp files are ".<final name>.<random>.tmp" beside the fi
 _FILE_MODE = 0o644  # mkstemp's 0600 would hide shared datasets from colleagues
 
 
+class RunInUse(RuntimeError):
+    """Another live process holds the lock of a run, study or shard-set folder; the message names the folder and
+    the holder (pid, host, since when)."""
+
+
+_HELD_LOCKS: Dict[str, int] = {}
+
+
+def hold_lock(folder: PathLike, *, what: str) -> None:
+    """Take the exclusive lock of ``folder`` (``folder/.lock``, ``flock``, non-blocking) for the rest of this
+    process, or raise :class:`RunInUse` naming its holder. The kernel drops it when the process ends, however it
+    ends, so a killed job never leaves a stale lock. Taking a lock this process already holds is a no-op."""
+    import datetime
+    import fcntl
+    import socket
+
+    path = Path(folder) / ".lock"
+    if str(path.resolve()) in _HELD_LOCKS:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise RunInUse(
+            f"{what} {folder} is in use by {holder}: two jobs writing one folder would mix their files; wait for "
+            "it to end, or use another name"
+        ) from None
+    now = datetime.datetime.now().isoformat(timespec="seconds")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now}\n".encode(), 0)
+    _HELD_LOCKS[str(path.resolve())] = fd
+
+
+def release_lock(folder: PathLike) -> None:
+    """Drop a lock :func:`hold_lock` took in this process (tests; a job keeps its lock until it exits)."""
+    fd = _HELD_LOCKS.pop(str((Path(folder) / ".lock").resolve()), None)
+    if fd is not None:
+        os.close(fd)
+
+
 class DiskFull(OSError):
     """A write that ran out of space (ENOSPC) or quota (EDQUOT); the message names the file (``write()``'s own
     error does not). The partial temp file is removed; the destination is untouched."""

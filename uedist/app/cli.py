@@ -19,6 +19,7 @@ from typing import List, Optional
 
 from uedist.config import ConfigError, load_config, save_config
 from uedist.dist import setup_logging
+from uedist.io import RunInUse
 
 log = logging.getLogger("uedist.app.cli")
 
@@ -188,7 +189,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logging()
     try:
         return args.fn(args)
-    except (ConfigError, FileExistsError, FileNotFoundError) as e:
+    except (ConfigError, FileExistsError, FileNotFoundError, RunInUse) as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
     except ValueError as e:  # SourceError, ManifestError, ShardError, CorruptImageError: all name the culprit

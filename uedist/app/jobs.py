@@ -69,11 +69,67 @@ def _start(cfg: C, p: argparse.ArgumentParser, check: Optional[Callable[[C], Opt
         run_dir = run_dir_of(cfg.run_root, cfg.name)  # type: ignore[attr-defined]
     except ConfigError as e:
         p.error(str(e))
-    accelerator = make_accelerator()
+    try:
+        accelerator = make_accelerator()
+    except ConfigError as e:  # e.g. a bad UEDIST_COLLECTIVE_TIMEOUT
+        p.error(str(e))
+    problem = claim_run(cfg, run_dir) if accelerator.is_main_process else None
+    problem = from_main(problem, accelerator)  # every rank stops alike, none waits on a collective
+    if problem:
+        p.error(problem)
     setup_logging(run_dir)
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
     return cfg, accelerator, run_dir
+
+
+def claim_run(cfg: Any, run_dir: Path) -> Optional[str]:
+    """Main process, before anything is written: lock the run folder for this job (a second job under the same
+    name is refused, not interleaved), and refuse a config whose identity differs from the one the folder already
+    holds (its checkpoints and outputs belong to that one: nothing is overwritten, ``config.yaml`` included).
+    Returns the refusal, or None."""
+    from uedist.config import identity
+    from uedist.io import RunInUse, hold_lock
+
+    try:
+        hold_lock(run_dir, what="run")
+    except RunInUse as e:
+        return str(e)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return None
+    try:
+        old: Any = identity(load_config(type(cfg), saved))
+    except ConfigError as e:
+        old, why = None, f"it no longer loads: {e}"
+    new = identity(cfg)
+    if old == new:
+        return None
+    if old is not None:
+        why = "differs in " + ", ".join(_differing(old, new))
+    return (
+        f"{run_dir} holds a run of another config ({why}); its checkpoints and outputs belong to that config, so "
+        f"nothing was changed. Use another name=..., or delete {run_dir} to start over under this name"
+    )
+
+
+def _differing(a: Any, b: Any, prefix: str = "") -> List[str]:
+    """Dotted keys whose values differ between two identity dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: List[str] = []
+        for k in sorted(set(a) | set(b)):
+            out += _differing(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def from_main(value: Any, accelerator: Any) -> Any:
+    """The main process's ``value`` on every rank."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
 
 
 def input_error_types() -> Tuple[Type[BaseException], ...]:
@@ -86,7 +142,7 @@ def input_error_types() -> Tuple[Type[BaseException], ...]:
     from uedist.data.shards import ShardError
     from uedist.data.sources.base import SourceError
     from uedist.dist import CollectiveTimeout
-    from uedist.io import DiskFull
+    from uedist.io import DiskFull, RunInUse
 
     return (
         ConfigError,
@@ -96,6 +152,7 @@ def input_error_types() -> Tuple[Type[BaseException], ...]:
         CorruptImageError,
         CheckpointError,
         DiskFull,
+        RunInUse,
         CollectiveTimeout,
     )
 

@@ -34,6 +34,7 @@ from uedist.data.sources.imagenet import ImageNetConfig
 from uedist.data.sources.pets import PetsConfig
 from uedist.data.sources.svhn import SvhnConfig
 from uedist.data.sources.synthetic import SyntheticConfig
+from uedist.io import hold_lock
 from uedist.registry import SOURCES
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,7 @@ def build_split(cfg: BuildConfig, split: str, out_dir: Path, *, progress: bool =
     indexed = [(gi, items[j]) for gi, j in enumerate(order.tolist())]
     chunks = [indexed[i : i + cfg.shard_size] for i in range(0, len(indexed), cfg.shard_size)]
     fingerprint = _fingerprint(cfg, split, items)
+    hold_lock(out_dir.parent, what=f"shard build of {out_dir.name} into")  # two builds into one folder: refused
     if (out_dir / "manifest.json").exists() and not cfg.overwrite:
         m = load_manifest(out_dir)
         if m.provenance.get("fingerprint") == fingerprint:

@@ -22,7 +22,7 @@ import torch
 
 from uedist.data.images import LOSSLESS, encode_image
 from uedist.data.loaders import make_map_loader
-from uedist.data.manifest import Manifest, load_manifest, provenance
+from uedist.data.manifest import Manifest, ManifestError, load_manifest, provenance
 from uedist.data.shards import Sample, ShardSetWriter, shard_info_from_record
 from uedist.dist import get_logger
 from uedist.engine.stats import RunningSums
@@ -277,9 +277,9 @@ def _finished(dst: Path, fp: str) -> Optional[Manifest]:
         return None
     m = load_manifest(dst)
     if m.provenance.get("fingerprint") != fp:
-        raise FileExistsError(
-            f"{dst} holds a finished shard set made from other inputs or settings; "
-            "choose another output folder or pass overwrite=true"
+        raise ManifestError(  # bad input (exit 2); the stage configs have no overwrite key: say what works
+            f"{dst} holds a finished shard set made from other inputs or settings; nothing was changed. Write to "
+            f"another folder (another name=, or out=...), or delete {dst} to rebuild it"
         )
     return m
 

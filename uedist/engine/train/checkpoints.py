@@ -81,14 +81,15 @@ class Checkpointer:
         state = load_state(path, map_location="cpu")
         if config is not None and state.get("identity") is not None and state["identity"] != identity(config):
             raise CheckpointMismatch(
-                f"{path} was written with a different config; use a new run name, or resume=false to start over"
+                f"{path} was written with a different config; use a new run name, or delete {self.dir.parent} to "
+                "start over"
             )
         saved = state.get("data_digests")
         if self.data is not None and saved is not None and saved != self.data:
             changed = sorted(k for k in set(saved) | set(self.data) if saved.get(k) != self.data.get(k))
             raise CheckpointMismatch(
                 f"{path} was trained on other data: data.{', data.'.join(changed)} changed since (rebuilt "
-                "in place?); use a new run name, or resume=false to start over"
+                f"in place?); use a new run name, or delete {self.dir.parent} to start over"
             )
         return path, state
 
