@@ -1,5 +1,5 @@
 """The benchmark scripts (launch/bench/*.py) run end to end in their quick modes and write JSON and Markdown with
-every row they promise, each with a positive rate; and the shared helpers in uedist.benchmark do what they say."""
+every row they promise, each with a positive rate; and the shared helpers in uedist.bench do what they say."""
 
 import json
 import os
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from uedist.benchmark import Setting, count_flops, fmt_duration, markdown_table, timed_calls
+from uedist.bench.report import fmt_duration, markdown_table
+from uedist.bench.timing import Setting, count_flops, timed_calls, timed_once
 
 
 def run_quick(script: str, out: Path, *args: str) -> tuple:
@@ -42,9 +43,22 @@ def test_markdown_table_aligns_columns():
 
 def test_timed_calls_counts_and_quick_limits():
     calls = []
-    dt, n = timed_calls(lambda: calls.append(1), *Setting(torch.device("cpu"), quick=True).limits(5.0, 50))
-    assert n == 1 and len(calls) == 2 and dt >= 0  # one warm-up call, one timed
-    assert Setting(torch.device("cpu")).limits(5.0, 50) == (5.0, 50)
+    dt, n = timed_calls(lambda: calls.append(1), Setting(torch.device("cpu"), quick=True).min_time(5.0))
+    assert n == 1 and len(calls) == 1 and dt >= 0  # quick: the warm-up call is the measurement
+    assert Setting(torch.device("cpu")).min_time(5.0) == 5.0
+    calls.clear()
+    dt, n = timed_calls(lambda: calls.append(1), 0.01)  # torch.utils.benchmark: blocks of calls for >= 10 ms
+    assert n > 1 and len(calls) > n and dt > 0
+    out, s = timed_once(lambda: 7)
+    assert out == 7 and s >= 0
+
+
+def test_timed_calls_takes_a_long_warm_up_as_the_measurement():
+    import time
+
+    calls = []
+    dt, n = timed_calls(lambda: (calls.append(1), time.sleep(0.05)), 0.01)  # 50 ms > 4 x 10 ms
+    assert n == 1 and len(calls) == 1 and dt >= 0.05
 
 
 def test_count_flops_of_a_matmul():
@@ -184,10 +198,35 @@ def test_gpu_check_dry_run(tmp_path):
 
 @pytest.mark.slow
 def test_bench_attacks_quick(tmp_path):
+    from uedist.app.stages import load_stages
+    from uedist.registry import stages_of
+
+    load_stages()
     res, md = run_quick("attacks", tmp_path)
+    # every registered attack ran end to end at its smoke overrides
+    e2e = {r["attack"]: r for r in res["end_to_end"]}
+    assert list(e2e) == stages_of("attack") and all(r["ran"] and r["smoke"] for r in e2e.values())
+    engine = [a for a in e2e if not a.startswith("toy_")]  # (tests/toy_stages.py's toy attack reports no timings)
+    assert positive(res["end_to_end"]) and all(e2e[a]["timings"]["final_pass_s"] > 0 for a in engine)
+    assert "surrogate_training_s" in e2e["sem"]["timings"] and "source_model_s" in e2e["tap"]["timings"]
     got = {(r["attack"], r["px"]) for r in res["rows"]}
     assert {(a, 32) for a in ("lsp", "ar", "ops", "tap", "sep", "ntga")} <= got and ("ar", 224) not in got
     assert all(r["images_per_s_at_reference"] > 0 for r in res["rows"])
     tap = next(r for r in res["rows"] if (r["attack"], r["px"]) == ("tap", 32))
     assert tap["images_per_s_at_reference"] < tap["timed_images_per_s"]  # scaled to 2008 passes per image
-    assert len(res["ntga_blocks"]) == 4 and "NTGA" in md and "| tap |" in md
+    assert len(res["ntga_blocks"]) == 4 and "NTGA" in md and "| tap |" in md and "smoke overrides" in md
+
+
+@pytest.mark.slow
+def test_bench_attacks_subset_and_unknown(tmp_path):
+    bad = subprocess.run(
+        [sys.executable, str(REPO / "launch/bench/attacks.py"), "--attacks", "lsp,nope"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 2 and "unknown attack" in bad.stderr
+    res, _ = run_quick("attacks", tmp_path, "--attacks", "lsp")
+    assert [r["attack"] for r in res["end_to_end"]] == ["lsp"] and {r["attack"] for r in res["rows"]} == {"lsp"}
+    assert res["ntga_blocks"] == []

@@ -25,36 +25,20 @@ import tempfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from uedist.engine.noise import NoiseConfig
 
-from uedist.benchmark import (
-    Case,
-    Setting,
-    build_synthetic_set,
-    classifier_step,
-    count_flops,
-    device_name,
-    dvae_steps,
-    eps_model,
-    fake_manifest,
-    fmt_duration,
-    gemm_rate,
-    machine_info,
-    markdown_table,
-    noise_steps,
-    random_batch,
-    timed,
-    unet_steps,
-    write_report,
-)
+from uedist.bench.fixtures import build_synthetic_set, fake_manifest, random_batch
+from uedist.bench.report import fmt_duration, markdown_table, write_report
+from uedist.bench.steps import classifier_step, dvae_steps, eps_model, noise_steps, unet_steps
+from uedist.bench.timing import Setting, Step, count_flops, device_name, gemm_rate, machine_info, timed
 from uedist.config import load_config
 from uedist.data.loaders import make_train_loader
 from uedist.diffusion.purify import jcdp_guidance, purify
 from uedist.diffusion.schedule import Schedule
 from uedist.dist import make_accelerator
+from uedist.engine.attacks.sem_rem import SEMConfig
 from uedist.engine.purifiers.dvae import DVAEConfig, build_dvae
 from uedist.engine.train.ddpm import DDPMConfig
 from uedist.engine.train.victim import VictimConfig
@@ -83,7 +67,7 @@ DEVICES = (1, 8, 64)
 
 def workloads(n: int, ds: str) -> dict[str, float]:
     """Images processed by each stage for a train set of ``n`` images (see the configs named)."""
-    sem = load_config(NoiseConfig, REPO / f"configs/sem/{ds}.yaml")
+    sem = load_config(SEMConfig, REPO / f"configs/sem/{ds}.yaml")
     victim_epochs = load_config(VictimConfig, REPO / f"configs/victim/{ds}.yaml").epochs
     dvae = load_config(DVAEConfig, REPO / f"configs/dvae/{ds}.yaml").epochs
     ddpm = load_config(DDPMConfig, REPO / "configs/ddpm/imagenet256.yaml")
@@ -101,6 +85,16 @@ def workloads(n: int, ds: str) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------------------------------------- stages
+class Case(NamedTuple):
+    """One timed stage: ``fn()`` processes ``images`` images; ``what`` says how, for the table. The stage's
+    per-image work is ``factor`` calls' worth (a call timing a representative slice of a longer pass)."""
+
+    fn: Step
+    images: int
+    what: str
+    factor: float = 1
+
+
 def sizes(s: Setting) -> tuple[int, int]:
     """(stored px, crop px): ImageNet-100's 256 / 224, or 64 / 56 in quick mode."""
     return (64, 56) if s.quick else (256, 224)
@@ -121,7 +115,7 @@ def loader(s: Setting) -> Case:
     return Case(run, n, f"{n} JPEG {px} px, decode + RRC {crop} + flip, 1 process")
 
 
-def noise_config(s: Setting, method: str) -> NoiseConfig:
+def noise_config(s: Setting, method: str) -> SEMConfig:
     """The ImageNet-100 reference SEM / REM settings (configs/{sem,rem}/imagenet100.yaml), tiny in quick mode."""
     bf16 = str(s.bf16).lower()
     over = [
@@ -140,7 +134,7 @@ def noise_config(s: Setting, method: str) -> NoiseConfig:
     ]
     if s.quick:
         over += ["noise_steps=1", "eot_samples=1", "adv_steps=1", "surrogate.width=0.125"]
-    return load_config(NoiseConfig, None, over)
+    return load_config(SEMConfig, None, over)
 
 
 def noise_case(s: Setting, method: str, what: str) -> Case:
@@ -226,11 +220,11 @@ STAGES = list(STAGE_FNS)
 
 
 # ------------------------------------------------------------------------------------------------------ measuring
-def run_stage(s: Setting, name: str, *, min_time: float, max_iters: int) -> dict[str, Any]:
+def run_stage(s: Setting, name: str, *, min_time: float) -> dict[str, Any]:
     """One table row: images/s, FLOPs per image (counted on the warm-up call) and achieved FLOP/s of a stage."""
     case = STAGE_FNS[name](s)
     flops = 0.0 if name == "loader" else count_flops(case.fn) * case.factor
-    dt = timed(case.fn, min_time, max_iters) * case.factor
+    dt = timed(case.fn, min_time) * case.factor
     return {
         "stage": name,
         "what": case.what,
@@ -343,8 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.stages:
         print(f"{name} ...", flush=True)
-        min_time, max_iters = s.limits(args.min_time, 10)
-        r = run_stage(s, name, min_time=min_time, max_iters=max_iters)
+        r = run_stage(s, name, min_time=s.min_time(args.min_time))
         r["utilization"] = r["achieved_flops"] / peak if r["achieved_flops"] else None
         rows.append(r)
         print(f"  {r['images_per_s']:.3f} img/s  ({r['what']})", flush=True)

@@ -21,7 +21,9 @@ from typing import Any
 
 import torch
 
-from uedist.benchmark import Setting, eps_model, machine_info, markdown_table, timed, unet_steps, write_report
+from uedist.bench.report import markdown_table, write_report
+from uedist.bench.steps import eps_model, unet_steps
+from uedist.bench.timing import Setting, machine_info, timed
 from uedist.diffusion.purify import jcdp_guidance, purify
 from uedist.diffusion.schedule import Schedule
 from uedist.dist import make_accelerator
@@ -37,7 +39,7 @@ QUICK_UNET = {"ch": 16, "ch_mult": (1, 2), "num_res_blocks": 1, "attn_resolution
 
 
 def bench_unet(
-    s: Setting, name: str, kw: dict[str, Any], *, px: int, batch: int, min_time: float, max_iters: int
+    s: Setting, name: str, kw: dict[str, Any], *, px: int, batch: int, min_time: float
 ) -> list[dict[str, Any]]:
     """unet_fwd, unet_fwd_bwd and ddpm_train rows of UNet ``name`` (built with ``kw``) at ``px``."""
     net = UNETS.build(name, **kw).to(s.device)
@@ -50,13 +52,13 @@ def bench_unet(
         "params": sum(p.numel() for p in net.parameters()),
     }
     return [
-        {**base, "what": what, "images_per_s": batch / timed(fn, min_time, max_iters)}
+        {**base, "what": what, "images_per_s": batch / timed(fn, min_time)}
         for what, fn in unet_steps(net, x, amp=s.amp).items()
     ]
 
 
 def bench_purify(
-    s: Setting, name: str, kw: dict[str, Any], *, px: int, batch: int, min_time: float, max_iters: int
+    s: Setting, name: str, kw: dict[str, Any], *, px: int, batch: int, min_time: float
 ) -> list[dict[str, Any]]:
     """One row per ``PURIFY`` setting: a batch purified by UNet ``name`` at ``px``."""
     eps = eps_model(UNETS.build(name, **kw).to(s.device).eval(), s.amp)
@@ -71,7 +73,7 @@ def bench_purify(
         )
         gen = torch.Generator(device=s.device).manual_seed(0)
         run = partial(purify, eps, sched, x, t_p=t_p, rounds=rounds, gen=gen, guide=guide)
-        sec = timed(run, min_time, max_iters)
+        sec = timed(run, min_time)
         rows.append(
             {
                 "model": name,
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.quick
         else [("ddpm_cifar10", {}, 32, args.batch_32), ("ddpm_256", {}, 256, args.batch_256)]
     )
-    lim = dict(zip(("min_time", "max_iters"), Setting(device, quick=args.quick).limits(args.min_time, 20)))
+    lim = {"min_time": Setting(device, quick=args.quick).min_time(args.min_time)}
     rows: list[dict[str, Any]] = []
     for name, kw, px, batch in models:
         for bf16 in (True,) if args.bf16_only else (False, True):

@@ -23,17 +23,10 @@ from typing import Any
 
 import torch
 
-from uedist.benchmark import (
-    Setting,
-    build_synthetic_set,
-    dvae_steps,
-    fake_manifest,
-    machine_info,
-    markdown_table,
-    random_batch,
-    timed,
-    write_report,
-)
+from uedist.bench.fixtures import build_synthetic_set, fake_manifest, random_batch
+from uedist.bench.report import markdown_table, write_report
+from uedist.bench.steps import dvae_steps
+from uedist.bench.timing import Setting, machine_info, timed
 from uedist.config import load_config
 from uedist.dist import make_accelerator
 from uedist.engine.purifiers.baselines import BASELINES, PurifyConfig, baseline_op, purify_baseline
@@ -45,9 +38,7 @@ CONFIGS = {32: "configs/dvae/cifar10.yaml", 112: "configs/dvae/facescrub.yaml", 
 BASELINE_ARGS = {"jpeg": ["quality=10"], "bit_depth": ["bits=2"]}
 
 
-def bench_dvae(
-    s: Setting, px: int, *, batch: int, width: float, min_time: float, max_iters: int
-) -> list[dict[str, Any]]:
+def bench_dvae(s: Setting, px: int, *, batch: int, width: float, min_time: float) -> list[dict[str, Any]]:
     """D-VAE train-step and inference rows at ``px`` with the model of that resolution's reference config."""
     bf16 = str(s.bf16).lower()
     cfg = load_config(
@@ -60,7 +51,7 @@ def bench_dvae(
     x, y = random_batch(batch, px, classes, device=s.device, channels_last=s.bf16)
     rows = []
     for what, fn in dvae_steps(model, x, y, amp=s.amp, grad_clip=cfg.grad_clip).items():
-        dt = timed(fn, min_time, max_iters)
+        dt = timed(fn, min_time)
         rows.append(
             {
                 "what": f"dvae {what}",
@@ -85,16 +76,14 @@ def apply_u8(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tor
     return to_uint8(op(x))
 
 
-def bench_baselines(
-    s: Setting, sizes: list[int], *, batch: int, min_time: float, max_iters: int
-) -> list[dict[str, Any]]:
+def bench_baselines(s: Setting, sizes: list[int], *, batch: int, min_time: float) -> list[dict[str, Any]]:
     """Rows of each baseline op alone on a float batch, to uint8."""
     rows = []
     for px in sizes:
         x = torch.rand(batch, 3, px, px, device=s.device)
         for method in BASELINES:
             op = baseline_op(baseline_config(method, "data.src=x"))
-            dt = timed(partial(apply_u8, op, x), min_time, max_iters)
+            dt = timed(partial(apply_u8, op, x), min_time)
             rows.append({"what": f"{method} op", "px": px, "batch": batch, "images_per_s": batch / dt})
             print(f"{method:10s} op   {px:3d}px {batch / dt:10.1f} img/s", flush=True)
     return rows
@@ -156,16 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     acc = make_accelerator()
-    min_time, iters = Setting(acc.device, quick=args.quick).limits(args.min_time, 50)
+    min_time = Setting(acc.device, quick=args.quick).min_time(args.min_time)
     width = args.width or (0.125 if args.quick else 0.0)
     rows: list[dict[str, Any]] = []
     for px, b in zip((32, 112, 256), [2, 1, 1] if args.quick else args.batch):
         for bf16 in (False, True):
             s = Setting(acc.device, bf16=bf16, quick=args.quick)
-            rows += bench_dvae(s, px, batch=b, width=width, min_time=min_time, max_iters=iters)
-    rows += bench_baselines(
-        Setting(acc.device), [32, 112, 256], batch=4 if args.quick else 64, min_time=min_time, max_iters=iters
-    )
+            rows += bench_dvae(s, px, batch=b, width=width, min_time=min_time)
+    rows += bench_baselines(Setting(acc.device), [32, 112, 256], batch=4 if args.quick else 64, min_time=min_time)
     rows += bench_baseline_passes(100 if args.quick else args.pass_n, acc)
     res = {**machine_info(acc.device), "quick": args.quick, "rows": rows}
     md = to_markdown(res)

@@ -35,9 +35,11 @@ import numpy as np
 import PIL
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from uedist.benchmark import PlainFolder, build_synthetic_set, loader_rate, machine_info, markdown_table, write_report
+from uedist.bench.fixtures import build_synthetic_set
+from uedist.bench.report import markdown_table, write_report
+from uedist.bench.timing import machine_info
 from uedist.data.loaders import make_map_loader, make_train_loader
 from uedist.data.manifest import load_manifest
 from uedist.data.shards import iter_samples
@@ -64,6 +66,57 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "workers=0 loaders erratically 10-50x slower (idle-thread wake-ups)",
     )
     return p.parse_args(argv)
+
+
+class PlainFolder(Dataset):
+    """``root/<class>/<file>`` images decoded with PIL -> {"image": uint8 (3, H, W), "label": int}: the plain
+    ``ImageFolder``-style baseline the shard loaders are compared with."""
+
+    def __init__(self, root: Path) -> None:
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        self.files = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).iterdir())]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        path, label = self.files[i]
+        with Image.open(path) as img:
+            arr = np.array(img.convert("RGB"))  # writable copy, as torch wants
+        return {"image": torch.from_numpy(arr).permute(2, 0, 1), "label": label}
+
+
+def loader_rate(make: Callable[[], Iterable], *, min_time: float, warm_epoch: bool = False) -> dict[str, float]:
+    """Steady-state images/s of a re-iterable loader of ``{"label": (B,), ...}`` batches. ``make()`` builds it; it
+    is warmed up (2 batches, or a whole epoch with ``warm_epoch``: FFCV compiles then), then whole epochs run
+    until ``min_time`` s are timed. An epoch is timed from the arrival of its first batch to that of its last and
+    its first batch is not counted, so worker start-up (``first_batch_s``, the median) is excluded. (Per batch
+    arrival, not per call: the one rate in the benchmarks not timed by ``uedist.bench.timing``.)"""
+    t0 = time.perf_counter()
+    loader = make()
+    for i, _ in enumerate(loader):
+        if i == 1 and not warm_epoch:
+            break
+    setup = time.perf_counter() - t0
+    images, spent, firsts = 0, 0.0, []
+    while spent < min_time or not firsts:
+        start = time.perf_counter()
+        first = last = None
+        for batch in loader:
+            last = time.perf_counter()
+            if first is None:
+                first = last
+                firsts.append(first - start)
+            else:
+                images += len(batch["label"])
+        spent += last - first  # type: ignore[operator]
+    return {
+        "images_per_s": images / spent if spent > 0 else float("nan"),
+        "first_batch_s": float(np.median(firsts)),
+        "timed_images": images,
+        "timed_s": spent,
+        "setup_s": setup,
+    }
 
 
 def write_plain_folder(shards: Path) -> Path:

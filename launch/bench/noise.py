@@ -5,7 +5,7 @@
 1. **Side by side.** One surrogate step (a fresh δ for the batch + one adversarially trained SGD step) of SEM and
    REM at 32 px (CIFAR reference settings: K_u 10, J 5, K_a 10; batch 32 and 128) and at 256 px stored / RRC 224
    (ImageNet-100 settings: K_u 7, J 4, K_a 7, CIFAR stem as the reference keeps it), each three ways: the
-   reference's structure (J separate forwards of B images per δ step, fp32: ``uedist.benchmark.
+   reference's structure (J separate forwards of B images per δ step, fp32: ``uedist.bench.reference.
    reference_noise_delta``), ours at fp32, and ours at the defaults (bf16 + channels_last where native, the
    inner-loop chunk of ``uedist.ops.batching``). Forward/backward passes per image are counted as the rows whose
    loss is taken; the ratio is the reference structure's time over ours; GFLOP/s is the step's convolution and
@@ -25,25 +25,21 @@ import argparse
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from uedist.engine.noise import NoiseConfig
+import torch.nn.functional as F
 
-from uedist.benchmark import (
-    count_flops,
-    count_loss_rows,
-    fake_manifest,
-    gemm_rate,
-    machine_info,
-    markdown_table,
-    noise_steps,
-    timed,
-    write_report,
-)
+from uedist.bench.fixtures import fake_manifest
+from uedist.bench.report import markdown_table, write_report
+from uedist.bench.steps import noise_steps
+from uedist.bench.timing import count_flops, gemm_rate, machine_info, timed
 from uedist.config import load_config
 from uedist.dist import make_accelerator
+from uedist.engine.attacks.sem_rem import SEMConfig
+from uedist.engine.attacks.surrogate import eot_size, surrogate_for
 from uedist.precision import resolved
 
 SETTINGS = {
@@ -63,16 +59,14 @@ FP32 = ["bf16=false", "channels_last=false"]
 WAYS = [("reference", "fp32", FP32), ("ours", "fp32", FP32), ("ours", "defaults", [])]
 
 
-def config(method: str, px: int, *, width: float, quick: bool, extra: list[str]) -> NoiseConfig:
+def config(method: str, px: int, *, width: float, quick: bool, extra: list[str]) -> SEMConfig:
     over = [f"method={method}", f"surrogate.width={width}", "surrogate.stem=cifar", *SETTINGS[px]]
-    return load_config(NoiseConfig, None, over + (QUICK if quick else []) + extra)
+    return load_config(SEMConfig, None, over + (QUICK if quick else []) + extra)
 
 
-def step_flops(cfg: NoiseConfig, px: int, passes: int, batch: int, accelerator: Any) -> float:
+def step_flops(cfg: SEMConfig, px: int, passes: int, batch: int, accelerator: Any) -> float:
     """Convolution + matmul FLOPs of a step: one image's forward + input-backward at the augmented size, × passes ×
     batch (the SGD step's weight gradients are left out: a lower bound)."""
-    from uedist.engine.noise import eot_size, surrogate_for
-
     model = surrogate_for(cfg, fake_manifest(px, 10)).to(accelerator.device).eval()
     model.requires_grad_(False)
     h, w = eot_size(cfg, (px, px))
@@ -99,7 +93,7 @@ def side_by_side(args: argparse.Namespace, acc: Any, width: float, peak: dict[st
                     m = fake_manifest(px, 10)
                     fn, _ = noise_steps(cfg, m, batch=batch, accelerator=acc, structure=structure)["surrogate step"]
                     n, remove = count_loss_rows()
-                    dt = timed(fn, 0.0 if args.quick else args.min_time, 1 if args.quick else 3)
+                    dt = timed(fn, 0.0 if args.quick else args.min_time)
                     calls = max(1, round(n[0] / batch / _passes_formula(cfg)))  # timed() may call fn several times
                     remove()
                     passes = n[0] / batch / calls
@@ -131,7 +125,7 @@ def side_by_side(args: argparse.Namespace, acc: Any, width: float, peak: dict[st
     return rows
 
 
-def _passes_formula(cfg: NoiseConfig) -> int:
+def _passes_formula(cfg: SEMConfig) -> int:
     inner = cfg.adv_steps + 1 if cfg.method == "rem" else 1
     return cfg.noise_steps * cfg.eot_samples * inner + cfg.adv_steps + 1
 
@@ -148,7 +142,7 @@ def compile_rows(args: argparse.Namespace, acc: Any, width: float) -> list[dict[
         t0 = time.perf_counter()
         fn()
         cold = time.perf_counter() - t0
-        steady = timed(fn, 0.0 if args.quick else args.min_time, 1 if args.quick else 3)
+        steady = timed(fn, 0.0 if args.quick else args.min_time)
         out.append({"compile": comp, "batch": batch, "cold_s": cold, "steady_s_per_step": steady})
         print(f"compile={comp}: cold {cold:.1f} s, steady {steady:.2f} s/step", flush=True)
     return out
@@ -158,8 +152,6 @@ def chunk_sweep(args: argparse.Namespace, acc: Any, width: float) -> list[dict[s
     """Images/s of the inner loop's unit (surrogate forward + input backward, eval mode, frozen) against images
     per forward, fp32 and bf16 + channels_last, at 32 and 224 px: the measurement behind
     ``uedist.ops.batching.CPU_PIXELS`` (and on a GPU, why the default is one forward)."""
-    from uedist.engine.noise import surrogate_for
-
     from uedist.engine.inner import forward_fn
     from uedist.ops.batching import input_grad
     from uedist.precision import amp_args
@@ -178,7 +170,7 @@ def chunk_sweep(args: argparse.Namespace, acc: Any, width: float) -> list[dict[s
                 x = torch.rand(b, 3, px, px, device=acc.device)
                 x = x.contiguous(memory_format=torch.channels_last) if bf16 else x
                 y = torch.zeros(b, dtype=torch.long, device=acc.device)
-                dt = timed(lambda: input_grad(fwd, x, y), 0.0 if args.quick else args.min_time, 1 if args.quick else 5)
+                dt = timed(lambda: input_grad(fwd, x, y), 0.0 if args.quick else args.min_time)
                 out.append({"px": px, "precision": "bf16+cl" if bf16 else "fp32", "images": b, "images_per_s": b / dt})
                 print(f"chunk sweep {px}px {out[-1]['precision']} {b:4d} images: {b / dt:8.1f} img/s", flush=True)
     return out
@@ -217,19 +209,41 @@ def _is_compute(name: str) -> bool:
     return any(s in n for s in ("conv", "mm", "matmul", "linear", "gemm", "mkldnn_rnn"))
 
 
+def count_loss_rows() -> tuple[list[int], Callable[[], None]]:
+    """([n], remove): n counts the images whose loss is taken (``F.cross_entropy``'s rows) from now until
+    ``remove()``: every forward of the noise loops, the PGD and the training step ends in one, whichever module
+    (the surrogate or a BatchNorm-folded copy of it) ran the forward."""
+    n = [0]
+    orig = F.cross_entropy
+
+    def counting(logits: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        n[0] += int(logits.shape[0])
+        return orig(logits, *args, **kwargs)
+
+    torch.nn.functional.cross_entropy = counting
+
+    def remove() -> None:
+        torch.nn.functional.cross_entropy = orig
+
+    return n, remove
+
+
 def peak_rss(n: int, tmp: Path) -> float:
     """Peak RSS (MiB) of a subprocess that builds N synthetic samples and writes their random-noise poisoned set."""
     # VmHWM (this process's own high-water mark, kB): ru_maxrss would carry the parent's peak across exec
     code = f"""
 from pathlib import Path
-from uedist.benchmark import build_synthetic_set
+from uedist.bench.fixtures import build_synthetic_set
 from uedist.config import load_config
 from uedist.dist import make_accelerator
-from uedist.engine.noise import NoiseConfig, random_delta, write_poisoned
+from uedist.engine.attacks.base import write_poisoned
+from uedist.engine.attacks.random_noise import RandomConfig, random_delta
+from uedist.ops.budget import Budget
 train = build_synthetic_set(Path("{tmp}/d{n}"), num_train={n}, size=64, shard_size=500)
-cfg = load_config(NoiseConfig, None, [f"data.train={{train}}", "method=random", "out={tmp}/p{n}", "progress=false",
+cfg = load_config(RandomConfig, None, [f"data.train={{train}}", "method=random", "out={tmp}/p{n}", "progress=false",
     "data.workers=0"])
-write_poisoned(cfg, make_accelerator(), Path("{tmp}"), make_delta=random_delta(cfg), stage="bench")
+write_poisoned(cfg, make_accelerator(), Path("{tmp}"), make_delta=random_delta(cfg), stage="bench",
+    budget=Budget("linf", cfg.budget))
 print([ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmHWM")][0])
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

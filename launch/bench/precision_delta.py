@@ -18,27 +18,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from uedist.engine.noise import NoiseConfig, _batch_gen, load_surrogate, make_eot, noise_for_batch
 
-from uedist.benchmark import machine_info, markdown_table, write_report
+from uedist.bench.report import markdown_table, write_report
+from uedist.bench.timing import machine_info
 from uedist.config import load_config
 from uedist.data.loaders import make_map_loader
 from uedist.data.manifest import load_manifest
 from uedist.dist import make_accelerator
+from uedist.engine.attacks.base import batch_gen
+from uedist.engine.attacks.sem_rem import SEMConfig, noise_for_batch
+from uedist.engine.attacks.surrogate import load_surrogate, make_eot
 from uedist.ops.images import to_unit
 from uedist.precision import amp_args, resolved, use_channels_last
 
 
-def deltas(cfg: NoiseConfig, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, keys: list, m: Any) -> Any:
+def deltas(cfg: SEMConfig, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, keys: list, m: Any) -> Any:
     device = x.device
     if use_channels_last(cfg.channels_last, device):
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     else:
         model = model.to(memory_format=torch.contiguous_format)
-    gen = _batch_gen(cfg.seed, keys, device=device)
+    gen = batch_gen(cfg.seed, keys, device=device)
     d = noise_for_batch(cfg, model, x, y=y, eot=make_eot(cfg, m, gen), gen=gen, amp=amp_args(cfg.bf16, device))
-    return torch.round(d * 255).clamp(-cfg.eps, cfg.eps)
+    return torch.round(d * 255).clamp(-cfg.budget, cfg.budget)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/bench/precision_delta")
     args = p.parse_args(argv)
     run = Path(args.run)
-    cfg = load_config(NoiseConfig, run / "config.yaml")
+    cfg = load_config(SEMConfig, run / "config.yaml")
     acc = make_accelerator()
     m = load_manifest(cfg.data.train)
     model = load_surrogate(cfg, run, m=m, device=acc.device)

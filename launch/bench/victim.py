@@ -18,16 +18,10 @@ from typing import Any
 import torch
 
 import uedist.models  # noqa: F401  (registration)
-from uedist.benchmark import (
-    Setting,
-    autocast_args,
-    classifier_step,
-    machine_info,
-    markdown_table,
-    random_batch,
-    timed_calls,
-    write_report,
-)
+from uedist.bench.fixtures import random_batch
+from uedist.bench.report import markdown_table, write_report
+from uedist.bench.steps import classifier_step
+from uedist.bench.timing import Setting, autocast_args, machine_info, timed_calls
 from uedist.dist import make_accelerator
 from uedist.models.wrappers import Normalized
 from uedist.ops.images import IMAGENET_MEAN, IMAGENET_STD
@@ -44,7 +38,6 @@ def bench_one(
     adv_steps: int,
     device: torch.device,
     min_time: float,
-    max_iters: int,
 ) -> dict[str, Any]:
     """One row: images/s of a training step of model ``name`` (standard, or PGD-``adv_steps`` adversarial)."""
     classes = 10 if px <= 64 else 100
@@ -54,7 +47,7 @@ def bench_one(
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = random_batch(batch, px, 10, device=device, channels_last=channels_last)
     step = classifier_step(model, x, y, opt=opt, amp=autocast_args(device, bf16), adv_steps=adv_steps)
-    dt, n = timed_calls(step, min_time, max_iters)
+    dt, n = timed_calls(step, min_time)
     return {
         "model": name,
         "px": px,
@@ -117,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="resnet18 only, batch 2, one iteration each")
     args = p.parse_args(argv)
     device = make_accelerator().device
-    min_time, max_iters = Setting(device, quick=args.quick).limits(args.min_time, 50)
+    min_time = Setting(device, quick=args.quick).min_time(args.min_time)
     rows = []
     for name, px, batch, adv, bf16, cl in grid(args):
         r = bench_one(
@@ -129,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
             adv_steps=adv,
             device=device,
             min_time=min_time,
-            max_iters=max_iters,
         )
         rows.append(r)
         print(
