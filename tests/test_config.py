@@ -360,3 +360,40 @@ def test_launch_script_refuses_old_eps_key(tmp_path):
     )
     assert r.returncode == 2 and "'eps' is now 'budget'" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "runs").exists()
+
+
+# ---- Reliability II: values that used to end in a traceback or a silent change ---------------------------------
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.batch_size=" + "[" * 3000 + "]" * 3000, "nested"),
+        ("seed=" + str(10**30), "seed"),
+        ("seed=4294967296", "at most 4294967295"),
+        ("steps=" + str(2**60), "at most"),
+    ],
+    ids=["nested-list", "huge-seed", "seed-over-32-bit", "huge-int"],
+)
+def test_hostile_values_are_config_errors(override, message):
+    from uedist.engine.attacks.sem_rem import SEMConfig
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(SEMConfig, None, [override])
+
+
+def test_a_deeply_nested_yaml_file_is_a_config_error(tmp_path):
+    from uedist.engine.attacks.sem_rem import SEMConfig
+
+    f = tmp_path / "deep.yaml"
+    f.write_text("steps: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="nested"):
+        load_config(SEMConfig, f)
+
+
+@pytest.mark.parametrize(
+    "name, message", [("a" * 300, "at most 255 bytes"), ("two\nlines", "control characters"), ("tab\there", "control")]
+)
+def test_run_names_that_no_file_system_or_log_keeps_are_refused(name, message):
+    from uedist.config import run_dir
+
+    with pytest.raises(ConfigError, match=message):
+        run_dir("runs", name)

@@ -44,7 +44,8 @@ class ConfigError(ValueError):
     """A config that does not match its schema; the message names the offending key."""
 
 
-RUNTIME, LOCATION, RANGE = "uedist_runtime", "uedist_location", "uedist_range"
+RUNTIME, LOCATION, RANGE, MAX = "uedist_runtime", "uedist_location", "uedist_range", "uedist_max"
+SEED_MAX = 2**32 - 1  # seeds enter generator arithmetic (seed x 1,000,003 + key): keep them well inside int64
 
 
 def runtime(
@@ -78,6 +79,9 @@ def _check_range(f: "dataclasses.Field[Any]", value: Any, key: str) -> None:
             continue
         if not math.isfinite(v):
             raise ConfigError(f"{key}={value!r}: must be a finite number")
+        top = f.metadata.get(MAX, 2**53)  # an int beyond 2^53 is not a count, a size or a seed anyone means
+        if isinstance(v, int) and abs(v) > top:
+            raise ConfigError(f"{key}={value!r}: must be at most {top}")
         if rng is None:
             continue
         lo, inclusive = rng
@@ -116,7 +120,7 @@ class JobConfig:
 class Seeded(JobConfig):
     """A stage whose random draws (initial weights, batches, noise) all derive from ``seed``."""
 
-    seed: int = 0
+    seed: int = dataclasses.field(default=0, metadata={MAX: SEED_MAX})
 
 
 @dataclasses.dataclass
@@ -351,11 +355,40 @@ def _all_defaults(cls: type) -> bool:
     )
 
 
+MAX_NESTING = 32  # no schema nests deeper; a deeper YAML value is a hostile or broken file
+
+
 def load_config(cls: Type[C], path: Optional[Union[str, os.PathLike]] = None, overrides: Sequence[str] = ()) -> C:
     """Defaults of ``cls``, then the YAML file (if given), then ``key=value`` overrides, checked strictly."""
+    try:
+        return _load_config(cls, path, overrides)
+    except RecursionError:
+        raise ConfigError(f"{path or 'overrides'}: values nested too deeply to be a config") from None
+
+
+def _depth(x: Any, limit: int = MAX_NESTING) -> int:
+    """Nesting depth of lists / mappings, stopping (without recursing further) past ``limit``."""
+    stack, deepest = [(x, 0)], 0
+    while stack:
+        node, d = stack.pop()
+        deepest = max(deepest, d)
+        if deepest > limit:
+            break
+        if isinstance(node, dict):
+            stack += [(v, d + 1) for v in node.values()]
+        elif isinstance(node, (list, tuple)):
+            stack += [(v, d + 1) for v in node]
+    return deepest
+
+
+def _load_config(cls: Type[C], path: Optional[Union[str, os.PathLike]], overrides: Sequence[str]) -> C:
     data: Dict[str, Any] = _read_yaml(path) if path else {}
+    if _depth(data) > MAX_NESTING:
+        raise ConfigError(f"{path}: values nested more than {MAX_NESTING} deep: not a config")
     for text in overrides:
         keys, value = parse_override(text)
+        if _depth(value) > MAX_NESTING:
+            raise ConfigError(f"override {text[:60]!r}...: value nested more than {MAX_NESTING} deep")
         node = data
         for k in keys[:-1]:
             nxt = node.get(k)
@@ -404,6 +437,10 @@ def run_dir(run_root: Any, name: str) -> Path:
     """``run_root/name``, the folder of a run; ConfigError (naming ``name``) when ``name`` is empty, absolute or
     has a ``.``/``..`` part, so that no run writes outside ``run_root``. Nested names (``study/exp1``) are fine."""
     parts = str(name).replace("\\", "/").split("/")
+    if any(ord(c) < 32 or ord(c) == 127 for c in str(name)):
+        raise ConfigError(f"name={name!r}: a run name may not hold control characters (a newline, a tab)")
+    if any(len(p.encode()) > 255 for p in parts):
+        raise ConfigError(f"name={str(name)[:40]!r}...: each part of a run name is at most 255 bytes (a file name)")
     if not name or str(name).startswith(("/", "\\")) or any(p in ("", ".", "..") for p in parts):
         raise ConfigError(
             f"name={name!r}: a run name is a relative path of plain names (e.g. sem_cifar10 or study/exp1); "
