@@ -381,6 +381,11 @@ def test_records_carried_to_a_fresh_folder_are_reused(synth_sets, tmp_path):
 
     before = results()
     assert len(before) == 2
+    # a run with another JPEG quality leaves stale stage folders behind; the study as last run is the first one
+    for over in (["purifiers.jpeg10.set.quality=30"], []):
+        r = run_pipeline(path, *over)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert len(list(study.glob("*/*/stage.json"))) == 6
     r = subprocess.run(
         [sys.executable, "-m", "uedist.app.cli", "report", str(study), "--records", str(tmp_path / "rec")],
         cwd=REPO,
@@ -390,8 +395,15 @@ def test_records_carried_to_a_fresh_folder_are_reused(synth_sets, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     recs = sorted(p.relative_to(tmp_path / "rec").as_posix() for p in (tmp_path / "rec").rglob("*") if p.is_file())
-    assert all(p.split("/")[-1] in ("stage.json", "config.yaml", "metrics.json", "curve.csv") for p in recs)
-    assert sum(p.endswith("stage.json") for p in recs) == 4  # attack, jpeg, two victims; no shards
+    assert [p for p in recs if "/" not in p] == ["study.json", "study.yaml"]
+    assert all(p.split("/")[-1] in ("stage.json", "config.yaml", "metrics.json", "curve.csv") for p in recs if "/" in p)
+    assert sum(p.endswith("stage.json") for p in recs) == 4  # attack, jpeg, two victims; not the stale quality-30 ones
+    r = subprocess.run([sys.executable, "-m", "uedist.app.cli", "report", str(tmp_path / "rec")], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(tmp_path / "rec" / "report/results.csv")))
+    assert {(x["purifier"], x["test_top1"]) for x in rows} == before and len(rows) == 2  # no duplicate rows
+    shutil.rmtree(tmp_path / "rec" / "report")
     shutil.rmtree(study)
     shutil.copytree(tmp_path / "rec", study)
 

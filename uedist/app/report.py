@@ -345,13 +345,22 @@ RECORD_FILES = ("stage.json", "config.yaml", "metrics.json", "curve.csv")
 
 
 def export_records(study_dir: Path, dest: Path) -> List[Path]:
-    """Copy every finished stage's records (``RECORD_FILES``, kilobytes; not its shard sets or checkpoints) to
-    ``dest/<kind>/<stage folder>/``: a study's results to carry to another machine or into version control. Copied
-    into ``runs/<study>/`` there, launch/pipeline.py reuses them: their stages are done, and a set whose readers
-    are all done is not rebuilt. Returns the stage folders written."""
+    """Copy the finished stages' records (``RECORD_FILES``, kilobytes; not their shard sets or checkpoints) to
+    ``dest/<kind>/<stage folder>/``: a study's results to carry to another machine or into version control. Only
+    the stages ``study.json`` lists (the study as last run; its ``study.json`` and ``study.yaml`` are copied too),
+    or every stage folder when there is none. Copied into ``runs/<study>/`` there, launch/pipeline.py reuses them:
+    their stages are done, and a set whose readers are all done is not rebuilt. Returns the stage folders written."""
     study_dir, dest = Path(study_dir), Path(dest)
     written = []
-    for f in sorted(study_dir.glob("*/*/stage.json")):
+    index = study_dir / "study.json"
+    if index.is_file():  # only the stages of the study as last run: folders of older configs stay behind
+        found = [study_dir / d / "stage.json" for d in json.loads(index.read_text())["stages"]]
+        for name in ("study.json", "study.yaml"):  # so a report made from the copy shows that study alone
+            if (study_dir / name).is_file():
+                atomic_write_bytes(dest / name, (study_dir / name).read_bytes())
+    else:
+        found = sorted(study_dir.glob("*/*/stage.json"))
+    for f in (f for f in found if f.is_file()):
         out = dest / f.parent.relative_to(study_dir)
         for name in RECORD_FILES:
             src = f.parent / name
