@@ -15,6 +15,30 @@ from uedist.data.build import BuildConfig, build_shard_sets
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Stage modules that exist only for the tests (a toy attack and a toy purifier, tests/toy_stages.py). Before
+# collection they are added to UEDIST_PLUGINS (and the checkout to PYTHONPATH), so the tests parametrized over the
+# registry (tests/test_stages_smoke.py) collect them like the engine's own stages, and the launch scripts and the
+# study pipeline run as subprocesses find them. A new stage module for the tests is named here once; a new stage in
+# uedist/engine/ needs no edit at all (uedist.app.stages.load_stages walks the engine).
+TEST_PLUGINS = ("tests.toy_stages",)
+
+
+def use_test_plugins() -> None:
+    """Add :data:`TEST_PLUGINS` to ``UEDIST_PLUGINS`` and the checkout to ``PYTHONPATH`` (idempotent)."""
+    from uedist.app.stages import PLUGINS_ENV
+
+    have = [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
+    os.environ[PLUGINS_ENV] = ",".join([*have, *(m for m in TEST_PLUGINS if m not in have)])
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(REPO) not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *paths])
+    if str(REPO) not in sys.path:  # in this process too (``tests.toy_stages``)
+        sys.path.insert(0, str(REPO))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    use_test_plugins()
+
 
 def shared_data_dir() -> Path:
     """``../shared/data`` beside the checkout (or $UEDIST_SHARED_DATA)."""

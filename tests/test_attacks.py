@@ -1,9 +1,9 @@
 """The attacks of the seed tables (TAP, SEP, NTGA, LSP, AR, OPS): budgets, partial poisoning, each attack's core
-against a direct computation of its definition, and each end to end through launch/attack.py (budget checked on
-every written sample, 2 processes writing what 1 does, a killed job resuming to identical shards)."""
+against a direct computation of its definition, a killed job resuming to identical shards. Each attack end to end
+through launch/attack.py (its declared budget checked on every written sample, 2 processes writing what 1 does):
+tests/test_stages_smoke.py, parametrized over the registry."""
 
 import itertools
-import json
 import math
 import subprocess
 import sys
@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import REPO
-from tests.test_multiprocess import accelerate_launch
 from tests.test_noise_resume import _kill_when, _shards
+from uedist.app.stages import get_stage
 from uedist.data.images import decode_image
 from uedist.data.manifest import Manifest, ShardInfo, keys_of, load_manifest
-from uedist.data.shards import iter_samples, verify_shard_set
+from uedist.data.shards import iter_samples
 from uedist.engine.attacks.ar import ar_coefficients, ar_process
 from uedist.engine.attacks.base import poison_keys
 from uedist.engine.attacks.lsp import LSPConfig, lsp_delta
@@ -340,23 +340,9 @@ def test_sep_pulls_features_to_the_wrong_class_centroid():
 
 
 # --------------------------------------------------------------------------------------------------- end to end
-TINY = {
-    "lsp": ["patch_size=4"],
-    "ar": [],
-    "ops": [],
-    "ntga": ["final_batch_size=40", "target_size=40", "steps=2"],
-    "tap": ["steps=2", "restarts=2"],
-    "sep": ["num_models=2", "steps=1", "vr_steps=1", "source_snapshots=2"],
-}
-NEEDS_SOURCE = {"tap", "sep"}
-NORM = {
-    "lsp": ("l2", 1.0),
-    "ar": ("l2", 1.0),
-    "ops": ("l0", 1),
-    "ntga": ("linf", 8),
-    "tap": ("linf", 8),
-    "sep": ("linf", 8),
-}
+# Every registered attack runs end to end at its @stage(smoke=...) size, its declared budget checked on every written
+# sample and 2 processes writing what 1 does, in tests/test_stages_smoke.py (parametrized over the registry). Here:
+# partial poisoning and a killed job, for one attack each.
 
 
 @pytest.fixture(scope="module")
@@ -372,9 +358,11 @@ def source_run(synth_sets, tmp_path_factory):
 
 
 def _attack_args(method, sets, root, name, source):
-    args = [f"method={method}", f"name={name}", f"run_root={root}", f"data.train={sets / 'train'}"]
-    args += [f"data.test={sets / 'test'}", "data.workers=0", "progress=false", *TINY[method]]
-    return args + ([f"source_model={source}"] if method in NEEDS_SOURCE else [])
+    """The smoke run of ``method`` (its @stage(smoke=...) overrides) on ``sets``; ``source``: a clean victim run."""
+    st = get_stage(method, "attack")
+    args = [f"method={method}", *st.smoke, f"name={name}", f"run_root={root}", f"data.train={sets / 'train'}"]
+    args += [f"data.test={sets / 'test'}", "data.workers=0", "progress=false"]
+    return args + ([f"source_model={source}"] if source else [])
 
 
 def _noise(args, timeout=600):
@@ -385,37 +373,6 @@ def _noise(args, timeout=600):
         text=True,
         timeout=timeout,
     )
-
-
-def check_budget(clean, poisoned, norm, eps):
-    """Every written sample within the budget (measured on the decoded PNGs), keys, labels and order kept."""
-    assert verify_shard_set(poisoned, decode=True).ok
-    changed = 0
-    for a, b in zip(iter_samples(clean), iter_samples(poisoned), strict=True):
-        assert (a.key, a.label) == (b.key, b.label) and b.ext == "png"
-        x = torch.from_numpy(decode_image(a.data, a.ext)).permute(2, 0, 1)[None]
-        p = torch.from_numpy(decode_image(b.data, b.ext)).permute(2, 0, 1)[None]
-        assert measure(x, p, norm).item() <= eps + 1e-9
-        changed += bool((x != p).any())
-    return changed
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("method", sorted(TINY))
-def test_attack_end_to_end_and_two_processes(method, synth_sets, source_run, tmp_path):
-    r = _noise(_attack_args(method, synth_sets, tmp_path / "one", method, source_run))
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = tmp_path / "one" / method / "poisoned"
-    norm, eps = NORM[method]
-    assert check_budget(synth_sets / "train", out, norm, eps) >= 200  # (a pixel already at the colour stays)
-    m = json.loads((tmp_path / "one" / method / "metrics.json").read_text())
-    assert m["noise"]["eps_violations"] == 0 and m["noise"]["budget"] == str(Budget(norm, eps))
-    assert load_manifest(out).extra["noise"]["norm"] == norm and f"{method.upper()} noise" in r.stdout
-    two = accelerate_launch(
-        str(REPO / "launch/attack.py"), *_attack_args(method, synth_sets, tmp_path / "two", method, source_run)
-    )
-    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
-    assert _shards(tmp_path / "two" / method / "poisoned") == _shards(out)  # 2 processes write what 1 does
 
 
 @pytest.mark.slow

@@ -33,15 +33,18 @@ TOY = [
 ]
 
 
-def _args(sets, tmp_path, name, *extra):
+def _args(sets, tmp_path, name, *extra, toy=TOY):
     return [
         f"name={name}",
         f"run_root={tmp_path}",
         f"data.train={sets / 'train'}",
         f"data.test={sets / 'test'}",
-        *TOY,
+        *toy,
         *extra,
     ]
+
+
+EM_TOY = [a for a in TOY if not a.startswith(("eot_samples", "adv_"))]  # EM has no EOT draws or inner radius
 
 
 def _run(script, args):
@@ -107,7 +110,7 @@ EM_OURS = ["em.rule=summed", "em.augment=true", "em.normalize=true", "em.grad_cl
 
 
 def _em_args(mode, *extra):
-    return [f"em.mode={mode}", "em.max_rounds=2", "em.train_steps=3", "em.stop_error=0.0", "adv_steps=0",
+    return [f"em.mode={mode}", "em.max_rounds=2", "em.train_steps=3", "em.stop_error=0.0",
             "em.batch_size=16", *extra]  # fmt: skip
 
 
@@ -121,6 +124,7 @@ def test_em_rounds(synth_sets, tmp_path, mode, extra):
             tmp_path,
             f"em_{mode}",
             *_em_args(mode, *extra),
+            toy=EM_TOY,
         ),
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -143,7 +147,7 @@ def test_em_rounds(synth_sets, tmp_path, mode, extra):
         before = {f.name: f.read_bytes() for f in (run / "poisoned").glob("*.tar")}
         shutil.rmtree(run / "poisoned")
         (run / "metrics.json").unlink()
-        r2 = _run("em.py", _args(synth_sets, tmp_path, f"em_{mode}", *_em_args(mode), "progress=false"))
+        r2 = _run("em.py", _args(synth_sets, tmp_path, f"em_{mode}", *_em_args(mode), "progress=false", toy=EM_TOY))
         assert r2.returncode == 0, r2.stderr[-3000:]
         log = (run / "logs" / "rank0.log").read_text()
         assert "resumed from" in log and "round 1 surrogate step" not in log.split("resumed from")[-1]
@@ -156,7 +160,9 @@ def test_em_rounds(synth_sets, tmp_path, mode, extra):
 def test_em_classwise_two_processes(synth_sets, tmp_path):
     """The reference class-wise rule under DDP: per-class sums and counts all-reduced each batch, so both ranks
     hold the same class noises (no rank waits on a collective the other skips) and the set is class-constant."""
-    r = accelerate_launch(str(REPO / "launch/em.py"), *_args(synth_sets, tmp_path, "emcw", *_em_args("classwise")))
+    r = accelerate_launch(
+        str(REPO / "launch/em.py"), *_args(synth_sets, tmp_path, "emcw", *_em_args("classwise"), toy=EM_TOY)
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert json.loads((tmp_path / "emcw" / "metrics.json").read_text())["rounds"] == 2
     deltas = check_poisoned(synth_sets / "train", tmp_path / "emcw" / "poisoned", 8)

@@ -92,7 +92,25 @@ class StageDef:
     stage that writes none, ``"run"`` for one whose output is its run folder (a trained DDPM). ``summary(s, run_dir)``
     renders the end-of-job text. ``fixed`` are overrides every run of the stage gets (the method name: several
     stages may share one schema). ``input_errors`` are exception types meaning bad input (exit code 2);
-    ``check(cfg)`` may return a message that refuses a config before the job starts (a launch-time requirement)."""
+    ``check(cfg)`` may return a message that refuses a config before the job starts (a launch-time requirement).
+
+    ``smoke`` are ``key=value`` overrides (tiny widths, steps, batches) that make the stage run in seconds from its
+    schema's defaults on the tiny synthetic set of the tests (``tests/conftest.py::synth_sets``: 16 px, 4 classes,
+    240 train / 80 test images), its inputs given by role; the registry-parametrized tests
+    (``tests/test_stages_smoke.py``) and ``launch/bench`` run every stage with them. ``budget`` is what every sample
+    an attack writes must respect, as a function of its config: ``(norm, key)``, the ``linf`` / ``l2`` / ``l0`` norm
+    of :class:`uedist.ops.budget.Budget` and the dotted config key holding its size (``("linf", "budget")``,
+    ``("l2", "l2")``, ``("l0", "pixels")``); :meth:`budget_of` gives it (``Budget(*st.budget_of(cfg))``), and the
+    tests check every written sample against it (and the summary's ``noise.budget``, where the stage reports one,
+    against it).
+
+    Tests cover a new stage with no other edit: the smoke and budget tests are parametrized over
+    :func:`stages_of` after :func:`uedist.app.stages.load_stages`, which imports every module of the engine's
+    subpackages and the ``UEDIST_PLUGINS`` modules. ``tests/conftest.py`` adds the test-only stage modules
+    (``TEST_PLUGINS``: ``tests/toy_stages.py``, a toy attack and a toy purifier) to ``UEDIST_PLUGINS`` (and the
+    checkout to ``PYTHONPATH``) before collection, so the parametrized tests collect them and the launch scripts and
+    the study pipeline, run as subprocesses, find them. Such a module is not a ``test_*.py`` file: pytest would import
+    it under a second name and register its stages twice."""
 
     name: str
     kind: str
@@ -105,6 +123,19 @@ class StageDef:
     input_errors: Tuple[type, ...] = ()
     check: Optional[Callable[[Any], Optional[str]]] = None
     doc: str = ""
+    smoke: Tuple[str, ...] = ()
+    budget: Tuple[str, ...] = ()  # (norm, dotted config key) for an attack; () for the other kinds
+
+    def budget_of(self, cfg: Any) -> Optional[Tuple[str, float]]:
+        """``(norm, size)`` of the budget a config of this stage must respect (None: the stage declares none);
+        ``uedist.ops.budget.Budget(*st.budget_of(cfg))`` is the checker (the registry sits below ``ops``)."""
+        if not self.budget:
+            return None
+        norm, key = self.budget
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        return norm, float(value)
 
     @property
     def roles(self) -> Dict[str, str]:
@@ -129,11 +160,19 @@ def stage(
     fixed: Optional[Mapping[str, Any]] = None,
     input_errors: Sequence[type] = (),
     check: Optional[Callable[[Any], Optional[str]]] = None,
+    smoke: Sequence[str] = (),
+    budget: Sequence[str] = (),
 ) -> Callable[[T], T]:
     """Register the decorated entry function ``fn(cfg, accelerator, run_dir) -> summary`` as stage ``name``.
-    A schema with a ``method`` field gets ``method=<name>`` fixed, so one schema may serve several stages."""
+    A schema with a ``method`` field gets ``method=<name>`` fixed, so one schema may serve several stages.
+    ``smoke``: ``key=value`` overrides for a seconds-long run on the tests' tiny synthetic set; ``budget``:
+    ``(norm, config key)`` of an attack's output (:class:`StageDef`)."""
     if kind not in STAGE_KINDS:
         raise RegistryError(f"stage {name!r}: kind must be one of {STAGE_KINDS}, got {kind!r}")
+    if isinstance(smoke, str) or any("=" not in o for o in smoke):
+        raise RegistryError(f"stage {name!r}: smoke must be a sequence of key=value overrides, got {smoke!r}")
+    if budget and (len(budget) != 2 or budget[0] not in ("linf", "l2", "l0")):
+        raise RegistryError(f"stage {name!r}: budget must be (norm, config key), norm linf/l2/l0, got {budget!r}")
     fix = dict(fixed or {})
     if "method" in getattr(schema, "__dataclass_fields__", {}):
         fix.setdefault("method", name)
@@ -153,6 +192,8 @@ def stage(
                 tuple(input_errors),
                 check,
                 doc,
+                tuple(smoke),
+                tuple(budget),
             )
         )
         return fn

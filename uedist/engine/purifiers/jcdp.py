@@ -325,11 +325,12 @@ _DIFFUSION_SMOKE = (
     "lpips.backbone=random",
     "lpips.net=vgg",
     "grid=4",
+    "rounds=1",
 )
 
 
-@stage("jcdp", **_DIFFUSION_STAGE, smoke=(*_DIFFUSION_SMOKE, "rounds=2", "lam_lpips=0.0"))
-@stage("diffusion", **_DIFFUSION_STAGE, smoke=(*_DIFFUSION_SMOKE, "rounds=1"))
+@stage("jcdp", **_DIFFUSION_STAGE, smoke=(*_DIFFUSION_SMOKE, "lam_lpips=0.0"))
+@stage("diffusion", **_DIFFUSION_STAGE, smoke=_DIFFUSION_SMOKE)
 def purify_jcdp(cfg: JCDPConfig, accelerator: Any, run_dir: Path) -> Dict[str, Any]:
     """JCDP (LE Algorithm 1) or plain diffusion purification (method diffusion, the baseline JCDP improves on)."""
     return purify_shards(cfg, accelerator, run_dir)
