@@ -580,3 +580,29 @@ def test_records_from_before_the_attack_rename_are_migrated(synth_sets, tmp_path
     before = {p: p.read_bytes() for p in study.dir.rglob("*") if p.is_file()}
     assert migrate_study(study.dir) == 0  # idempotent
     assert {p: p.read_bytes() for p in study.dir.rglob("*") if p.is_file()} == before
+
+
+def test_editing_a_config_file_a_stage_names_by_path_gives_it_a_new_hash(synth_sets, tmp_path):
+    """Reliability II, item 4: TAP names its source victim's YAML by path (``source_victim``); changing that file
+    (steps 2 -> 30) must not leave the TAP stage "already done" with a poisoned set made against the old source."""
+    victim = tmp_path / "source_victim.yaml"
+    victim.write_text(yaml.safe_dump({"base": str(REPO / "configs/victim/synthetic.yaml"), "steps": 2, "epochs": 0}))
+    path = study_yaml(
+        synth_sets,
+        tmp_path,
+        attacks={"tap": {"method": "tap", "config": "configs/tap/demo.yaml", "set": {"source_victim": str(victim)}}},
+        purifiers={"none": {"method": "none"}},
+        modes=["standard"],
+        skip=[],
+    )
+
+    def hashes():
+        return {st.label: st.hash for st in Study(load_config(StudyConfig, path)).stages}
+
+    before = hashes()
+    victim.write_text(yaml.safe_dump({"base": str(REPO / "configs/victim/synthetic.yaml"), "steps": 30, "epochs": 0}))
+    after = hashes()
+    assert after["syn.tap"] != before["syn.tap"]  # and so every stage downstream of it
+    assert all(after[k] != before[k] for k in after)
+    victim.write_text(yaml.safe_dump({"base": str(REPO / "configs/victim/synthetic.yaml"), "steps": 2, "epochs": 0}))
+    assert hashes() == before  # the content, not the file's time or the edit, decides

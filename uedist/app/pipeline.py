@@ -139,8 +139,31 @@ _HASH_KIND = {"attack": "noise"}
 def _stage_hash(kind: str, cfg: Any, inputs: Dict[str, Any]) -> str:
     d = identity(cfg)
     ins = {r: (v.hash if isinstance(v, Stage) else _data_id(v)) for r, v in sorted(inputs.items())}
-    blob = json.dumps({"kind": _HASH_KIND.get(kind, kind), "config": d, "inputs": ins}, sort_keys=True, default=str)
+    h: Dict[str, Any] = {"kind": _HASH_KIND.get(kind, kind), "config": d, "inputs": ins}
+    files = _config_files(d)
+    if files:  # (only then: the hashes of stages that name no config file stay as they were)
+        h["files"] = files
+    blob = json.dumps(h, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def _config_files(d: Any) -> Dict[str, Any]:
+    """The resolved content (``base:`` chain merged) of every YAML file a stage's config names by path (TAP / SEP's
+    ``source_victim``: the victim trained as its source), so an edit of that file gives the stage a new hash instead
+    of "already done" with results of the old one."""
+    from uedist.config import _read_yaml
+
+    found: Dict[str, Any] = {}
+    stack = [d]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dict):
+            stack += list(x.values())
+        elif isinstance(x, list):
+            stack += x
+        elif isinstance(x, str) and x.endswith((".yaml", ".yml")) and Path(x).is_file():
+            found[x] = _read_yaml(x)
+    return found
 
 
 def _data_id(path: Any) -> str:
