@@ -103,3 +103,23 @@ def test_a_bad_collective_timeout_is_a_config_error(monkeypatch, value):
     monkeypatch.setenv(TIMEOUT_ENV, value)
     with pytest.raises(ConfigError, match=TIMEOUT_ENV):
         collective_timeout()
+
+
+@pytest.mark.parametrize(
+    "state",
+    [{"step": 3}, {"model": {"weight": "text"}, "step": 3}, {"model": {"nope": torch.zeros(2)}, "step": 3},
+     {"model": None, "step": 3}],
+    ids=["no-model", "wrong-type", "missing-keys", "none"],
+)  # fmt: skip
+def test_a_checkpoint_with_missing_keys_or_wrong_types_is_refused_naming_it(tmp_path, state):
+    from uedist.engine.train.checkpoints import Checkpointer
+
+    class Acc:
+        process_index, num_processes = 0, 1
+
+        def wait_for_everyone(self):
+            pass
+
+    save_checkpoint(tmp_path / "checkpoints", 3, state, rank=0, barrier=lambda: None)
+    with pytest.raises(CheckpointError, match=r"step-00000003/state\.pt: not a checkpoint of this run"):
+        Checkpointer(tmp_path, Acc(), every=0).resume(torch.nn.Linear(2, 1))

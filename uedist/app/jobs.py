@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, T
 from uedist.config import ConfigError, _read_yaml, load_config, parse_override, save_config
 from uedist.config import run_dir as run_dir_of
 from uedist.dist import get_logger, make_accelerator, setup_logging
+from uedist.io import DiskFull
 from uedist.registry import RegistryError, StageDef, stages_of
 
 C = TypeVar("C")
@@ -79,7 +80,10 @@ def _start(cfg: C, p: argparse.ArgumentParser, check: Optional[Callable[[C], Opt
         p.error(problem)
     setup_logging(run_dir)
     if accelerator.is_main_process:
-        save_config(cfg, run_dir / "config.yaml")
+        try:
+            save_config(cfg, run_dir / "config.yaml")
+        except DiskFull as e:  # a full disk at job start: exit 2 naming the file, not a traceback
+            p.error(str(e))
     return cfg, accelerator, run_dir
 
 

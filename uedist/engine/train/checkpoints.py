@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from uedist.checkpoint import latest_checkpoint, load_state, restore_rng, save_checkpoint
+from uedist.checkpoint import CheckpointError, latest_checkpoint, load_state, restore_rng, save_checkpoint
 from uedist.config import config_to_dict, identity
 from uedist.dist import get_logger
 
@@ -115,11 +115,19 @@ class Checkpointer:
         if found is None:
             return None
         path, state = found
-        model.load_state_dict(state["model"])
-        if optimizer is not None and "optimizer" in state:
-            optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and "scheduler" in state:
-            scheduler.load_state_dict(state["scheduler"])
+        try:  # a state.pt with missing keys or values of other types: refused naming it, never half-loaded
+            model.load_state_dict(state["model"])
+            if optimizer is not None and "optimizer" in state:
+                optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None and "scheduler" in state:
+                scheduler.load_state_dict(state["scheduler"])
+            int(state["step"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+            first = " ".join(str(e).strip().splitlines()[:1])[:200]
+            raise CheckpointError(
+                f"{path / 'state.pt'}: not a checkpoint of this run's model and optimizer ({type(e).__name__}: "
+                f"{first}); delete {path} to resume from the one before, or {self.dir.parent} to start over"
+            ) from None
         self.restore_rng(path)
         log.info("resumed from %s (step %d)", path, state["step"])
         return state
