@@ -86,3 +86,23 @@ def test_map_pass_refuses_lossy_output(synth_sets, tmp_path):
             config={},
             encoding="jpg",
         )
+
+
+def test_a_finished_set_of_other_settings_is_refused_unless_overwrite(synth_sets, tmp_path):
+    """Reliability II, item 1: the refusal names what works (no overwrite key the stage lacks); a stage that has
+    ``overwrite`` (JCDP) gets it honoured before the check, not after."""
+    from uedist.data.manifest import ManifestError
+    from uedist.dist import make_accelerator
+    from uedist.engine.map_pass import run_map_pass
+
+    acc = make_accelerator()
+
+    def run(config, overwrite=False):
+        return run_map_pass(synth_sets / "test", tmp_path / "o", lambda x, y, k: 255 - x, accelerator=acc, stage="t",
+                            config=config, overwrite=overwrite, progress=False)  # fmt: skip
+
+    run({"a": 1})
+    with pytest.raises(ManifestError, match="another folder .* or delete"):
+        run({"a": 2})
+    assert run({"a": 2}, overwrite=True).provenance["fingerprint"] != ""
+    run({"a": 2})  # now the set of these settings: reused

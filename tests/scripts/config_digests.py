@@ -6,7 +6,9 @@ checkpoints.
     python tests/scripts/config_digests.py > tests/scripts/config_digests.json
 
 The committed JSON was made from commit 53a109b (a ``git worktree`` of it on PYTHONPATH), plus the random control's own
-configs (configs/random/, added after it). Two groups:
+configs (configs/random/, added after it) and one deliberate change since: JCDP's ``overwrite`` became a runtime
+field (it says how a rerun treats an existing set, not what is computed), so the jcdp / diffusion digests and the
+studies holding such a stage were regenerated. Two groups:
 
 - ``stage``: each ``configs/<stage>/*.yaml`` loaded as its launch script loads it (the stage's schema and fixed
   overrides), and each registered stage's defaults (``defaults/<stage>``);

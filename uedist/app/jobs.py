@@ -100,7 +100,7 @@ def claim_run(cfg: Any, run_dir: Path) -> Optional[str]:
     except RunInUse as e:
         return str(e)
     saved = run_dir / "config.yaml"
-    if not saved.is_file():
+    if not saved.is_file() or getattr(cfg, "overwrite", False):  # overwrite=true: the user asks to replace it
         return None
     try:
         old: Any = identity(load_config(type(cfg), saved))

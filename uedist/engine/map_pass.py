@@ -71,8 +71,8 @@ def run_map_pass(
     src_m = load_manifest(src)
     fp = _fingerprint(stage, config, src_m, encoding=encoding, aux=load_manifest(aux) if aux is not None else None)
     rank, world = accelerator.process_index, accelerator.num_processes
-    done_m = _finished(dst, fp)
-    if done_m is not None and not overwrite:
+    done_m = None if overwrite else _finished(dst, fp)  # overwrite: whatever is there is rebuilt, never refused
+    if done_m is not None:
         log.info("%s: already complete (%d samples), reusing it", dst, done_m.num_samples)
         return _set_totals(done_m, stats)
     if rank == 0:

@@ -84,7 +84,7 @@ class JCDPConfig(BF16, Seeded):
     lpips_t: Tuple[int, int] = (1, 11)  # paper steps t (inclusive) guided by LPIPS (reference: i ≤ 10)
     lpips: LPIPSSpec = field(default_factory=LPIPSSpec)
     grid: int = runtime(16)  # images in the poisoned | purified grid (0 = none)
-    overwrite: bool = False
+    overwrite: bool = runtime(False)  # rebuild a finished purified set of other settings (how, not what: runtime)
 
     def validate(self) -> None:
         require(self.t_p >= 1 and self.rounds >= 1 and self.stride >= 1, "t_p, rounds, stride must be >= 1")
