@@ -100,3 +100,30 @@ def test_a_study_or_build_into_a_held_folder_is_refused(tmp_path, what):
         finally:
             p.kill()
             p.wait()
+
+
+def test_a_full_disk_at_job_start_exits_2_naming_the_file(tmp_path, monkeypatch, capsys):
+    import argparse
+    import os
+    import tempfile
+
+    from uedist.app.jobs import _start
+    from uedist.config import load_config
+    from uedist.engine.attacks.random_noise import RandomConfig
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    real = tempfile.mkstemp
+
+    def full_disk(*a, **kw):
+        fd, name = real(*a, **kw)
+        os.close(fd)
+        return os.open("/dev/full", os.O_WRONLY), name
+
+    monkeypatch.setattr("uedist.io.tempfile.mkstemp", full_disk)
+    cfg = load_config(RandomConfig, None, [f"run_root={tmp_path}", "name=full"])
+    with pytest.raises(SystemExit) as e:
+        _start(cfg, argparse.ArgumentParser(prog="t"), None)
+    assert e.value.code == 2
+    assert f"{tmp_path / 'full' / 'config.yaml'}: no space left on device" in capsys.readouterr().err
+    release_lock(tmp_path / "full")
