@@ -33,7 +33,7 @@ from uedist.checkpoint import load_weights
 from uedist.config import ConfigError, require
 from uedist.data.manifest import load_manifest
 from uedist.engine.attacks.base import AttackConfig, attack_summary, batch_gen, class_sums, finish_attack
-from uedist.engine.attacks.source import SourceSpec, features_and_logits, source_model
+from uedist.engine.attacks.source import SOURCE_SMOKE, SourceSpec, features_and_logits, source_model
 from uedist.ops.budget import Budget
 from uedist.ops.pgd import signed_step
 from uedist.precision import amp_args, use_channels_last
@@ -137,8 +137,7 @@ def sep_delta(cfg: SEPConfig, *, models: List[torch.nn.Module], cents: List[torc
         "vr_steps=1",
         "source_snapshots=2",
         "data.workers=0",
-        "source_victim=configs/victim/synthetic.yaml",
-        "source_overrides=[epochs=0, steps=8, model.width=0.125, data.batch_size=32, data.workers=0]",
+        *SOURCE_SMOKE,
     ),
     budget=("linf", "budget"),
 )

@@ -23,6 +23,13 @@ class SourceSpec:
     source_overrides: List[str] = field(default_factory=list)  # key=value for that victim config
 
 
+# The smoke settings of an attack on a source model (TAP, SEP): a tiny victim trained first, on the tests' set.
+SOURCE_SMOKE = (
+    "source_victim=configs/victim/synthetic.yaml",
+    "source_overrides=[epochs=0, steps=8, model.width=0.125, data.batch_size=32, data.workers=0]",
+)
+
+
 def source_model(
     cfg: Any, accelerator: Any, run_dir: Path, *, m: Manifest, extra: Sequence[str] = ()
 ) -> Tuple[Any, Dict[str, Any]]:

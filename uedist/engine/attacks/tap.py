@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from uedist.config import require
 from uedist.data.manifest import load_manifest
 from uedist.engine.attacks.base import AttackConfig, attack_summary, batch_gen, finish_attack
-from uedist.engine.attacks.source import SourceSpec, source_model
+from uedist.engine.attacks.source import SOURCE_SMOKE, SourceSpec, source_model
 from uedist.ops import augment
 from uedist.ops.budget import Budget
 from uedist.ops.pgd import signed_step
@@ -121,8 +121,7 @@ def tap_delta(cfg: TAPConfig, model: torch.nn.Module, *, num_classes: int, size:
         "steps=2",
         "restarts=2",
         "data.workers=0",
-        "source_victim=configs/victim/synthetic.yaml",
-        "source_overrides=[epochs=0, steps=8, model.width=0.125, data.batch_size=32, data.workers=0]",
+        *SOURCE_SMOKE,
     ),
     budget=("linf", "budget"),
 )
