@@ -233,7 +233,7 @@ def test_each_inference_pass_draws_its_own_latent_noise(synth_sets, tmp_path, mo
     from uedist.config import load_config
     from uedist.data.manifest import load_manifest
     from uedist.dist import make_accelerator
-    from uedist.engine import dvae as eng
+    from uedist.engine.purifiers import dvae as eng
 
     cfg = load_config(
         eng.DVAEConfig,

@@ -28,9 +28,12 @@ _HELD_LOCKS: Dict[str, int] = {}
 
 
 def hold_lock(folder: PathLike, *, what: str) -> None:
-    """Take the exclusive lock of ``folder`` (``folder/.lock``, ``flock``, non-blocking) for the rest of this
-    process, or raise :class:`RunInUse` naming its holder. The kernel drops it when the process ends, however it
-    ends, so a killed job never leaves a stale lock. Taking a lock this process already holds is a no-op."""
+    """Take the exclusive lock of ``folder`` (``folder/.lock``, a POSIX record lock, non-blocking) for the rest of
+    this process, or raise :class:`RunInUse` naming its holder. The kernel drops it when the process ends, however
+    it ends, so a killed job never leaves a stale lock; unlike ``flock`` it is not shared with forked children (a
+    DataLoader worker that outlives its killed job for a moment does not hold the run). Taking a lock this process
+    already holds is a no-op; nothing else in the process may open ``.lock`` (closing any descriptor of it would
+    drop a POSIX lock)."""
     import datetime
     import fcntl
     import socket
@@ -41,7 +44,7 @@ def hold_lock(folder: PathLike, *, what: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
         os.close(fd)
