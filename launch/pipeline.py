@@ -51,7 +51,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         for st in study.stages:
             print(f"{states[st.label]:8s}  {st.kind:7s} {st.label:50s} {st.dir}")
         return 0
-    accelerator = make_accelerator()
+    try:
+        accelerator = make_accelerator()
+    except ConfigError as e:  # e.g. a bad UEDIST_COLLECTIVE_TIMEOUT
+        p.error(str(e))
     problem = None
     if accelerator.is_main_process:  # a second study into the same folder is refused, not interleaved
         try:
