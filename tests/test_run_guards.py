@@ -40,14 +40,14 @@ def test_a_refused_rerun_leaves_the_run_untouched(synth_sets, tmp_path):
 
 
 def test_a_second_job_under_the_same_name_is_refused_while_the_first_runs(synth_sets, tmp_path):
-    a = _sem(synth_sets, tmp_path, "steps=400", wait=False)
+    a = _sem(synth_sets, tmp_path, "steps=5000", wait=False)  # runs well past the check below
     try:
         lock = tmp_path / "r" / ".lock"
         for _ in range(600):  # until job A holds the run
             if lock.is_file() and lock.read_text().startswith("pid"):
                 break
             time.sleep(0.1)
-        b = _sem(synth_sets, tmp_path, "steps=400")
+        b = _sem(synth_sets, tmp_path, "steps=5000")
         out = b.stdout + b.stderr
         assert b.returncode == 2, out[-2000:]
         assert f"run {tmp_path / 'r'} is in use by pid {a.pid}" in out
