@@ -121,7 +121,9 @@ def test_two_stages_write_three_sets_with_provenance(synth_sets, finished):
     assert [(s.key, s.label) for s in a] == [(s.key, s.label) for s in b]
     met = json.loads((run / "metrics.json").read_text())
     for k in ("p1", "p2", "purified_stats"):
-        assert {"kld", "rec_mse", "rec_psnr", "psnr_input_vs_clean", "psnr_output_vs_clean"} <= set(met[k])
+        assert {"kld", "rec_mse", "rec_psnr", "psnr_input_vs_clean", "psnr_output_vs_clean", "p_cos_vs_true"} <= set(
+            met[k]
+        )
     assert met["p1"]["psnr_input_vs_clean"] == 100.0  # the fixture passes the clean set as its own "poisoned" set
     assert met["stage1"]["steps"] == met["stage2"]["steps"] == 16 and met["stage2"]["kld_limit"] == 3.0
     assert met["stage1"]["kld_weight"] == 0.01
@@ -255,3 +257,22 @@ def test_each_inference_pass_draws_its_own_latent_noise(synth_sets, tmp_path, mo
                       accelerator=make_accelerator(), clean=None)  # fmt: skip
         firsts.append(seen[0])
     assert not torch.equal(firsts[0], firsts[1]) and not torch.equal(firsts[1], firsts[2])
+
+
+def test_fit_stats_score_how_well_p_hat_matches_the_true_perturbation():
+    """cos(p̂, x − clean) per image: 1 when p̂ is the perturbation, -1 when its negative, about 0 when unrelated."""
+    from uedist.engine.purifiers.dvae import FitStats
+
+    class One:
+        num_processes = 1
+
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(6, 3, 8, 8, generator=g)
+    delta = (torch.rand(6, 3, 8, 8, generator=g) - 0.5) * 0.06
+    x = clean + delta
+    for p, want in ((delta, 1.0), (-delta, -1.0), (torch.randn(6, 3, 8, 8, generator=g), 0.0)):
+        fit = FitStats(torch.device("cpu"))
+        fit.update(x, p, clean)
+        r = fit.result(One())
+        assert abs(r["p_cos_vs_true"] - want) < (0.15 if want == 0 else 1e-6)
+        assert abs(r["true_rms_255"] - 255 * delta.pow(2).mean().sqrt().item()) < 0.05

@@ -246,6 +246,27 @@ class PassStats:
         }
 
 
+class FitStats:
+    """How well p̂ matches the perturbation actually there: the per-image cosine between p̂ and the pass input minus
+    the clean image (``data.clean`` given; a p̂ that carries the perturbation scores near 1, one that carries image
+    content or nothing near 0), and the RMS of that true perturbation (/255). Averaged over images."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = RunningSums(device, sums=("n", "cos", "true2"))
+
+    def update(self, x: torch.Tensor, p: torch.Tensor, clean: torch.Tensor) -> None:
+        """``x``, ``p``, ``clean`` (B, C, H, W) in [0, 1] units."""
+        d, q = (x - clean).flatten(1).double(), p.flatten(1).double()
+        cos = (d * q).sum(1) / (d.norm(dim=1) * q.norm(dim=1)).clamp_min(1e-12)
+        self.sums.add(n=x.shape[0], cos=cos.sum(), true2=d.pow(2).mean(1).sum())
+
+    def result(self, accelerator: Any) -> Dict[str, float]:
+        r = self.sums.result(accelerator)
+        if not r["n"]:
+            return {}
+        return {"p_cos_vs_true": r["cos"] / r["n"], "true_rms_255": 255 * math.sqrt(r["true2"] / r["n"])}
+
+
 def dvae_pass(
     cfg: DVAEConfig,
     model: DVAE,
@@ -260,7 +281,7 @@ def dvae_pass(
     """One inference map pass over ``src``: writes clip(x − p̂) or x̂ to ``dst``; returns its statistics (also
     kept per shard by the map pass, so a rerun that reuses a finished pass still reports the whole set)."""
     device = accelerator.device
-    stats, psnr = PassStats(device), PSNRStats(device)
+    stats, psnr, fit = PassStats(device), PSNRStats(device), FitStats(device)
     amp = amp_args(cfg.bf16, device)
     side = load_manifest(src).image_size
     pass_no = stage + (what == "rec")  # P¹ = stage 1's x − p̂, P² = stage 2's x − p̂, P³ = stage 2's x̂
@@ -293,6 +314,7 @@ def dvae_pass(
         res = to_uint8(x - out.p if what == "x_minus_p" else out.rec)
         if clean_u8 is not None:
             psnr.update(x_u8, res, clean_u8)
+            fit.update(x, out.p, to_unit(clean_u8))
         return res
 
     reused = (dst / "manifest.json").is_file()  # finished before: run_map_pass reuses it (or refuses another one)
@@ -309,12 +331,13 @@ def dvae_pass(
         aux=clean,
         progress=cfg.progress,
         extra={"purify": {"method": "dvae", "stage": stage, "output": what}},
-        stats=[stats.sums, psnr.sums],
+        stats=[stats.sums, psnr.sums, fit.sums],
     )
     res = {
         "time_s": pass_seconds(m, accelerator, time.time() - t0),  # over every run of the pass
         **stats.result(accelerator),
         **psnr.result(accelerator),
+        **fit.result(accelerator),
         **({"reused": True} if reused else {}),
     }
     return res
@@ -330,6 +353,8 @@ def dvae_summary(s: Dict[str, Any], run_dir: Path) -> str:
         )
         if "psnr_output_vs_clean" in r:
             row += f", vs clean {r['psnr_input_vs_clean']:.2f} -> {r['psnr_output_vs_clean']:.2f} dB"
+        if "p_cos_vs_true" in r:
+            row += f", cos(p̂, x − clean) {r['p_cos_vs_true']:.3f}"
         lines.append(row + (" (reused)" if r.get("reused") else ""))
     lines.append(f"  purified set   {s['purified']}")
     lines.append(
