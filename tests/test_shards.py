@@ -191,3 +191,26 @@ def test_corrupt_header_named_even_without_verify(synth_sets):
         list(parse_tar(bytes(data), "bad.tar"))
     with pytest.raises(ShardError, match="bad.tar: truncated tar"):
         list(parse_tar(clean[:1024], "bad.tar"))
+
+
+def test_a_shard_altered_after_a_verified_read_is_still_refused(synth_sets, tmp_path):
+    """Shards are hashed once per process while unchanged; an edit in place (new mtime) is verified again."""
+    import os
+    import shutil
+
+    from uedist.data.manifest import load_manifest
+    from uedist.data.shards import ShardError, read_shard
+
+    folder = tmp_path / "s"
+    shutil.copytree(synth_sets / "test", folder)
+    info = load_manifest(folder).shards[0]
+    assert len(list(read_shard(folder, info))) == info.count
+    assert len(list(read_shard(folder, info))) == info.count  # the second read reuses the verification
+    f = folder / info.name
+    data = bytearray(f.read_bytes())
+    data[700] ^= 0xFF
+    f.write_bytes(bytes(data))
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000))  # a distinct mtime even on a coarse clock
+    with pytest.raises(ShardError, match="sha256"):
+        list(read_shard(folder, info))
