@@ -68,6 +68,7 @@ def test_full_tables_shape_and_spot_figures():
         "sem_table2": (7, 5),
         "sem_table2_imagenet": (3, 5),
         "sem_table3": (6, 3),
+        "sem_table8": (6, 5),
     }
     assert {k: (len(t.rows), len(t.columns)) for k, t in PAPER_TABLES.items()} == sizes
     assert paper_figure("dvae_table2", "ops", "AT") == 9.48 and paper_figure("dvae_table2", "ar", "LFU") == 23.51
@@ -80,6 +81,8 @@ def test_full_tables_shape_and_spot_figures():
         paper_figure("sem_table3", "sem", "VGG-16") == 44.37 and paper_figure("sem_table3", "rem", "ResNet-50") == 40.65
     )
     assert paper_text("sem_table2_imagenet", "sem", "ρa=0") == "4.1"  # kept as printed
+    assert paper_figure("sem_table8", "sem", "ρa=1") == 7.04 and paper_figure("sem_table8", "tap", "ρa=4") == 36.39
+    assert paper_figure("sem_table8", "em", "ρa=1") is None  # the damaged merged EM / TAP cell
     assert paper_figure("dvae_table2", "sem", "w/o") is None and paper_figure("dvae_table2", "em", "ISS") is None
     with pytest.raises(ConfigError, match="known tables: dvae_table2"):
         get_paper_table("dvae_table3")

@@ -151,6 +151,36 @@ def test_facescrub_protocol(tmp_path):
         load_config(BuildConfig, None, ["facescrub.train_fraction=1.5"])
 
 
+def test_facescrub_subset_protocol(tmp_path):
+    """The SEM paper's Table 8 protocol, k identities x n images, 85/15: a seeded choice recorded in the manifest."""
+    root = tmp_path / "crops"
+    counts = {"A_a": 9, "B_b": 8, "C_c": 12, "D_d": 5}  # D_d has fewer than n = 6 images
+    for name, n in counts.items():
+        for i in range(n):
+            write_image(root / name / f"{i}.jpg", size=(30, 30), fmt="JPEG")
+    args = [f"facescrub.root={root}", "facescrub.min_images=2", "facescrub.size=[16,16]"]
+    proto = ["facescrub.identities=2", "facescrub.images_per_identity=6", "facescrub.train_fraction=0.5"]
+    out = build(tmp_path / "o", *args, *proto, source="facescrub")
+    tr, te = load_manifest(out / "train"), load_manifest(out / "test")
+    assert len(tr.classes) == 2 and set(tr.classes) < {"A_a", "B_b", "C_c"} and tr.classes == te.classes
+    assert tr.class_counts == [3, 3] and te.class_counts == [3, 3]
+    assert tr.extra["identities_dropped"] == {"D_d": 5}
+    assert set(tr.extra["identities_not_chosen"]) | set(tr.classes) == {"A_a", "B_b", "C_c"}
+    assert tr.extra["protocol"]["identities"] == 2 and tr.extra["protocol"]["images_per_identity"] == 6
+    # the n images of an identity are the first n of its split permutation: the same set whatever k is
+    out_all = build(
+        tmp_path / "o2", *args, "facescrub.images_per_identity=6", "facescrub.train_fraction=0.5", source="facescrub"
+    )
+    assert load_manifest(out_all / "train").classes == ["A_a", "B_b", "C_c"]
+    picked = set(_labels_by_src(out / "train")) | set(_labels_by_src(out / "test"))
+    every = set(_labels_by_src(out_all / "train")) | set(_labels_by_src(out_all / "test"))
+    assert picked <= every and len(every) == 18
+    with pytest.raises(SourceError, match="3 identities with >= 6 images, the protocol asks for 4"):
+        build(tmp_path / "o3", *args, "facescrub.identities=4", "facescrub.images_per_identity=6", source="facescrub")
+    with pytest.raises(ConfigError, match="images_per_identity"):
+        load_config(BuildConfig, None, ["facescrub.images_per_identity=1"])
+
+
 def _cifar_batch(path, n, seed, key=b"labels", classes=10):
     rng = np.random.default_rng(seed)
     d = {
