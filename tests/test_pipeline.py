@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from tests.conftest import REPO
 from uedist.app.pipeline import Study, StudyConfig
@@ -218,6 +219,9 @@ def test_pipeline_runs_resumes_and_reports(synth_sets, tmp_path):
     assert f"| sem | {by[('sem', 'none', 'standard')]:.2f} | {by[('sem', 'jpeg10', 'standard')]:.2f} |" in md
     for f in ("accuracy.png", "curves.png", "grid_syn_sem.png", "grid_syn_random_cw.png", "timing.md", "timing.csv"):
         assert (tmp_path / "toy/report" / f).stat().st_size > 0, f
+    # the noise figure: a row of clean images, then a noise row and a poisoned row per attack; a tile per class
+    with Image.open(tmp_path / "toy/report/noise_syn.png") as im:
+        assert im.size[1] == 5 * (96 + 2) + 2 and im.size[0] > 110 + 4 * 96
     # a second run does nothing but reuse; a change reruns only the stages downstream of it
     r = run_pipeline(path, "--plan")
     assert r.returncode == 0 and "todo" not in r.stdout and r.stdout.count("done") == 12

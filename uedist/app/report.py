@@ -10,6 +10,7 @@ Reads the ``stage.json`` records the pipeline leaves (only the stages of the cur
   has (``41.20 (paper 12.26)``; :mod:`uedist.app.paper_tables`), ``column`` and ``paper`` fields in the CSV;
 - ``accuracy.png``: grouped bars of the same numbers; ``curves.png``: victims' training accuracy curves;
 - ``grid_<dataset>_<attack>.png``: clean | poisoned | noise ×8 | each purifier's output, for a few samples;
+- ``noise_<dataset>.png``: every attack's noise (stretched per image) and poisoned images, one sample per class;
 - ``timing.csv`` / ``timing.md``: wall-clock per stage.
 """
 
@@ -341,6 +342,37 @@ def image_grids(records: Sequence[Dict[str, Any]], out_dir: Path, n: int = 6) ->
     return written
 
 
+def noise_figures(records: Sequence[Dict[str, Any]], out_dir: Path, n: int = 6) -> List[Path]:
+    """Per dataset, the papers' noise figure (SEM Fig. 4 / 6): one sample of each of the first ``n`` classes; a
+    row of clean images, then per attack a row of its noise (stretched to the full range per image) and a row of
+    the poisoned images."""
+    from uedist.data.grids import write_image_grid
+    from uedist.engine.purifiers.common import noise_view, read_one_per_class
+
+    clean_of: Dict[str, str] = {}
+    attacks: Dict[str, List[Tuple[str, str]]] = OrderedDict()
+    for r in records:
+        if r["kind"] == "attack":
+            t = r["tags"]
+            attacks.setdefault(t["dataset"], []).append((t["attack"], r["output"]))
+            clean_of[t["dataset"]] = r["inputs"]["train"]
+    written = []
+    for ds, sets in attacks.items():
+        clean_dir = Path(clean_of[ds])
+        folders = [("clean", clean_dir)] + [(a, Path(o)) for a, o in sets if Path(o) != clean_dir]
+        folders = [(a, f) for a, f in folders if (f / "manifest.json").is_file()]
+        if len(folders) < 2 or folders[0][0] != "clean":
+            continue
+        cols = read_one_per_class(folders, n)
+        clean = cols[0][1]
+        rows, labels = [list(clean)], ["clean"]
+        for a, imgs in cols[1:]:
+            rows += [list(noise_view(imgs, clean)), list(imgs)]
+            labels += [f"{a} noise", a]
+        written.append(write_image_grid(rows, out_dir / f"noise_{ds}.png", row_labels=labels, thumb=96))
+    return written
+
+
 RECORD_FILES = ("stage.json", "config.yaml", "metrics.json", "curve.csv")
 
 
@@ -408,6 +440,6 @@ def write_report(study_dir: Path, out: Optional[Path] = None) -> Dict[str, Any]:
     c = curves_plot(records, out / "curves.png")
     if c:
         written["curves.png"] = c
-    for g in image_grids(records, out):
+    for g in image_grids(records, out) + noise_figures(records, out):
         written[g.name] = g
     return written

@@ -80,6 +80,43 @@ def read_columns(sets: Sequence[Tuple[str, Optional[Path]]], n: int) -> List[Tup
     return cols
 
 
+def read_one_per_class(sets: Sequence[Tuple[str, Path]], n: int) -> List[Tuple[str, np.ndarray]]:
+    """Like :func:`read_columns`, but the samples are the first of each of the first ``n`` labels met in shard 0
+    of the first set (a face per identity, an image per class), read from every set by position; sets share keys
+    (a set whose keys differ at those positions raises ValueError)."""
+    m0 = load_manifest(sets[0][1])
+    where: Dict[int, Tuple[int, str]] = {}
+    for i, s in enumerate(read_shard(sets[0][1], m0.shards[0])):
+        if s.label not in where:
+            where[s.label] = (i, s.key)
+            if len(where) == n:
+                break
+    pos = sorted(where.values())
+    cols = []
+    for title, folder in sets:
+        m = load_manifest(folder)
+        want, imgs = dict(pos), []
+        for i, s in enumerate(read_shard(folder, m.shards[0])):
+            if i in want:
+                if s.key != want[i]:
+                    raise ValueError(f"{folder}: sample {i} of shard 0 is {s.key!r}, {sets[0][1]} has {want[i]!r}")
+                imgs.append(decode_image(s.data, s.ext, m.image_size))
+                if len(imgs) == len(pos):
+                    break
+        cols.append((title, np.stack(imgs)))
+    return cols
+
+
+def noise_view(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a − b (uint8 image stacks (N, H, W, 3)) stretched to the full range per image, as the papers show
+    perturbations ("normalized for better views"); an image with no difference is mid-grey."""
+    d = a.astype(np.float32) - b.astype(np.float32)
+    lo = d.min(axis=(1, 2, 3), keepdims=True)
+    span = d.max(axis=(1, 2, 3), keepdims=True) - lo
+    out = np.where(span > 0, (d - lo) / np.maximum(span, 1e-6) * 255.0, 128.0)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def diff_column(a: np.ndarray, b: np.ndarray, gain: float = 8.0) -> np.ndarray:
     """Visualize a − b (uint8 images) as 128 + gain·(a − b): mid-grey where they agree."""
     return np.clip(128 + gain * (a.astype(np.float32) - b.astype(np.float32)), 0, 255).astype(np.uint8)
