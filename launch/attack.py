@@ -11,7 +11,7 @@ a summary (noise L∞/L2, surrogate accuracy, time per phase). Resumes by defaul
 
 import sys
 
-from uedist.app.jobs import run_stage_main
+from uedist.app.stages import stage_main
 
 if __name__ == "__main__":
-    sys.exit(run_stage_main("attack", sys.argv[1:], doc=__doc__))
+    sys.exit(stage_main("attack", sys.argv[1:], doc=__doc__))

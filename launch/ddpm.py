@@ -13,7 +13,7 @@ samples.png (EMA samples), metrics.json. Resumes by default: rerun the same comm
 
 import sys
 
-from uedist.app.jobs import run_stage_main
+from uedist.app.stages import stage_main
 
 if __name__ == "__main__":
-    sys.exit(run_stage_main("ddpm", sys.argv[1:], doc=__doc__, default_method="ddpm"))
+    sys.exit(stage_main("ddpm", sys.argv[1:], doc=__doc__, default_method="ddpm"))

@@ -13,7 +13,7 @@ command after a kill. Exit code 2: bad config or input; 3: non-finite loss.
 
 import sys
 
-from uedist.app.jobs import run_stage_main
+from uedist.app.stages import stage_main
 
 if __name__ == "__main__":
-    sys.exit(run_stage_main("purify", sys.argv[1:], doc=__doc__, method="dvae"))
+    sys.exit(stage_main("purify", sys.argv[1:], doc=__doc__, method="dvae"))

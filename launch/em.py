@@ -6,7 +6,7 @@ accelerate launch launch/em.py        # demo scale on the built-in synthetic set
 
 import sys
 
-from uedist.app.jobs import run_stage_main
+from uedist.app.stages import stage_main
 
 if __name__ == "__main__":
-    sys.exit(run_stage_main("attack", sys.argv[1:], doc=__doc__, method="em", default_config="configs/em/demo.yaml"))
+    sys.exit(stage_main("attack", sys.argv[1:], doc=__doc__, method="em", default_config="configs/em/demo.yaml"))

@@ -14,7 +14,7 @@ shard: rerun the same command after a kill. Then train a victim on it:
 
 import sys
 
-from uedist.app.jobs import run_stage_main
+from uedist.app.stages import stage_main
 
 if __name__ == "__main__":
-    sys.exit(run_stage_main("purify", sys.argv[1:], doc=__doc__, default_method="jcdp"))
+    sys.exit(stage_main("purify", sys.argv[1:], doc=__doc__, default_method="jcdp"))

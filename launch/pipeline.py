@@ -2,6 +2,7 @@
 
     accelerate launch launch/pipeline.py --config configs/pipeline/cpu_synthetic.yaml [key=value ...]
     accelerate launch launch/pipeline.py --config ... --plan      # list the stages and which are done; run nothing
+    python launch/pipeline.py --config ... --print-config        # the resolved study config as YAML; run nothing
 
 Exit codes, as every launch script: 2 = bad config or input (a corrupt shard of a set a stage reads, ...), 3 = a
 non-finite loss stopped a stage; the logged message names the stage (``stage attack cifar10.lsp: ...``).
@@ -20,6 +21,7 @@ import uedist.models  # noqa: F401  (registers the model zoo)
 from uedist.app.jobs import from_main, guarded
 from uedist.app.pipeline import Study, load_study
 from uedist.app.report import write_report
+from uedist.app.stages import print_config
 from uedist.app.study_records import legacy_stage_folders
 from uedist.config import ConfigError, save_config
 from uedist.dist import get_logger, make_accelerator, setup_logging
@@ -32,10 +34,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML (configs/pipeline/)")
     p.add_argument("--plan", action="store_true", help="print the stages (done / to run) and exit")
+    p.add_argument("--print-config", action="store_true", help="print the resolved study config as YAML and exit")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. name=my_study modes=[standard]")
     args = p.parse_args(argv)
     try:
         cfg = load_study(args.config, args.overrides)
+        if args.print_config:
+            return print_config(cfg)
         study = Study(cfg)
     except ConfigError as e:
         p.error(str(e))

@@ -12,7 +12,7 @@ grid.png, metrics.json (time; PSNR against the clean set when ``data.clean`` is 
 
 import sys
 
-from uedist.app.jobs import run_stage_main
+from uedist.app.stages import stage_main
 
 if __name__ == "__main__":
-    sys.exit(run_stage_main("purify", sys.argv[1:], doc=__doc__))
+    sys.exit(stage_main("purify", sys.argv[1:], doc=__doc__))

@@ -10,7 +10,7 @@ The same as ``launch/attack.py`` with the method fixed to sem. Prints where the 
 
 import sys
 
-from uedist.app.jobs import run_stage_main
+from uedist.app.stages import stage_main
 
 if __name__ == "__main__":
-    sys.exit(run_stage_main("attack", sys.argv[1:], doc=__doc__, method="sem", default_config="configs/sem/demo.yaml"))
+    sys.exit(stage_main("attack", sys.argv[1:], doc=__doc__, method="sem", default_config="configs/sem/demo.yaml"))

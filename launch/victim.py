@@ -8,7 +8,7 @@ Writes runs/<name>/: config.yaml, logs/rank*.log, checkpoints/, curve.csv, metri
 
 import sys
 
-from uedist.app.jobs import run_stage_main
+from uedist.app.stages import stage_main
 
 if __name__ == "__main__":
-    sys.exit(run_stage_main("victim", sys.argv[1:], doc=__doc__, default_method="victim"))
+    sys.exit(stage_main("victim", sys.argv[1:], doc=__doc__, default_method="victim"))

@@ -304,7 +304,8 @@ def curves_plot(records: Sequence[Dict[str, Any]], path: Path) -> Optional[Path]
             if (t["dataset"], t["mode"], t["victim"]) != g:
                 continue
             with open(Path(r["dir"]) / "curve.csv") as f:
-                pts = [(int(row["step"]), float(row["train_acc"])) for row in csv.DictReader(f)]
+                # evaluation rows (eval_every > 0) leave train_acc empty
+                pts = [(int(row["step"]), float(row["train_acc"])) for row in csv.DictReader(f) if row.get("train_acc")]
             if pts:
                 ax.plot(*zip(*pts), label=f"{t['attack']} / {t['purifier']}", lw=1)
         ax.set_xlabel("step")

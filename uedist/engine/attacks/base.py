@@ -6,10 +6,10 @@ Each attack is a stage ``fn(cfg, accelerator, run_dir)`` whose config extends :c
 last step is :func:`finish_attack` (or :func:`write_poisoned` directly): the shard map pass that writes
 ``clip(x + δ)`` for every sample (or the ``poison_ratio`` subset), applies the attack's budget (ℓ∞ / ℓ2 / ℓ0,
 :mod:`uedist.ops.budget`) and checks it on every written sample (a violation stops the job), resumes by shard,
-and writes ``metrics.json``. δ for a batch must depend only on the batch's samples and keys (seed generators with
-:func:`batch_gen` / :func:`key_gen`), so a resumed pass writes the bytes an uninterrupted one does and two
-processes write what one does. Nothing holds all the noise in memory: each batch's noise lives only until its
-shard is written.
+draws ``grid.png`` (clean | poisoned | noise); the stage writes ``metrics.json``. δ for a batch must depend only
+on the batch's samples and keys (seed generators with :func:`batch_gen` / :func:`key_gen`), so a resumed pass
+writes the bytes an uninterrupted one does and two processes write what one does. Nothing holds all the noise in
+memory: each batch's noise lives only until its shard is written.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from uedist.data.loaders import make_map_loader
 from uedist.data.manifest import Manifest, keys_of, load_manifest
 from uedist.dist import get_logger
 from uedist.engine.map_pass import npy_bytes, pass_seconds, run_map_pass
+from uedist.engine.purifiers.common import comparison_grid, noise_view, read_one_per_class
 from uedist.engine.stats import RunningSums
 from uedist.io import atomic_write_json
 from uedist.ops.budget import Budget, measure
@@ -171,7 +172,8 @@ def write_poisoned(
     poisoned set of the same samples), δ = aux − x is re-quantized and checked. ``budget`` (default ℓ∞ ``cfg.budget``)
     is applied to every sample and checked on what is written: a sample over it stops the job. With
     ``cfg.poison_ratio`` < 1 only a seeded subset of the keys is perturbed (δ is computed for those alone), the
-    rest is copied; the manifest lists the poisoned keys. ``cfg`` is any config with the noise fields
+    rest is copied; the manifest lists the poisoned keys. The main process then draws ``run_dir/grid.png``
+    (:func:`write_attack_grid`). ``cfg`` is any config with the noise fields
     (``out``, ``data``, ``final_batch_size``, ``method``, ``seed``, ``save_noise``, ``progress``)."""
     out = Path(cfg.out) if cfg.out else run_dir / "poisoned"
     budget = budget or Budget("linf", float(cfg.budget))
@@ -228,6 +230,8 @@ def write_poisoned(
     )
     res = stats.result(accelerator)
     _check_written(res, budget=budget, out=out, intended=len(chosen) if chosen is not None else ratio * m.num_samples)
+    if accelerator.is_main_process:  # every attack's set ends here, complete and checked: draw it once
+        write_attack_grid(Path(cfg.data.train), out, run_dir / GRID)
     spent = pass_seconds(m, accelerator, time.time() - t0)  # over every run of the pass
     return {"out": str(out), "manifest": m, "time_s": spent, **res}
 
@@ -246,6 +250,21 @@ def _check_written(res: Dict[str, Any], *, budget: Budget, out: Path, intended: 
         )
     if res["changed_samples"] < 0.5 * intended:
         log.warning("%s: only %d of %d samples to poison changed", out, res["changed_samples"], round(intended))
+
+
+GRID = "grid.png"  # an attack's picture, in its run folder beside metrics.json
+
+
+def write_attack_grid(clean: Path, poisoned: Path, path: Path, classes: int = 10) -> Optional[Path]:
+    """A PNG of the attack: one row per class (the first sample of each of the first ``classes`` labels met in
+    shard 0), columns clean | poisoned | the noise stretched to the full range per image (mid-grey: a sample left
+    clean). A picture that cannot be drawn is logged, never fatal to a finished set; returns the path or None."""
+    try:
+        (_, x), (_, p) = read_one_per_class([("clean", clean), ("poisoned", poisoned)], classes)
+        return comparison_grid([("clean", x), ("poisoned", p), ("noise", noise_view(p, x))], path)
+    except (OSError, ValueError, IndexError) as e:
+        log.warning("%s: no picture drawn (%s)", path, e)
+        return None
 
 
 def check_budget_fits(budget: Budget, m: Manifest) -> None:
@@ -409,7 +428,10 @@ def attack_summary(s: Dict[str, Any], run_dir: Path) -> str:
         + ", ".join(f"{k.replace('_s', '')} {v:.1f}s" for k, v in t.items())
         + (f" (over every run of the job); this run {s['wall_s']:.1f}s" if "wall_s" in s else "")
     )
-    lines.append(f"  wrote                {run_dir / 'metrics.json'}, {run_dir / 'config.yaml'}")
+    grid = [str(run_dir / GRID)] if (run_dir / GRID).is_file() else []
+    lines.append(
+        f"  wrote                {', '.join([str(run_dir / 'metrics.json'), *grid, str(run_dir / 'config.yaml')])}"
+    )
     train = Path(str(s["train"]))
     victim, test = "<victim config>", ""
     if train.parent.name.startswith("synthetic"):  # the built-in sets: the synthetic victim, on the set's own test

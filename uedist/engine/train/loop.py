@@ -1,6 +1,6 @@
 """The step-based training loop's shared parts (docs/architecture.md, "The training loop"): optimizer and schedule from
-config, the prepared (resumed) run, CSV curves, a progress bar, the step loop. Resume, checkpoints and the
-non-finite-loss guard: :mod:`uedist.engine.train.checkpoints`.
+config, the prepared (resumed) run, CSV curves and their plot, a progress bar, the step loop. Resume, checkpoints and
+the non-finite-loss guard: :mod:`uedist.engine.train.checkpoints`.
 
 Victim, surrogate (REM/SEM), D-VAE and DDPM training all use these; each supplies its own step function.
 """
@@ -8,18 +8,19 @@ Victim, surrogate (REM/SEM), D-VAE and DDPM training all use these; each supplie
 from __future__ import annotations
 
 import csv
+import io
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Literal, Optional
+from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Sequence
 
 import torch
 
 from uedist.config import require
 from uedist.dist import get_logger
 from uedist.engine.train.checkpoints import Checkpointer, check_finite_params, config_state, data_digests, sync_buffers
-from uedist.io import atomic_open
+from uedist.io import atomic_open, atomic_write_bytes
 
 log = get_logger(__name__)
 
@@ -80,6 +81,31 @@ def write_curve(path: Path, rows: List[Dict[str, Any]]) -> None:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
+
+
+def plot_curve(path: Path, rows: Sequence[Dict[str, Any]], panels: Dict[str, Sequence[str]]) -> Optional[Path]:
+    """A PNG of curve rows against ``step`` (matplotlib, Agg), atomically: one panel per ``{y label: [keys]}``, one
+    line per key through the rows that hold it (an evaluation row holds only its own keys; a key in fewer than
+    three rows is drawn as points). None, and nothing written, when no row holds any of the keys."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = {k: [(r["step"], float(r[k])) for r in rows if r.get(k) is not None] for ks in panels.values() for k in ks}
+    if not any(pts.values()):
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.4), squeeze=False)
+    for ax, (label, keys) in zip(axes[0], panels.items()):
+        for k in (k for k in keys if pts[k]):
+            ax.plot(*zip(*pts[k]), label=k, lw=1, marker="o" if len(pts[k]) < 3 else None)
+        ax.set(xlabel="step", ylabel=label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 @dataclass

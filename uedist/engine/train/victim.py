@@ -29,6 +29,7 @@ from uedist.engine.train.loop import (
     Prepared,
     StepsDone,
     Tracker,
+    plot_curve,
     prepare_training,
     run_steps,
     train_batches,
@@ -226,7 +227,7 @@ def victim_summary(m: Dict[str, Any], run_dir: Path) -> str:
         f"\n{run_dir.name}: clean test top-1 {m['test_top1']:.2f}%  top-5 {m['test_top5']:.2f}%  "
         f"({m['test_samples']} test images; {m['steps']} steps = {m['epochs']:.1f} epochs; "
         f"{m['images_per_s']:.0f} img/s; {m['train_time_s']:.0f} s training on {m['world_size']} process(es))\n"
-        f"wrote {run_dir / 'metrics.json'}, {run_dir / 'curve.csv'}, checkpoints in {run_dir / 'checkpoints'}"
+        f"wrote {run_dir}/: metrics.json, curve.csv, curve.png (loss and accuracy against step), checkpoints/"
     )
 
 
@@ -287,6 +288,7 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
         sync_buffers(p.model, accelerator)
         return {"test_top1": _eval(cfg, p.model, accelerator=accelerator, eval_tf=eval_tf)["top1"]}
 
+    tracker = Tracker(cfg.log_with, run_dir / "tb", accelerator)
     done = run_steps(
         p,
         one,
@@ -296,10 +298,13 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
         log_every=cfg.log_every,
         progress=cfg.progress,
         accelerator=accelerator,
-        tracker=Tracker(cfg.log_with, run_dir / "tb", accelerator),
+        tracker=tracker,
         on_step=evaluate_due,
     )
-    return _finish(cfg, p, run_dir=run_dir, done=done, seen=seen[0], num_train=train_m.num_samples, eval_tf=eval_tf)
+    m = _finish(cfg, p, run_dir=run_dir, done=done, seen=seen[0], num_train=train_m.num_samples, eval_tf=eval_tf)
+    tracker.log({"test_top1": m["test_top1"], "test_top5": m["test_top5"]}, done.step)  # the final evaluation too
+    tracker.close()
+    return m
 
 
 def snapshot_steps(total: int, n: int) -> set:
@@ -323,7 +328,7 @@ def list_snapshots(run_dir: Path) -> list:
 def _finish(
     cfg: VictimConfig, p: Prepared, *, run_dir: Path, done: StepsDone, seen: int, num_train: int, eval_tf: Callable
 ) -> Dict[str, Any]:
-    """Final evaluation (all ranks in sync, every test sample counted) and metrics.json / curve.csv."""
+    """Final evaluation (all ranks in sync, every test sample counted) and metrics.json, curve.csv, curve.png."""
     accelerator, model, curve = p.accelerator, p.model, p.curve
     ips = seen / max(done.wall, 1e-9) if seen else float("nan")
     sync_buffers(model, accelerator)
@@ -355,6 +360,8 @@ def _finish(
     if accelerator.is_main_process:
         atomic_write_json(run_dir / "metrics.json", metrics)
         write_curve(run_dir / "curve.csv", curve)
+        panels = {"train loss": ["train_loss"], "accuracy (%)": ["train_acc", "test_top1"]}
+        plot_curve(run_dir / "curve.png", [*curve, {"step": done.step, "test_top1": ev["top1"]}], panels)
     accelerator.wait_for_everyone()
     return metrics
 
