@@ -125,3 +125,6 @@ def test_sbatch_templates_parse():
         assert subprocess.run(["bash", "-n", str(f)]).returncode == 0, f
         text = f.read_text()
         assert "#SBATCH --requeue" in text and "python -m uedist.app.slurm" in text
+        # srun does not inherit --cpus-per-task since Slurm 22.05: without it every rank of a node shares one core
+        (srun,) = [line for line in text.splitlines() if line.startswith("srun ")]
+        assert '--cpus-per-task="${SLURM_CPUS_PER_TASK' in srun, f

@@ -1,12 +1,14 @@
 """The ``uedist`` command.
 
-uedist shards build   --config configs/shards/cifar10.yaml [key=value ...]
+uedist shards build   --config configs/shards/cifar10.yaml [key=value ...] [--print-config]
 uedist shards verify  SHARD_SET [--decode]
 uedist shards inspect SHARD_SET [--grid out.png] [--per-class 8]
 uedist shards to-ffcv SHARD_SET [--out data.beton]
 uedist facescrub download --meta A.txt B.txt --out data/facescrub_crops
 uedist report runs/<study> [--out DIR] [--records DIR]
+uedist submit launch/<job>.py --config X [key=value ...] --nodes N --gpus-per-node G --time T [--sbatch-only]
 uedist stages                      # every registered stage: kind, config schema, inputs, output
+uedist stages NAME                 # every config key of stage NAME: type, default, range, help
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ def _build(args: argparse.Namespace) -> int:
     from uedist.data.build import BuildConfig, build_shard_sets, default_out
 
     cfg = load_config(BuildConfig, args.config, args.overrides)
+    if args.print_config:
+        from uedist.app.stages import print_config
+
+        return print_config(cfg)
     out = default_out(cfg)
     manifests = build_shard_sets(cfg, progress=not args.no_progress)
     save_config(cfg, out / "build_config.yaml")
@@ -90,6 +96,12 @@ def _facescrub_download(args: argparse.Namespace) -> int:
     return fs_main(args.rest)
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from uedist.app.submit import main as submit_main
+
+    return submit_main(args.rest)
+
+
 def _report(args: argparse.Namespace) -> int:
     from uedist.app.report import write_report
 
@@ -113,8 +125,16 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _stages(args: argparse.Namespace) -> int:
-    from uedist.app.stages import stage_table
+    from uedist.app.stages import describe_stage, stage_table
+    from uedist.registry import RegistryError
 
+    if args.name:
+        try:
+            _output(describe_stage(args.name))
+        except RegistryError as e:  # an unknown name: the message lists the known stages
+            sys.stderr.write(f"error: {e}\n")
+            return 2
+        return 0
     rows = stage_table()
     head = ["stage", "kind", "config schema", "inputs", "output", "what it does"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -135,6 +155,7 @@ def make_parser() -> argparse.ArgumentParser:
     b = shards.add_parser("build", help="turn a source dataset into shard sets (one per split)")
     b.add_argument("--config", help="YAML config (see configs/shards/)")
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     b.add_argument("overrides", nargs="*", help="key=value overrides, e.g. cifar.root=/data/cifar-10-batches-py")
     b.set_defaults(fn=_build)
 
@@ -161,6 +182,11 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("rest", nargs=argparse.REMAINDER)
     d.set_defaults(fn=_facescrub_download)
 
+    # prefix_chars "+": every argument, --help and the options included, goes on to uedist.app.submit's own parser
+    sb = sub.add_parser("submit", help="a launch script or study as a SLURM job", add_help=False, prefix_chars="+")
+    sb.add_argument("rest", nargs=argparse.REMAINDER)
+    sb.set_defaults(fn=_submit)
+
     r = sub.add_parser("report", help="results table (CSV + Markdown), plots, grids and timing of a study folder")
     r.add_argument("study", type=Path, help="runs/<study> (written by launch/pipeline.py)")
     r.add_argument("--out", type=Path, help="default: <study>/report")
@@ -180,6 +206,7 @@ def make_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=_report)
 
     st = sub.add_parser("stages", help="list every registered stage (attacks, purifiers, victim, DDPM)")
+    st.add_argument("name", nargs="?", help="one stage: every key of its config with type, default, range and help")
     st.set_defaults(fn=_stages)
     return p
 
