@@ -67,8 +67,20 @@ def test_full_tables_shape_and_spot_figures():
         "le_table1_svhn": (5, 2),
         "sem_table2": (7, 5),
         "sem_table2_imagenet": (3, 5),
-        "sem_table3": (6, 3),
+        "sem_table3": (6, 5),
         "sem_table8": (6, 5),
+        "dvae_table1": (6, 3),
+        "dvae_table1_c100": (6, 3),
+        "dvae_table2_arch": (9, 3),
+        "dvae_table3": (8, 7),
+        "dvae_table7": (8, 5),
+        "dvae_table9": (7, 8),
+        "sem_table1": (4, 2),
+        "sem_table2_c100": (7, 5),
+        "sem_table3_c100": (6, 5),
+        "sem_table4": (6, 3),
+        "sem_table4_c100": (6, 3),
+        "sem_table6": (5, 5),
     }
     assert {k: (len(t.rows), len(t.columns)) for k, t in PAPER_TABLES.items()} == sizes
     assert paper_figure("dvae_table2", "ops", "AT") == 9.48 and paper_figure("dvae_table2", "ar", "LFU") == 23.51
@@ -83,9 +95,20 @@ def test_full_tables_shape_and_spot_figures():
     assert paper_text("sem_table2_imagenet", "sem", "ρa=0") == "4.1"  # kept as printed
     assert paper_figure("sem_table8", "sem", "ρa=1") == 7.04 and paper_figure("sem_table8", "tap", "ρa=4") == 36.39
     assert paper_figure("sem_table8", "em", "ρa=1") is None  # the damaged merged EM / TAP cell
+    assert (
+        paper_figure("sem_table3", "sem", "WRN-34-10") == 31.42
+        and paper_figure("sem_table3_c100", "rem", "VGG-16") == 48.85
+    )
+    assert paper_figure("dvae_table7", "lsp", "③") == 93.47 and paper_figure("dvae_table9", "ops", "JPEG 0.8") == 83.01
+    assert (
+        paper_figure("dvae_table2_arch", "ntga", "MN-v2") == 78.72 and paper_figure("dvae_table3", "ops", "AT") == 7.28
+    )
+    assert paper_figure("dvae_table1_c100", "ntga", "P") is None and paper_figure("dvae_table1", "ar", "T") == 13.09
+    assert paper_figure("sem_table6", "ρa=3", "ρr=3") == paper_figure("sem_table2", "sem", "ρa=3") == 20.91
+    assert paper_figure("sem_table2_c100", "sem", "ρa=4") == paper_figure("sem_table3_c100", "sem", "ResNet-18")
     assert paper_figure("dvae_table2", "sem", "w/o") is None and paper_figure("dvae_table2", "em", "ISS") is None
     with pytest.raises(ConfigError, match="known tables: dvae_table2"):
-        get_paper_table("dvae_table3")
+        get_paper_table("dvae_table6")
 
 
 def test_parse_cells():
