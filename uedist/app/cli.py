@@ -83,10 +83,14 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _to_ffcv(args: argparse.Namespace) -> int:
-    from uedist.data.ffcv_io import convert_to_beton
+    from uedist.data.ffcv_io import convert_to_beton, sidecar_path
 
-    path = convert_to_beton(args.shard_set, args.out, num_workers=args.workers)
-    log.info(f"wrote {path}")
+    try:
+        path = convert_to_beton(args.shard_set, args.out, num_workers=args.workers)
+    except ImportError as e:  # ffcv is an optional extra
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    log.info(f"{path} and its provenance {sidecar_path(path).name} match {args.shard_set} (data.format=ffcv reads it)")
     return 0
 
 

@@ -104,6 +104,14 @@ class EMConfig(SurrogateConfig):
 
     em: EMRounds = field(default_factory=EMRounds)
 
+    def validate(self) -> None:
+        super().validate()
+        require(
+            self.data.format == "shards",
+            "data.format=ffcv is not offered for EM: its rounds train on the sets the job writes as it goes (no "
+            ".beton of them exists) and its noise is indexed by key; use data.format=shards",
+        )
+
 
 @stage(
     "em",

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from uedist.config import positive, require
+from uedist.data.ffcv_io import TrainFeed
 from uedist.data.manifest import load_manifest
 from uedist.dist import get_logger
 from uedist.engine.attacks.base import attack_summary, batch_gen, check_test_set, write_poisoned
@@ -111,6 +112,7 @@ def train_surrogate(cfg: SEMConfig, accelerator: Any, run_dir: Path) -> Dict[str
     """Phase 1: M steps of min-min surrogate training (resumable). Returns stats; the weights stay in run_dir."""
     m = load_manifest(cfg.data.train)
     device = accelerator.device
+    feed = TrainFeed(cfg.data, num_samples=m.num_samples, seed=cfg.seed, accelerator=accelerator)  # ffcv: checked
     torch.manual_seed(cfg.seed)
     p = prepare_training(
         surrogate_for(cfg, m),
@@ -120,7 +122,7 @@ def train_surrogate(cfg: SEMConfig, accelerator: Any, run_dir: Path) -> Dict[str
         ckpt_root=run_dir / "surrogate",
         seed=cfg.seed,
         config=cfg,
-        ckpt_every=cfg.ckpt_every,
+        ckpt_every=feed.ckpt_every(cfg.ckpt_every),
         resume=cfg.resume,
         channels_last=use_channels_last(cfg.channels_last, device),
         gen_name="noise",
@@ -156,7 +158,7 @@ def train_surrogate(cfg: SEMConfig, accelerator: Any, run_dir: Path) -> Dict[str
     done = run_steps(
         p,
         one,
-        lambda: train_batches(cfg.data, p, total=cfg.steps, seed=cfg.seed, accelerator=accelerator),
+        feed.batches(p, cfg.steps, shards=train_batches),  # the shard stream, or FFCV's (data.format)
         total=cfg.steps,
         desc=f"{cfg.name} surrogate",
         log_every=cfg.log_every,

@@ -11,8 +11,9 @@ from typing import Any, Callable, Dict, Literal, Optional, Tuple
 import torch
 
 from uedist.config import Cadence, location, require, runtime
+from uedist.data.ffcv_io import DataFormat
 from uedist.data.manifest import Manifest
-from uedist.engine.attacks.base import AttackConfig
+from uedist.engine.attacks.base import AttackConfig, AttackData
 from uedist.engine.evaluate import evaluate
 from uedist.engine.train.loop import OptimConfig
 from uedist.engine.train.victim import ModelSpec
@@ -24,11 +25,18 @@ from uedist.registry import MODELS
 
 
 @dataclass
+class SurrogateData(DataFormat, AttackData):
+    """The ``data`` section of the surrogate family: the attacks' (:class:`AttackData`), plus what feeds the
+    surrogate's training steps (``format``: the shard stream or an FFCV beton of ``train``; ``beton``)."""
+
+
+@dataclass
 class SurrogateConfig(Cadence, AttackConfig):
     """The papers' settings, in /255 units, that SEM, REM and EM share. Defaults: the CIFAR-10 SEM reference.
     The surrogate trains on the step loop, so these attacks also have the checkpoint / log cadence."""
 
     name: str = location("sem")  # redeclared for its default: the run's folder is named after the stage
+    data: SurrogateData = field(default_factory=SurrogateData)  # redeclared: + format, beton (runtime)
     budget: float = 8.0  # ρ_u: the noise's ℓ∞ limit, /255
     noise_steps: int = 10  # K_u
     noise_step_size: float = 1.6  # α_u

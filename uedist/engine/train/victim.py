@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from uedist.config import Cadence, ConfigError, Precision, Resumable, Seeded, location, positive, require, runtime
+from uedist.data.ffcv_io import DataFormat, TrainFeed
 from uedist.data.manifest import Manifest, load_manifest
 from uedist.engine.evaluate import evaluate
 from uedist.engine.inner import forward_fn, inner_chunk
@@ -45,7 +46,7 @@ from uedist.registry import MODELS, stage
 
 
 @dataclass
-class VictimData:
+class VictimData(DataFormat):  # + format: shards | ffcv, beton
     train: str = "shards/synthetic/train"
     test: str = "shards/synthetic/test"
     batch_size: int = positive(128)  # global; each of N ranks takes batch_size / N
@@ -253,6 +254,7 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
     train_m.check_compatible(test_m, what=f"train set {cfg.data.train} vs test set {cfg.data.test}: ")
     world, device = accelerator.num_processes, accelerator.device
     total = cfg.total_steps(train_m.num_samples)
+    feed = TrainFeed(cfg.data, num_samples=train_m.num_samples, seed=cfg.seed, accelerator=accelerator)  # ffcv: checked
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     p = prepare_training(
         build_victim(cfg, train_m),
@@ -262,7 +264,7 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
         ckpt_root=run_dir,
         seed=cfg.seed,
         config=cfg,
-        ckpt_every=cfg.ckpt_every,
+        ckpt_every=feed.ckpt_every(cfg.ckpt_every),
         resume=cfg.resume,
         channels_last=use_channels_last(cfg.channels_last, accelerator.device),
     )
@@ -292,7 +294,7 @@ def train_victim(cfg: VictimConfig, accelerator: Any, run_dir: Path) -> Dict[str
     done = run_steps(
         p,
         one,
-        lambda: train_batches(cfg.data, p, total=total, seed=cfg.seed, accelerator=accelerator),
+        feed.batches(p, total, shards=train_batches),  # the shard stream, or FFCV's (data.format)
         total=total,
         desc=cfg.name,
         log_every=cfg.log_every,
