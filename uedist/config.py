@@ -153,6 +153,27 @@ class Cadence(JobConfig):
     log_with: str = runtime("")  # "tensorboard": scalars of every curve row under <run>/tb (off by default)
 
 
+LOG_WITH = ("", "tensorboard")
+
+
+def log_with_problem(cfg: Any) -> Optional[str]:
+    """Why a job cannot send its curves where ``log_with`` says, or None: checked when a job or a study starts,
+    before its run folder exists (TensorBoard is an optional extra, ``uedist[tensorboard]``). Not in ``validate``:
+    a saved config with ``log_with: tensorboard`` still loads (a report, a resume check) where it is missing."""
+    how = getattr(cfg, "log_with", "")
+    if how not in LOG_WITH:
+        return f"log_with is '' or 'tensorboard', got {how!r}"
+    if how:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (what Tracker writes with)
+        except ImportError as e:
+            return (
+                f"log_with=tensorboard needs the tensorboard package ({e}): pip install tensorboard (the "
+                "uedist[tensorboard] extra), or leave log_with out"
+            )
+    return None
+
+
 def identity(cfg: Any) -> Dict[str, Any]:
     """The resolved config without its runtime and location fields (recursively): what determines a result.
     The one source of the checkpoint guard, the map-pass fingerprint and the study stage hash."""

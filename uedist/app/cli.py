@@ -2,7 +2,7 @@
 
 uedist shards build   --config configs/shards/cifar10.yaml [key=value ...] [--print-config]
 uedist shards verify  SHARD_SET [--decode]
-uedist shards inspect SHARD_SET [--grid out.png] [--per-class 8]
+uedist shards inspect SHARD_SET [--out samples.png] [--per-class 8]
 uedist shards to-ffcv SHARD_SET [--out data.beton]
 uedist facescrub download --meta A.txt B.txt --out data/facescrub_crops
 uedist report runs/<study> [--out DIR] [--records DIR]
@@ -170,7 +170,12 @@ def make_parser() -> argparse.ArgumentParser:
 
     i = shards.add_parser("inspect", help="print a summary and write a PNG grid of samples per class")
     i.add_argument("shard_set")
-    i.add_argument("--grid", help="PNG path (default: <shard_set>/samples.png)")
+    i.add_argument(
+        "--out",
+        "--grid",
+        dest="grid",
+        help="PNG path of the sample grid (default: runs/inspect/<parent>_<set>/samples.png; never inside the set)",
+    )
     i.add_argument("--per-class", type=int, default=8)
     i.add_argument("--max-classes", type=int, default=20)
     i.set_defaults(fn=_inspect)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Union
 
-from uedist.config import ConfigError, _read_yaml, load_config, parse_override, save_config
+from uedist.config import ConfigError, _read_yaml, load_config, log_with_problem, parse_override, save_config
 from uedist.config import run_dir as run_dir_of
 from uedist.dist import get_logger, make_accelerator, setup_logging
 from uedist.io import DiskFull
@@ -63,7 +63,7 @@ def _parse(
 
 
 def _start(cfg: C, p: argparse.ArgumentParser, check: Optional[Callable[[C], Optional[str]]]) -> Tuple[C, Any, Path]:
-    problem = check(cfg) if check else None
+    problem = (check(cfg) if check else None) or log_with_problem(cfg)  # before the run folder exists
     if problem:
         p.error(problem)
     try:
@@ -283,9 +283,45 @@ def run_stage(
         problem = st.check(cfg) if st.check else None
         if problem:
             raise ConfigError(problem)
+        if accelerator.is_main_process:  # (this module's logger: the stage's own carries only the stage's lines)
+            log.info("%s", precision_line(cfg, accelerator.device))
         return prepare_inputs(cfg, accelerator) or st(cfg, accelerator, run_dir)
 
     return guarded(body, logger, st.input_errors, where=where)
+
+
+def precision_line(cfg: Any, device: Any) -> str:
+    """The one line every job logs at its start: the precision it resolved and why (``bf16``: set in the config,
+    or ``null`` = auto: on only where ``device`` runs bf16 natively, :mod:`uedist.precision`), and on a CPU the
+    threads it computes with (``accelerate launch`` gives one process ``OMP_NUM_THREADS=1`` unless told more)."""
+    import os
+
+    import torch
+
+    from uedist.precision import bf16_native, use_bf16, use_channels_last
+
+    if not hasattr(cfg, "bf16"):
+        line = "precision: fp32 (this stage has no bf16 setting)"
+    else:
+        native, on = bf16_native(device), use_bf16(cfg.bf16, device)
+        if device.type == "cuda":
+            hw = "this GPU runs bf16 natively" if native else "this GPU has no native bf16 (compute capability < 8.0)"
+        elif native:
+            amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+            hw = f"this CPU runs bf16 natively ({'AMX' if amx else 'AVX-512 BF16'})"
+        else:
+            cap = torch.backends.cpu.get_cpu_capability()
+            hw = f"this CPU has no native bf16 ({cap}, no AMX or AVX-512 BF16): emulated bf16 is slower than fp32"
+        how = "auto" if cfg.bf16 is None else f"{str(cfg.bf16).lower()} in the config"
+        cl = hasattr(cfg, "channels_last") and use_channels_last(cfg.channels_last, device)
+        line = f"precision: {'bf16 autocast' if on else 'fp32'}{' + channels_last' if cl else ''} (bf16: {how}; {hw})"
+        if getattr(cfg, "deepspeed", ""):
+            line += "; under DeepSpeed its JSON's bf16 decides the model's dtype"
+    if device.type == "cpu":
+        omp = os.environ.get("OMP_NUM_THREADS")
+        line += f"; {torch.get_num_threads()} of {os.cpu_count()} CPU threads"
+        line += f" (OMP_NUM_THREADS={omp})" if omp else ""
+    return line
 
 
 def prepare_inputs(cfg: Any, accelerator: Any) -> int:

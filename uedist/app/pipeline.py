@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Literal, Optional, Union
 
 from uedist.app.paper_tables import validate_columns
-from uedist.config import ConfigError, identity, load_config, require, run_dir
+from uedist.config import ConfigError, identity, load_config, log_with_problem, require, run_dir
 from uedist.registry import StageDef, stages_of
 
 # Study-only pseudo-methods: the clean row (no attack) and the unpurified column (no purifier).
@@ -73,6 +73,9 @@ class StudyConfig:
     # table (uedist.app.paper_tables) whose figures the report writes beside ours, matched by row and column name
     columns: Dict[str, Union[str, List[str]]] = field(default_factory=dict)
     paper_table: str = ""
+    # finished standalone runs (<folder>/<name>/ of a launch script) that a stage of the same identity reuses
+    # instead of computing (uedist.app.study_run.StandaloneRuns): run_root is always searched, these folders too
+    reuse: List[str] = field(default_factory=list)
 
     def validate(self) -> None:
         from uedist.app.stages import load_stages
@@ -94,6 +97,8 @@ class StudyConfig:
                     require(d in self.ddpm, f"purifiers.{k} ({s.method}) needs ddpm.{d}: the DDPM to purify with")
         for k, s in self.victims.items():
             require(bool(s.config), f"victims.{k}.config (a configs/victim/*.yaml) is required")
+        for r in self.reuse:
+            require(Path(r).is_dir(), f"reuse: {r} is not a folder (one holding finished runs, e.g. runs)")
         for k in (*self.attacks, *self.purifiers, *self.victims, *self.datasets):
             require("/" not in k and k.strip() == k and k != "", f"bad name {k!r}: no slashes or spaces")
         validate_columns(self)  # the report columns and the paper table
@@ -185,6 +190,10 @@ class Study:
         self.dir = Path(root) if root else run_dir(cfg.run_root, cfg.name)
         self.stages: List[Stage] = []
         self.plan()
+        for st in self.stages:  # a stage that would fail at its first curve row stops the study before it starts
+            problem = log_with_problem(st.cfg)
+            if problem:
+                raise ConfigError(f"{st.origin} (stage {st.kind} {st.label}): {problem}")
 
     def plan(self) -> None:
         """(Re-)expand the stages, hashing each over its resolved config and its inputs' current content."""

@@ -10,14 +10,20 @@ turns into that code (``launch/pipeline.py``).
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-from uedist.app.jobs import StageFailed, run_stage
-from uedist.config import ConfigError, config_to_dict, load_config, save_config
+import yaml
+
+from uedist.app.jobs import StageFailed, from_main, run_stage
+from uedist.config import ConfigError, config_to_dict, identity, load_config, save_config
 from uedist.dist import get_logger
-from uedist.io import atomic_write_json
+from uedist.io import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
     from uedist.app.pipeline import Stage, Study, StudyConfig
@@ -49,6 +55,7 @@ def run_study(study: "Study", accelerator: Any) -> List[Dict[str, Any]]:
         sum(v == "todo" for v in states.values()),
     )
     records = []
+    standalone = StandaloneRuns(study)
     for i, st in enumerate(study.stages):
         where = f"[{i + 1}/{len(study.stages)}] {st.kind} {st.label}"
         if states[st.label] == "unneeded":
@@ -58,10 +65,160 @@ def run_study(study: "Study", accelerator: Any) -> List[Dict[str, Any]]:
             log.info("%s: done earlier, reusing %s", where, st.dir)
             rec = study.record(st)
         else:
-            log.info("%s: running in %s", where, st.dir)
-            rec = run_study_stage(study, st, accelerator)
+            found = from_main(standalone.find(st) if accelerator.is_main_process else None, accelerator)
+            if found is not None:
+                log.info("%s: the finished run %s has its identity: reusing it in %s", where, found[0], st.dir)
+                rec = standalone.adopt(st, *found, accelerator=accelerator)
+            else:
+                log.info("%s: running in %s", where, st.dir)
+                rec = run_study_stage(study, st, accelerator)
         records.append(rec)
     return records
+
+
+class StandaloneRuns:
+    """Finished standalone runs a study reuses: a folder ``<root>/<name>/`` with ``config.yaml`` and
+    ``metrics.json`` (a launch script's run, finished) under the study's ``run_root`` or a folder of its ``reuse``
+    list. A stage to run reuses one when
+
+    - its config has the stage's identity (:func:`uedist.config.identity`; ``data.build``, how a missing input set
+      would be made, left out: a study builds its datasets itself), with the outputs of stages reused before it
+      standing for the run's own (the main job's ``runs/sem_demo/poisoned``, then the victim trained on it);
+    - every input it names (a shard set, a run folder) was last written before the run finished (its hash covers
+      the inputs' content, which a standalone run does not record: a set rebuilt since is not trusted);
+    - it names no YAML file by path (whose content the stage hash covers and the run does not record), and the
+      stage's folder does not exist yet (a stage begun in the study resumes its own work).
+
+    Reusing links the run's files into the stage folder (hard links, a copy across file systems; not its logs)
+    and writes the stage's ``stage.json`` from its ``metrics.json``, with ``reused_from`` naming the run."""
+
+    def __init__(self, study: "Study") -> None:
+        roots = [Path(study.cfg.run_root), *(Path(r) for r in study.cfg.reuse)]
+        found = {d for r in roots if r.is_dir() for d in r.iterdir() if _finished_run(d)}
+        self.study, self.dirs = study, sorted(found)
+        self.raw: Dict[Path, Any] = {}
+        self.moved: Dict[str, str] = {}  # a reused stage's output in the study -> the run's output
+
+    def find(self, st: "Stage") -> Optional[Tuple[Path, Path]]:
+        """(run folder, its output) of a finished run with the stage's identity, or None."""
+        from uedist.app.pipeline import _config_files
+
+        if st.dir is None or st.dir.exists() or _config_files(identity(st.cfg)):
+            return None
+        want = _comparable(_swap(identity(st.cfg), self.moved))
+        method = getattr(st.cfg, "method", None)
+        for d in self.dirs:
+            if method is not None and self._raw(d).get("method") != method:
+                continue
+            try:
+                cfg = load_config(st.runner.schema, d / "config.yaml")
+            except (ConfigError, OSError, TypeError, ValueError):  # a run of another stage, or a broken one
+                continue
+            out = Path(cfg.out) if getattr(cfg, "out", "") else d / st.runner.output
+            out = d if st.runner.output in ("", "run") else out
+            if _comparable(identity(cfg)) == want and _output_ready(out, st) and _inputs_older(identity(cfg), d):
+                return d, out
+        return None
+
+    def _raw(self, d: Path) -> Dict[str, Any]:
+        if d not in self.raw:
+            try:
+                raw = yaml.safe_load((d / "config.yaml").read_text())
+            except (OSError, yaml.YAMLError):
+                raw = None
+            self.raw[d] = raw if isinstance(raw, dict) else {}
+        return self.raw[d]
+
+    def adopt(self, st: "Stage", run: Path, out: Path, *, accelerator: Any) -> Dict[str, Any]:
+        """Link the run's files into the stage folder and write its record (main process); the record."""
+        assert st.dir is not None
+        t0, mine = time.time(), self.study.output_path(st)
+        text = (run / "metrics.json").read_text()
+        swaps = [(str(out), mine), (str(run), str(st.dir)), *((b, a) for a, b in self.moved.items())]
+        for old, new in swaps:  # the run's paths (and those of runs reused before it) as the study's
+            pat = re.compile(re.escape(json.dumps(old)[:-1]) + r'(?=[/"])')
+            text = pat.sub(lambda _m: json.dumps(new)[:-1], text)
+        rec = stage_record(
+            self.study, st, json.loads(text), wall_s=time.time() - t0, world_size=accelerator.num_processes
+        )
+        rec["reused_from"] = str(run)
+        if accelerator.is_main_process:
+            _link_tree(run, st.dir)
+            if st.runner.output not in ("", "run") and not Path(mine).exists():
+                _link_tree(out, Path(mine))  # the run wrote its set outside its folder (out=...)
+            atomic_write_text(st.dir / "metrics.json", text)
+            save_config(st.cfg, st.dir / "config.yaml")
+            atomic_write_json(st.dir / "stage.json", rec)
+        accelerator.wait_for_everyone()
+        self.moved[mine] = str(out)
+        return rec
+
+
+def _finished_run(d: Path) -> bool:
+    return d.is_dir() and (d / "config.yaml").is_file() and (d / "metrics.json").is_file()
+
+
+def _swap(obj: Any, paths: Dict[str, str]) -> Any:
+    """``obj`` with every string equal to a key of ``paths`` replaced by its value (recursively)."""
+    if isinstance(obj, dict):
+        return {k: _swap(v, paths) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_swap(v, paths) for v in obj]
+    return paths.get(obj, obj) if isinstance(obj, str) else obj
+
+
+def _comparable(ident: Dict[str, Any]) -> Dict[str, Any]:
+    """An identity without ``data.build`` (how a missing input set would be built, not what is computed)."""
+    data = ident.get("data")
+    return {**ident, "data": {k: v for k, v in data.items() if k != "build"}} if isinstance(data, dict) else ident
+
+
+def _output_ready(out: Path, st: "Stage") -> bool:
+    return out.is_dir() if st.runner.output in ("", "run") else (out / "manifest.json").is_file()
+
+
+def _inputs_older(ident: Any, run: Path) -> bool:
+    """Whether every shard set and run folder ``ident`` names was last written before ``run`` finished."""
+    done = (run / "metrics.json").stat().st_mtime
+    stack = [ident]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dict):
+            stack += list(x.values())
+        elif isinstance(x, list):
+            stack += x
+        elif isinstance(x, str) and x and (_written(x) or 0.0) > done:
+            return False
+    return True
+
+
+def _written(path: str) -> Optional[float]:
+    """When the shard set (its manifest) or finished run (its metrics) at ``path`` was written; None if none is."""
+    for mark in ("manifest.json", "metrics.json"):
+        try:
+            return Path(path, mark).stat().st_mtime
+        except (OSError, ValueError):  # not there, or not a path at all
+            continue
+    return None
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """``src`` recreated at ``dst`` with hard links (a copy where linking fails), without its lock, its logs and
+    the records the study writes itself."""
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    def skip(folder: str, names: List[str]) -> List[str]:
+        top = Path(folder) == src
+        return [
+            n for n in names if n == ".lock" or (top and n in ("logs", "stage.json", "config.yaml", "metrics.json"))
+        ]
+
+    shutil.copytree(src, dst, ignore=skip, copy_function=link, dirs_exist_ok=True)
 
 
 def build_datasets(cfg: "StudyConfig", accelerator: Any) -> None:

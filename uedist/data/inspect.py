@@ -42,10 +42,19 @@ def summarize(m: Manifest, folder: PathLike) -> str:
     return "\n".join(lines)
 
 
+def default_grid_path(folder: PathLike, root: PathLike = "runs/inspect") -> Path:
+    """Where ``uedist shards inspect`` draws a set by default: ``runs/inspect/<parent>_<set>/samples.png`` (e.g.
+    ``runs/inspect/cifar10_train``), never inside the set itself (a data set's folder holds its shards and
+    manifest only, and may be read-only or shared)."""
+    folder = Path(folder).resolve()
+    return Path(root) / f"{folder.parent.name}_{folder.name}" / "samples.png"
+
+
 def sample_grid(
     folder: PathLike, *, per_class: int = 8, max_classes: int = 20, thumb: int = 64, out: Optional[PathLike] = None
 ) -> Path:
-    """Write a PNG grid: one row per class (first ``max_classes``), ``per_class`` samples each, labelled."""
+    """Write a PNG grid: one row per class (first ``max_classes``), ``per_class`` samples each, labelled, to
+    ``out`` (default :func:`default_grid_path`)."""
     folder = Path(folder)
     m = load_manifest(folder)
     n_cls = min(m.num_classes, max_classes)
@@ -57,7 +66,8 @@ def sample_grid(
         if all(len(v) >= per_class or (m.class_counts and len(v) >= m.class_counts[c]) for c, v in picked.items()):
             break
     names = m.extra.get("class_names") or m.classes
-    out_path = Path(out) if out else folder / "samples.png"
+    out_path = Path(out) if out else default_grid_path(folder)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     rows = [picked[c] for c in range(n_cls)]
     labels = [f"{c}: {str(names[c])[:14]}" for c in range(n_cls)]
     write_image_grid(rows, out_path, row_labels=labels, thumb=thumb, label_width=110)

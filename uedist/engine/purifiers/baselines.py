@@ -31,6 +31,7 @@ from uedist.engine.purifiers.common import (
     check_input,
     comparison_grid,
     read_columns,
+    victim_next,
 )
 from uedist.io import atomic_write_json
 from uedist.ops import iss
@@ -169,6 +170,7 @@ def baseline_summary(s: Dict[str, Any], run_dir: Path) -> str:
     return (
         f"\n{s['method']}{params}: {s['samples']} images -> {s['purified']} in {s['time_s']:.1f}s "
         f"({s['samples'] / max(s['time_s'], 1e-9):.0f} img/s){psnr}\nwrote {run_dir / 'metrics.json'}, {s['grid']}"
+        f"\nnext  {victim_next(s['purified'], s['name'])}"
     )
 
 

@@ -3,6 +3,7 @@ statistics, and the titled comparison grid of shard sets."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -127,3 +128,26 @@ def comparison_grid(columns: Sequence[Tuple[str, np.ndarray]], out: Path, thumb:
     n = min(len(c[1]) for c in columns)
     rows = [[imgs[i] for _, imgs in columns] for i in range(n)]
     return write_image_grid(rows, out, titles=[t for t, _ in columns], thumb=thumb)
+
+
+VICTIM_CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "victim"
+
+
+def victim_next(purified: str, name: str) -> str:
+    """The ``next`` command of a purifier's summary: a victim trained on the purified set, with the victim config
+    of its dataset when one ships (``configs/victim/<dataset>.yaml``) and evaluated on the clean test set of the
+    attack that made the poisoned input (read from the two sets' provenance), where they are known."""
+    victim, test = "<victim config>", ""
+    try:
+        m = load_manifest(purified)
+        if (VICTIM_CONFIGS / f"{m.dataset}.yaml").is_file():
+            victim = f"configs/victim/{m.dataset}.yaml"
+        src = m.provenance["config"]["data"]["src"]
+        test = str(load_manifest(src).provenance["config"]["data"]["test"] or "")
+    except (OSError, ValueError, KeyError, TypeError):  # a set without that provenance: the placeholders stay
+        pass
+    args = [f"data.train={purified}", *([f"data.test={test}"] if test else []), f"name={name}_victim"]
+    return (
+        f"accelerate launch --config_file configs/accelerate/default.yaml launch/victim.py --config {victim} "
+        + " ".join(shlex.quote(a) for a in args)
+    )

@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Sequence, Tuple
 
 import torch
 
@@ -132,6 +132,9 @@ class Prepared:
     # when the device is the CPU (the same stream as before), else its own seeded device generator, checkpointed.
     device_gen: Optional[torch.Generator] = None
     resumed: Dict[str, Any] = field(default_factory=dict)  # the checkpoint resumed from (a stage's own extra state)
+    # The open curve window (the steps since the last row): {"step", "n", "sums"}, saved with every checkpoint so
+    # that a run resumed mid-window writes the row an uninterrupted run writes (run_steps keeps it current).
+    window: Dict[str, Any] = field(default_factory=dict)
 
     def update(self, loss: torch.Tensor, *, clip: float = 0.0) -> None:
         """Backward and one optimizer step, gradients clipped to norm ``clip`` (0 = off), on this backend."""
@@ -222,6 +225,8 @@ def train_batches(
 def save_training(p: Prepared, step: int, elapsed: float, **extra: Any) -> None:
     """Collective checkpoint of a prepared run (buffers synced from rank 0, weights checked finite first; or the
     backend's ``save_fn``)."""
+    if p.window.get("n"):
+        extra = {**extra, "curve_window": p.window}
     if p.save_fn is not None:
         return p.save_fn(step, elapsed, extra)
     sync_buffers(p.model, p.ckpt.acc)
@@ -283,6 +288,17 @@ class Tracker:
             self.writer.close()
 
 
+def resumed_window(p: Prepared) -> Tuple[int, Dict[str, Any]]:
+    """The curve window the resumed checkpoint left open: (steps in it, their sums), so the first row after a
+    resume averages exactly the steps since the row before (as an uninterrupted run's does); (0, {}) when none
+    (a fresh run, a checkpoint at a row, or one written before windows were saved: then the first row averages
+    the steps since the resume)."""
+    w = p.resumed.get("curve_window") or {}
+    if not w.get("n") or w.get("step") != p.start:
+        return 0, {}
+    return int(w["n"]), {k: float(v) for k, v in w["sums"].items()}
+
+
 @dataclass
 class StepsDone:
     """What :func:`run_steps` leaves: the last step, training seconds across resumes, and this process's seconds."""
@@ -309,7 +325,8 @@ def run_steps(
 ) -> StepsDone:
     """The one step loop: for each batch, ``step_fn(batch, step_no)`` (1-based; it does forward, ``check_finite``,
     backward and the optimizer update) returns floats or 0-d tensors (not synchronized with the device until a
-    row is due) that are averaged over a window; a curve row
+    row is due) that are averaged over a window (the steps since the last row; a checkpoint inside one carries its
+    sums, so a resumed run writes the rows an uninterrupted one writes); a curve row
     ``{step, lr, <keys>}`` is appended to ``p.curve`` every ``log_every`` steps and at ``total``, shown by
     :func:`report_row` and sent to ``tracker``; ``p.sched`` steps once per step; ``on_step(step)`` may return an
     extra row (e.g. an evaluation); checkpoints at ``p.ckpt.due`` through ``save(step, elapsed)`` (default
@@ -318,31 +335,28 @@ def run_steps(
     bar = progress_bar(total, p.start, desc=desc, enabled=progress and accelerator.is_main_process)
     tracker = tracker or Tracker("", Path("."), accelerator)
     save = save or (lambda s, e: save_training(p, s, e, **(extra_state() if extra_state else {})))
-    t0, step, window = time.time(), p.start, []
+    t0, step = time.time(), p.start
+    n, sums = resumed_window(p)
     if p.start < total:
         for batch in batches() if callable(batches) else batches:
             values = step_fn(batch, step + 1)
             step += 1
             p.sched.step()
-            window.append(values)
+            n, sums = n + 1, {k: sums.get(k, 0.0) + v for k, v in values.items()}  # 0-d tensors stay on the device
             bar.update(1)
             rows = []
             if step % log_every == 0 or step == total:
-                rows.append(
-                    {
-                        "step": step,
-                        "lr": p.sched.get_last_lr()[0],
-                        **{k: float(sum(w[k] for w in window) / len(window)) for k in window[0]},
-                    }
-                )
+                means = {k: float(v / n) for k, v in sums.items()}
+                rows.append({"step": step, "lr": p.sched.get_last_lr()[0], **means})
                 report_row(bar, rows[-1], total, desc=desc, log_lines=not progress and accelerator.is_main_process)
-                window = []
+                n, sums = 0, {}
             extra = on_step(step) if on_step is not None else None
             rows += [{"step": step, **extra}] if extra else []
             for row in rows:
                 p.curve.append(row)
                 tracker.log(row, step)
             if p.ckpt.due(step, total):
+                p.window = {"step": step, "n": n, "sums": {k: float(v) for k, v in sums.items()}} if n else {}
                 save(step, p.elapsed + time.time() - t0)
     bar.close()
     tracker.close()
