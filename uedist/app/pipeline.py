@@ -27,7 +27,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Literal, Optional, Union
+from typing import Any, ClassVar, Dict, Iterator, List, Literal, Optional, Union
 
 from uedist.app.paper_tables import validate_columns
 from uedist.config import ConfigError, identity, load_config, log_with_problem, require, run_dir
@@ -152,23 +152,26 @@ def _stage_hash(kind: str, cfg: Any, inputs: Dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def _config_files(d: Any) -> Dict[str, Any]:
-    """The resolved content (``base:`` chain merged) of every YAML file a stage's config names by path (TAP / SEP's
-    ``source_victim``: the victim trained as its source), so an edit of that file gives the stage a new hash instead
-    of "already done" with results of the old one."""
-    from uedist.config import _read_yaml
-
-    found: Dict[str, Any] = {}
-    stack = [d]
+def leaf_strings(tree: Any) -> Iterator[str]:
+    """Every string in a nested config tree of dicts and lists (a stage's identity: its paths, names, values)."""
+    stack = [tree]
     while stack:
         x = stack.pop()
         if isinstance(x, dict):
             stack += list(x.values())
         elif isinstance(x, list):
             stack += x
-        elif isinstance(x, str) and x.endswith((".yaml", ".yml")) and Path(x).is_file():
-            found[x] = _read_yaml(x)
-    return found
+        elif isinstance(x, str):
+            yield x
+
+
+def _config_files(d: Any) -> Dict[str, Any]:
+    """The resolved content (``base:`` chain merged) of every YAML file a stage's config names by path (TAP / SEP's
+    ``source_victim``: the victim trained as its source), so an edit of that file gives the stage a new hash instead
+    of "already done" with results of the old one."""
+    from uedist.config import _read_yaml
+
+    return {x: _read_yaml(x) for x in leaf_strings(d) if x.endswith((".yaml", ".yml")) and Path(x).is_file()}
 
 
 def _data_id(path: Any) -> str:

@@ -179,17 +179,10 @@ def _output_ready(out: Path, st: "Stage") -> bool:
 
 def _inputs_older(ident: Any, run: Path) -> bool:
     """Whether every shard set and run folder ``ident`` names was last written before ``run`` finished."""
+    from uedist.app.pipeline import leaf_strings
+
     done = (run / "metrics.json").stat().st_mtime
-    stack = [ident]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, dict):
-            stack += list(x.values())
-        elif isinstance(x, list):
-            stack += x
-        elif isinstance(x, str) and x and (_written(x) or 0.0) > done:
-            return False
-    return True
+    return all((_written(x) or 0.0) <= done for x in leaf_strings(ident) if x)
 
 
 def _written(path: str) -> Optional[float]:
